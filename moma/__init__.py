@@ -1,0 +1,3 @@
+"""moma: modality-aware sparse models (MoT, MoMa, Mixture-of-Mamba, AGD) in JAX/Flax."""
+
+__version__ = "0.1.0"

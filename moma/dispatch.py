@@ -1,0 +1,129 @@
+"""The one dispatch mechanism: group ids → sort plan → grouped matmul → unsort.
+
+MoT and Mixture-of-Mamba group tokens by modality, MoMa by expert inside a modality, plain MoE by expert.
+The modality ids are the same in every layer, so the decoder builds one `SortPlan` per forward pass and
+hands it to every layer. With one group the plan is the identity: no gather, no sort, a plain dense matmul.
+
+Layout convention: a layer calls `rows = plan.sort(x_BLD)` once, runs any number of `GroupedDense` on the
+sorted rows (e.g. gate, up and down projections of an FFN) and calls `plan.unsort(rows, x_BLD.shape[:-1])`
+once at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moma import kernels
+
+
+@flax.struct.dataclass
+class SortPlan:
+  """How the rows of a flattened [M, ...] activation are grouped.
+
+  group_sizes: int32 [G], rows per group in group order (sums to M).
+  perm: int32 [M], sorted row r holds token perm[r] (None when G == 1: the identity).
+  inv_perm: int32 [M], token t sits at sorted row inv_perm[t] (None when G == 1).
+  """
+
+  group_sizes: jax.Array
+  perm: jax.Array | None
+  inv_perm: jax.Array | None
+  num_groups: int = flax.struct.field(pytree_node=False)
+
+  def sort(self, x: jax.Array) -> jax.Array:
+    """[..., D] in token order → [M, D] rows sorted by group (stable inside a group)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if self.perm is None else jnp.take(rows, self.perm, axis=0)
+
+  def unsort(self, rows: jax.Array, lead_shape: Sequence[int]) -> jax.Array:
+    """[M, ...] sorted rows → token order with leading dims `lead_shape` (e.g. (B, L))."""
+    if self.inv_perm is not None:
+      rows = jnp.take(rows, self.inv_perm, axis=0)
+    return rows.reshape(*lead_shape, *rows.shape[1:])
+
+
+def make_plan(group_ids: jax.Array, num_groups: int) -> SortPlan:
+  """Sort plan for integer group ids of any shape (values in [0, num_groups)); jit-able, no host sync."""
+  ids = group_ids.reshape(-1).astype(jnp.int32)
+  if num_groups == 1:
+    return SortPlan(jnp.array([ids.shape[0]], jnp.int32), None, None, 1)
+  perm = jnp.argsort(ids, stable=True).astype(jnp.int32)
+  inv_perm = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+  group_sizes = jnp.bincount(ids, length=num_groups).astype(jnp.int32)
+  return SortPlan(group_sizes, perm, inv_perm, num_groups)
+
+
+class GroupedDense(nn.Module):
+  """y[r] = x[r] @ W[group(r)] over rows sorted by `plan`; a plain dense layer when num_groups == 1.
+
+  The kernel is [in, *features] for one group and [G, in, *features] otherwise, annotated with logical
+  axes (group_axis, in_axis, *out_axes) so the mesh rules decide its sharding.
+  """
+
+  features: int | Sequence[int]
+  num_groups: int = 1
+  in_axis: str = "embed"
+  out_axes: Sequence[str] = ("mlp",)
+  group_axis: str = "modality"
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  gmm_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, rows: jax.Array, plan: SortPlan) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    if len(self.out_axes) != len(features):
+      raise ValueError(f"GroupedDense: out_axes {self.out_axes} must name each of features {features}")
+    if plan.num_groups != self.num_groups and self.num_groups != 1:
+      raise ValueError(f"GroupedDense: plan has {plan.num_groups} groups, layer has {self.num_groups}")
+    in_dim = rows.shape[-1]
+    grouped = self.num_groups > 1
+    shape = ((self.num_groups,) if grouped else ()) + (in_dim, *features)
+    axes = ((self.group_axis,) if grouped else ()) + (self.in_axis, *self.out_axes)
+    # fan-in is `in_dim` for every group: initialise each group's matrix like a dense layer's.
+    init = self.kernel_init
+    if grouped:
+      init = _per_group(self.kernel_init)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+    kernel = kernel.astype(self.dtype)
+    x = rows.astype(self.dtype)
+    n_out = 1
+    for f in features:
+      n_out *= f
+    if grouped:
+      y = kernels.gmm(x, kernel.reshape(self.num_groups, in_dim, n_out), plan.group_sizes,
+                      impl=self.gmm_impl, preferred_element_type=self.dtype)
+    else:
+      y = jnp.dot(x, kernel.reshape(in_dim, n_out), preferred_element_type=self.dtype)
+    y = y.reshape(*y.shape[:-1], *features)
+    if self.use_bias:
+      bshape = ((self.num_groups,) if grouped else ()) + tuple(features)
+      baxes = ((self.group_axis,) if grouped else ()) + tuple(self.out_axes)
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, baxes), bshape,
+                        self.param_dtype).astype(self.dtype)
+      y = y + (group_rows(bias, plan, y.shape[0]) if grouped else bias)
+    return y
+
+
+def group_rows(per_group: jax.Array, plan: SortPlan, num_rows: int) -> jax.Array:
+  """Broadcast a per-group array [G, ...] to the sorted rows [M, ...] (row r gets its group's entry)."""
+  ends = jnp.cumsum(plan.group_sizes)
+  row_group = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
+  return jnp.take(per_group, jnp.minimum(row_group, plan.num_groups - 1), axis=0)
+
+
+def _per_group(init: Callable) -> Callable:
+  """Apply a dense initialiser to each group's [in, *out] slice, so fan-in excludes the group axis."""
+
+  def grouped_init(key, shape, dtype=jnp.float32):
+    keys = jax.random.split(key, shape[0])
+    return jax.vmap(lambda k: init(k, shape[1:], dtype))(keys)
+
+  return grouped_init

@@ -8,7 +8,8 @@ A run directory (DESIGN.md) holds `config.json` and `metrics.jsonl`. From them:
   faster; MoT-style "step matching");
 - `flops_fraction(...)`: η, the fraction of the baseline's training FLOPs the variant needs to reach the
   baseline's final (smoothed) loss (MoT "55.8% of the FLOPs"; MoMa's "3.7x savings" is 1/η);
-- `compare(baseline, variant)`: both, per modality, on training and validation loss.
+- `compare(baseline, variant)`: both, per modality, on training and validation loss (only training
+  losses are smoothed).
 
 Training FLOPs at step s are cumulative: Σ steps × tokens per step (train.batch_size × train.seq_len) ×
 `flops_per_token` as logged. The x-axis is the model's total training FLOPs for every modality's loss, as
@@ -245,7 +246,7 @@ def compare(baseline: Run, variant: Run, window: int = 1) -> list[dict[str, Any]
       if key not in variant_keys:
         continue
       (bs, bl), (vs, vl) = baseline.series(key), variant.series(key)
-      w = min(window, _largest_odd(min(len(bl), len(vl))))
+      w = _window(split, window, min(len(bl), len(vl)))
       ratio = step_matching(bs, bl, vs, vl, w)
       eta = flops_fraction(cumulative_flops(baseline, bs), bl, cumulative_flops(variant, vs), vl, w)
       rows.append({"variant": variant.name, "split": split, "modality": modality,
@@ -254,8 +255,12 @@ def compare(baseline: Run, variant: Run, window: int = 1) -> list[dict[str, Any]
   return rows
 
 
-def _largest_odd(n: int) -> int:
-  return max(1, n if n % 2 else n - 1)
+def _window(split: str, window: int, num_points: int) -> int:
+  """Smooth training losses only (validation losses are on a fixed set, already low-noise), and never
+  over more points than are logged."""
+  if split != "train":
+    return 1
+  return min(window, max(1, num_points if num_points % 2 else num_points - 1))
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -289,10 +294,10 @@ def plot_loss_vs_flops(baseline: Run, variants: Sequence[Run], out_dir: str | pa
       for run in [baseline, *variants]:
         steps, loss = run.series(key)
         if len(loss):
-          ax.plot(cumulative_flops(run, steps), smooth(loss, min(window, _largest_odd(len(loss)))),
+          ax.plot(cumulative_flops(run, steps), smooth(loss, _window(split, window, len(loss))),
                   label=run.name, lw=2 if run is baseline else 1.2)
       _, base_loss = baseline.series(key)
-      ax.axhline(smooth(base_loss, min(window, _largest_odd(len(base_loss))))[-1], color="gray", ls="--",
+      ax.axhline(smooth(base_loss, _window(split, window, len(base_loss)))[-1], color="gray", ls="--",
                  lw=0.8)
       ax.set(xscale="log", xlabel="training FLOPs", ylabel=key, title=f"{split}: {modality}")
     axes[0][0].legend(fontsize=8)

@@ -63,7 +63,8 @@ def run_name(run: Run) -> str:
   else:
     path, _, arg = str(run["config"]).partition(":")
     parts = [pathlib.Path(path).stem] + ([arg] if arg else [])
-    parts += [f"{k}={v}" for k, v in run.items() if k != "config"]
+    parts += [f"{k}={'+'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+              for k, v in run.items() if k != "config"]
     name = ",".join(parts)
   # Keep names shell- and filesystem-friendly; `=`, `,`, `+`, `.` and `-` read well in a directory name.
   return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)

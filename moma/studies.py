@@ -112,7 +112,9 @@ def is_finished(run_dir: str | pathlib.Path, steps: int | None = None) -> bool:
   if steps is None:
     if not (path / "config.json").exists():
       return False
-    steps = config_value(json.loads((path / "config.json").read_text()), "train.steps")
+    steps = config_value(json.loads((path / "config.json").read_text()), "train.steps", None)
+    if steps is None:
+      raise ValueError(f"{path}/config.json has no train.steps; pass the expected steps explicitly")
   reached = last_step(path)
   return reached is not None and reached >= int(steps)
 

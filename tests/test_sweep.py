@@ -69,6 +69,8 @@ def test_unknown_sweep_name_lists_known(capsys):
   assert "known sweeps: architectures" in capsys.readouterr().err
   with pytest.raises(ValueError, match="k=v"):
     sweeps.load("mot_untie:tiny")
+  with pytest.raises(ValueError, match=r"takes arguments \['size'\], not \['steps'\]"):
+    sweeps.load("mot_untie:steps=5")
 
 
 def test_is_finished(tmp_path):

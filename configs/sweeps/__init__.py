@@ -17,6 +17,7 @@ A sweep is a module `configs/sweeps/NAME.py` with `get_sweep(**kwargs) -> list[r
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import pathlib
 import re
@@ -92,6 +93,10 @@ def load(spec: str) -> tuple[str, list[Run], str | None]:
   if any(len(p) != 2 for p in pairs):
     raise ValueError(f"sweep arg {arg!r} must be k=v pairs separated by commas, e.g. {name}:size=tiny")
   kwargs = dict(pairs)
+  params = inspect.signature(module.get_sweep).parameters
+  unknown = sorted(set(kwargs) - set(params))
+  if unknown:
+    raise ValueError(f"sweep {name!r} takes arguments {sorted(params)}, not {unknown}")
   runs = module.get_sweep(**kwargs)
   names = [run_name(r) for r in runs]
   duplicates = sorted({n for n in names if names.count(n) > 1})

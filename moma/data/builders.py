@@ -52,26 +52,35 @@ def _is_validation(key: str) -> bool:
   return zlib.crc32(key.encode()) % 10 == 0
 
 
-class MomaDigits(tfds.core.GeneratorBasedBuilder):
-  """Handwritten digits (scikit-learn) with their label and DTMF tone."""
+class _Embedded(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared plumbing: a features dict, train/validation splits, nothing to download."""
 
   VERSION = tfds.core.Version("1.0.0")
   url_infos = None  # nothing to download (and no lookup of checksum files)
+  METADATA = {}
+
+  def _features(self) -> dict:
+    raise NotImplementedError
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=DIGIT_NAMES),
-            "audio": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-        }),
-        metadata=tfds.core.MetadataDict(sample_rate=SAMPLE_RATE))
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(self._features()),
+                                 metadata=tfds.core.MetadataDict(self.METADATA))
 
   def _split_generators(self, dl_manager):
     del dl_manager
     return {"train": self._generate_examples(False), "validation": self._generate_examples(True)}
+
+
+class MomaDigits(_Embedded):
+  """Handwritten digits (scikit-learn) with their label and DTMF tone."""
+
+  METADATA = {"sample_rate": SAMPLE_RATE}
+
+  def _features(self):
+    return {"image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=DIGIT_NAMES),
+            "audio": tfds.features.Tensor(shape=(None,), dtype=np.float32)}
 
   def _generate_examples(self, validation: bool):
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
@@ -109,21 +118,11 @@ def text_chunks(text: str, max_bytes: int = TEXT_CHUNK_BYTES) -> list[str]:
   return chunks + ([current] if current else [])
 
 
-class MomaText(tfds.core.GeneratorBasedBuilder):
+class MomaText(_Embedded):
   """English prose: the Python documentation topics that ship with the stdlib (`pydoc_data`)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  url_infos = None  # nothing to download (and no lookup of checksum files)
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "topic": tfds.features.Text()}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples(False), "validation": self._generate_examples(True)}
+  def _features(self):
+    return {"text": tfds.features.Text(), "topic": tfds.features.Text()}
 
   def _generate_examples(self, validation: bool):
     from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top

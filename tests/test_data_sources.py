@@ -7,15 +7,7 @@ import tensorflow_datasets as tfds
 from moma import data
 from moma.data import builders
 
-SEQ = 320
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp().parent / "moma_tfds"
-  for name in data.EMBEDDED:
-    data.prepare(name, str(path))
-  return str(path)
+from test_data import SEQ, cache_dir  # pylint: disable=unused-import  (the session cache fixture)
 
 
 def only(config, **entries):

@@ -54,7 +54,7 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
   config.image_levels = 17  # discrete: codes per pixel (the digits have 17 intensities: lossless)
   config.patch_size = 2  # patches: p×p pixel patches, P = p*p*channels floats per position
   config.audio_levels = 256  # μ-law codes
-  config.text_max_bytes = 256  # text documents and captions are cut to this many bytes
+  config.text_max_bytes = 254  # text documents and captions are cut to this (documents fit seq 256)
   config.audio_max_samples = 128  # audio is cut to this many samples
   config.vocab_size = 0  # 0: exactly the ids needed; larger pads (e.g. to a multiple of 128)
   config.captions = ml_collections.ConfigDict(dict(

@@ -74,8 +74,7 @@ class Packer:
       for e, pick, variant in zip(np.minimum(entries, len(self.sources) - 1), picks, variants):
         source = self.sources[e]
         index = self.process_index + self.process_count * int(pick * self.shares[e])
-        tokens, images = sources_lib.render(source, source.examples[index], int(variant), self.vocab,
-                                            self.config)
+        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self.config)
         if len(tokens) > room:
           return
         room -= len(tokens)

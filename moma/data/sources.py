@@ -27,6 +27,8 @@ class Source:
   captions: tuple[str, ...]
   image_shape: tuple[int, ...] | None
   max_len: int  # upper bound on the length of one document, BOS and EOS included
+  # Tokenised media per (example index, part), kept for in-memory (embedded) sources only.
+  media_cache: dict | None = None
 
 
 def _field(name: str) -> str:
@@ -99,7 +101,8 @@ def open_source(name: str, entry, config, split: str) -> Source:
                                            image_shape[1] % config.patch_size):
       raise ValueError(f"data.patch_size={config.patch_size} does not divide the {image_shape[:2]} "
                        f"images of {_field(name)}.")
-  source = Source(name, parts, examples, roles, label_names, captions, image_shape, 0)
+  source = Source(name, parts, examples, roles, label_names, captions, image_shape, 0,
+                  {} if isinstance(examples, tuple) else None)
   return dataclasses.replace(source, max_len=_max_len(source, config))
 
 
@@ -135,34 +138,46 @@ def _waveform(value) -> np.ndarray:
   return wave.astype(np.float32)
 
 
-def render(source: Source, example: dict, variant: int, vocab: vocab_lib.Vocab, config):
-  """One document: int32 tokens [n], and for the patches form a list of (offset, patches [k, P])."""
+def _media(source: Source, example: dict, part: str, vocab: vocab_lib.Vocab, config):
+  """(tokens, patches or None) of an image part (BOI … EOI) or audio part (BOA … EOA)."""
+  if part == "image":
+    image = example[source.roles["image"]]
+    if config.image_form == "patches":
+      patches = vocab_lib.image_patches(image, config.patch_size)
+      codes = np.full(len(patches), vocab_lib.IMG, np.int32)
+    else:
+      patches, codes = None, vocab.encode_image(image)
+    return np.concatenate([[vocab_lib.BOI], codes, [vocab_lib.EOI]]).astype(np.int32), patches
+  wave = _waveform(example[source.roles["audio"]])[:config.audio_max_samples]
+  codes = vocab.encode_audio(wave)
+  return np.concatenate([[vocab_lib.BOA], codes, [vocab_lib.EOA]]).astype(np.int32), None
+
+
+def render(source: Source, index: int, variant: int, vocab: vocab_lib.Vocab, config):
+  """Document from example `index`: int32 tokens [n], and for the patches form a list of
+  (offset of the first patch in the document, patches [k, P])."""
+  example = source.examples[index]
   pieces = [np.array([vocab_lib.BOS], np.int32)]
   images = []
   offset = 1
   for part in source.parts:
-    if part == "text":
-      piece = vocab.encode_text(_text(example[source.roles["text"]], config.text_max_bytes))
-    elif part == "caption" and "caption" in source.roles:
-      piece = vocab.encode_text(_text(example[source.roles["caption"]], config.text_max_bytes))
-    elif part == "caption":
+    if part in ("image", "audio"):
+      key = (index, part)
+      media = source.media_cache.get(key) if source.media_cache is not None else None
+      if media is None:
+        media = _media(source, example, part, vocab, config)
+        if source.media_cache is not None:
+          source.media_cache[key] = media
+      piece, patches = media
+      if patches is not None:
+        images.append((offset + 1, patches))
+    elif part == "caption" and "caption" not in source.roles:
       label = int(example[source.roles["label"]])
       name = source.label_names[label] if source.label_names else str(label)
       caption = source.captions[variant % len(source.captions)].format(name=name)
       piece = vocab.encode_text(_text(caption, config.text_max_bytes))
-    elif part == "image":
-      image = example[source.roles["image"]]
-      if config.image_form == "patches":
-        patches = vocab_lib.image_patches(image, config.patch_size)
-        images.append((offset + 1, patches))
-        codes = np.full(len(patches), vocab_lib.IMG, np.int32)
-      else:
-        codes = vocab.encode_image(image)
-      piece = np.concatenate([[vocab_lib.BOI], codes, [vocab_lib.EOI]]).astype(np.int32)
-    else:
-      wave = _waveform(example[source.roles["audio"]])[:config.audio_max_samples]
-      piece = np.concatenate([[vocab_lib.BOA], vocab.encode_audio(wave), [vocab_lib.EOA]])
-      piece = piece.astype(np.int32)
+    else:  # text, or a caption read from a text feature
+      piece = vocab.encode_text(_text(example[source.roles[part]], config.text_max_bytes))
     pieces.append(piece)
     offset += len(piece)
   pieces.append(np.array([vocab_lib.EOS], np.int32))

@@ -11,8 +11,8 @@ import ml_collections
 
 # Model + train fields per size. 1.4B is MoMa's Table 1; 7B is Chameleon-7B (LLaMA-2 shape + QK-norm).
 SIZES = {
-    "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192, seq_len=320, batch_size=4,
-                 steps=300, lr=3e-3, warmup_steps=20),
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192, seq_len=256, batch_size=4,
+                 steps=200, lr=3e-3, warmup_steps=20),
     "S": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, seq_len=1024, batch_size=64,
               steps=20_000, lr=1e-3, warmup_steps=1000),
     "M": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096, seq_len=2048, batch_size=128,

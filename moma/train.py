@@ -141,7 +141,7 @@ def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed):
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
   (_, out), grads = grad_fn(state.params, batch, rng, model=model, loss_fn=loss_fn,
                             modalities=modalities, deterministic=False)
-  out["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
+  out["grad_norm"] = optax.tree_utils.tree_norm(grads)
   return state.apply_gradients(grads=grads), out
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: one build of the embedded datasets per test session, and small train configs."""
 
+import jax
 import pytest
 
 from moma import data
@@ -23,3 +24,17 @@ def tiny_config(data_cache_dir):
   config.data.cache_dir = data_cache_dir
   config.train.progress_bar = False
   return config
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """Persistent XLA cache for modules that compile the same step in several runs (e.g. resume tests)."""
+  path = tmp_path_factory.getbasetemp().parent / "jax_cache"
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(path), 0, 0)):
+    jax.config.update(k, v)
+  yield path
+  for k, v in old.items():
+    jax.config.update(k, v)

@@ -11,6 +11,8 @@ from moma import checkpoint
 from moma import metrics
 from moma import train
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _losses(workdir):
   return [(r["step"], r["loss"]) for r in metrics.read(workdir) if "loss" in r]

@@ -115,6 +115,16 @@ def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> 
                            tx=make_optimizer(config.train, params))
 
 
+def init_or_restore(config, model, mngr, batch) -> tuple[TrainState, int]:
+  """(state, step): the latest checkpoint in `mngr`, else a fresh state at step 0."""
+  abstract = jax.eval_shape(functools.partial(create_state, config, model), batch)
+  state, step = checkpoint.restore_latest(mngr, abstract)
+  if state is None:
+    return jax.jit(functools.partial(create_state, config, model))(batch), 0
+  logging.info("Resumed from %s at step %d", mngr.directory, step)
+  return state, step
+
+
 def routing_metrics(sown) -> dict[str, jax.Array]:
   """The "metrics" collection → {"routing/<name>": mean over layers and occurrences}."""
   by_name: dict[str, list[jax.Array]] = {}
@@ -136,7 +146,11 @@ def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, determin
 
 
 def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed):
-  """One optimizer step; a pure function of (state, batch) so it can be jitted per task/shape."""
+  """One optimizer step; a pure function of (state, batch) so it can be jitted per task/shape.
+
+  Train-time randomness (e.g. router noise) comes from the "dropout" rng stream, a function of
+  (seed, step) so that a resumed run draws the same numbers.
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
   (_, out), grads = grad_fn(state.params, batch, rng, model=model, loss_fn=loss_fn,
@@ -194,13 +208,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tcfg = config.train
 
   mngr = checkpoint.manager(workdir, config)
-  first = next(_batches(config, "train", 0))  # Shapes only, for init.
-  abstract = jax.eval_shape(functools.partial(create_state, config, model), first)
-  state, start = checkpoint.restore_latest(mngr, abstract)
-  if state is None:
-    state = jax.jit(functools.partial(create_state, config, model))(first)
-  else:
-    logging.info("Resumed from %s at step %d", workdir, start)
+  first = next(_batches(config, "train", 0))  # Shapes only, for init and compilation.
+  state, start = init_or_restore(config, model, mngr, first)
+  if start >= tcfg.steps:
+    mngr.close()
+    logging.info("%s is already trained to step %d (train.steps=%d)", workdir, start, tcfg.steps)
+    return {k: v for r in metrics_lib.read(workdir) if r["step"] == start for k, v in r.items()}
 
   # Compiled ahead of time so that compilation stays out of the throughput numbers.
   t0 = time.perf_counter()

@@ -66,6 +66,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_pa
   straight, resumed = _losses(str(tmp_path / "straight")), _losses(str(tmp_path / "resumed"))
   assert [s for s, _ in resumed] == list(range(1, 7))
   np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-6)
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+  again = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))  # Complete: nothing to do.
+  assert again["step"] == 6 and again["loss"] == final["loss"]
+  assert len(metrics.read(str(tmp_path / "resumed"))) == 6
 
 
 def test_incompatible_workdir_is_refused(tiny_config, tmp_path):

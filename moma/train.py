@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mngr = checkpoint.manager(workdir, config)
   first = next(_batches(config, "train", 0))  # Shapes only, for init and compilation.
+  validate(first)
   state, start = init_or_restore(config, model, mngr, first)
   if start >= tcfg.steps:
     mngr.close()

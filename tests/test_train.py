@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny MoT config and the embedded data: run directory, learning, resume."""
 
+import functools
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 from moma import checkpoint
 from moma import metrics
 from moma import train
+from moma.models import decoder
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -116,3 +118,25 @@ def test_bad_stage_and_mismatched_modalities(tiny_config):
   bad.model.modalities = ("text", "image")
   with pytest.raises(ValueError, match="config.data.modalities"):
     train.resolve_config(bad)
+
+
+def test_batches_are_validated_against_the_model(tiny_config, tmp_path):
+  tiny_config.model.vocab_size = 100  # Smaller than the data's vocabulary.
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] holds .* config.model.vocab_size=100"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_dense_train_step_traces(data_cache_dir):
+  from configs import dense
+
+  config = dense.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  config = train.resolve_config(config)
+  model = train.build_model(config)
+  batch = next(train._batches(config, "train", 0))
+  state = jax.eval_shape(lambda b: train.create_state(config, model, b), batch)
+  step = functools.partial(train.train_step, model=model, loss_fn=decoder.loss_fn,
+                           modalities=config.model.modalities, seed=0)
+  new_state, out = jax.eval_shape(step, state, batch)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  assert {"loss", "loss/text", "aux_loss", "grad_norm"} <= set(out)

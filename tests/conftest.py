@@ -1,0 +1,40 @@
+"""Shared fixtures: one build of the embedded datasets per test session, and small train configs."""
+
+import jax
+import pytest
+
+from moma import data
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory):
+  """The embedded TFDS datasets, built once per session (xdist workers share it under a file lock)."""
+  path = tmp_path_factory.getbasetemp().parent / "moma_tfds"
+  for name in data.EMBEDDED:
+    data.prepare(name, str(path))
+  return str(path)
+
+
+@pytest.fixture
+def tiny_config(data_cache_dir):
+  """`configs/mot.py:size=tiny` on the session's data cache, quiet, for short runs in tests."""
+  from configs import mot
+
+  config = mot.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  config.train.progress_bar = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """Persistent XLA cache for modules that compile the same step in several runs (e.g. resume tests)."""
+  path = tmp_path_factory.getbasetemp().parent / "jax_cache"
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in zip(keys, (str(path), 0, 0)):
+    jax.config.update(k, v)
+  yield path
+  for k, v in old.items():
+    jax.config.update(k, v)

@@ -1,0 +1,88 @@
+"""configs/*.py: argument parsing, size presets, untie presets, CLI overrides, clear errors."""
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from configs import common
+from configs import dense
+from configs import mot
+from moma import train
+
+
+@pytest.mark.parametrize("size", list(common.SIZES))
+@pytest.mark.parametrize("family", [dense, mot])
+def test_every_preset_builds_a_valid_model(family, size):
+  config = train.resolve_config(family.get_config(f"size={size}"))
+  model = train.build_model(config)  # Validates config.model (no parameters built).
+  assert model.max_seq_len >= config.train.seq_len
+  for key in ("train.steps", "train.batch_size", "train.seed", "train.log_every",
+              "checkpoint.every_steps", "mesh.shape", "mesh.axes"):
+    section, field = key.split(".")
+    assert field in config[section], key
+
+
+def test_paper_sizes():
+  m = mot.get_config("size=1.4B").model
+  assert (m.num_layers, m.d_model, m.d_ff, m.num_heads) == (24, 2048, 8192, 16)
+  m = dense.get_config("size=7B").model
+  assert (m.num_layers, m.d_model, m.d_ff, m.num_heads, m.qk_norm) == (32, 4096, 11008, 32, True)
+
+
+def test_untie_presets_and_components():
+  assert dense.get_config().model.untie == ()
+  assert mot.get_config().model.untie == ("qkv", "o", "ffn", "norm", "qk_norm")
+  assert mot.get_config("untie=ffn+qkv").model.untie == ("ffn", "qkv")
+  assert mot.get_config("size=tiny,untie=attn").model.untie == ("qkv", "o")
+  assert mot.get_config("untie=none").model.untie == ()
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("size=huge", "size='huge' is unknown"),
+    ("sise=tiny", "'sise' is unknown"),
+    ("size", "expected key=value"),
+    ("untie=ffn+mlp", "unknown component 'mlp'"),
+])
+def test_bad_arguments_name_the_field(arg, match):
+  with pytest.raises(ValueError, match=match):
+    mot.get_config(arg)
+
+
+def test_dense_takes_no_untie():
+  with pytest.raises(ValueError, match="'untie' is unknown"):
+    dense.get_config("untie=ffn")
+
+
+def test_parse_arg_types():
+  args = common.parse_arg("n=3,x=0.5,flag=true,name=a", n=1, x=1.0, flag=False, name="")
+  assert (args.n, args.x, args.flag, args.name) == (3, 0.5, True, "a")
+  with pytest.raises(ValueError, match="n='three': expected int"):
+    common.parse_arg("n=three", n=1)
+
+
+def test_command_line_overrides():
+  argv = ["main", "--config=configs/mot.py:size=tiny,untie=ffn", "--config.model.num_layers=4",
+          "--config.train.lr=0.01", "--config.mesh.shape=(2,4)"]
+  flag_values = flags.FlagValues()
+  # config_flags finds the override flags in the command line it is given (sys.argv by default).
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  assert config.model.num_layers == 4 and config.model.untie == ("ffn",)
+  assert config.train.lr == 0.01 and tuple(config.mesh.shape) == (2, 4)
+
+
+def test_unknown_config_file_is_an_error():
+  argv = ["main", "--config=configs/nosuch.py"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  with pytest.raises(Exception, match="nosuch"):  # config_flags defers the error to first use.
+    flag_values.config.model  # noqa: B018
+
+
+def test_unknown_model_name():
+  config = dense.get_config()
+  config.model.name = "nosuch"
+  with pytest.raises(ValueError, match="config.model.name='nosuch'"):
+    train.model_module(config)

@@ -13,14 +13,9 @@ from moma.models import decoder
 TRAIN_MULTIPLIER = 3
 
 
-def _model(model_config: Any) -> decoder.Model:
-  """config.model (ConfigDict or dict) → a validated Model with defaults filled (no parameters built)."""
-  return model_config if isinstance(model_config, decoder.Model) else decoder.Model(**model_config)
-
-
 def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Forward FLOPs per token, split into "attention_proj", "attention", "ffn", "lm_head"."""
-  model = _model(model_config)
+  model = decoder.as_model(model_config)
   spec = model.spec
   if spec.block != "transformer" or spec.ffn != "dense":
     raise ValueError(f"flops: config.model.block={spec.block!r} / ffn={spec.ffn!r} not counted yet "
@@ -39,5 +34,5 @@ def per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Training FLOPs per token: {"total": ..., "<modality>": ...} (for dense / MoT all equal)."""
   total = float(TRAIN_MULTIPLIER * sum(forward_per_token(model_config, seq_len).values()))
   out = {"total": total}
-  out.update({m: total for m in _model(model_config).modalities})
+  out.update({m: total for m in decoder.as_model(model_config).modalities})
   return out

@@ -28,7 +28,7 @@ def make_batch(seed=0, b=2, l=12, num_modalities=3, vocab=48):
 
 
 def init(model, batch, seed=0):
-  return model.init(jax.random.key(seed), batch)
+  return jax.jit(model.init)(jax.random.key(seed), batch)
 
 
 def _map_modality_axis(mot_params, fn):
@@ -63,7 +63,7 @@ def test_untied_with_equal_copies_is_dense(placement, norm):
   # perturb the dense weights so norms' scales/biases are not trivially 1/0
   dense_vars = jax.tree.map(lambda p: p + 0.05, dense_vars)
   mot_vars = tie_copies(init(mot, batch, seed=1), dense_vars)
-  np.testing.assert_allclose(mot.apply(mot_vars, batch), dense.apply(dense_vars, batch),
+  np.testing.assert_allclose(jax.jit(mot.apply)(mot_vars, batch), jax.jit(dense.apply)(dense_vars, batch),
                              rtol=1e-4, atol=1e-4)
 
 
@@ -72,12 +72,12 @@ def test_one_modality_batch_is_dense_with_that_modalitys_weights():
   mot = decoder.Model(**BASE, untie=ALL)
   mot_vars = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(7), p.shape),
                           init(mot, batch))
-  dense = decoder.Model(**BASE)
+  mot_apply, dense_apply = jax.jit(mot.apply), jax.jit(decoder.Model(**BASE).apply)
   for m in range(3):
     one = dict(batch, modality=jnp.full_like(batch["modality"], m))
     dense_vars = _map_modality_axis(mot_vars, lambda v, axis: jnp.take(v, m, axis=axis))
-    np.testing.assert_allclose(mot.apply(mot_vars, one), dense.apply(dense_vars, one),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mot_apply(mot_vars, one), dense_apply(dense_vars, one), rtol=1e-4,
+                               atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -208,8 +208,14 @@ def check_config(cfg: Any) -> None:
       raise ValueError(f"config.model.{field}={getattr(cfg, field)!r}: expected one of {options}")
 
 
+def as_model(model_config: Any) -> Model:
+  """config.model (ConfigDict or dict) → a validated Model with defaults filled (no parameters built)."""
+  return model_config if isinstance(model_config, Model) else Model(**model_config)
+
+
 def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
   """Host-side check of a concrete batch against config.model; raises ValueError naming the field."""
+  model_config = as_model(model_config)
   for key in ("tokens", "modality", "segment", "position"):
     if key not in batch:
       raise ValueError(f"batch is missing {key!r} (see DESIGN.md, Batch)")

@@ -103,6 +103,7 @@ class MoE(nn.Module):
     else:
       y_MD, chosen_ME, probs_ME = self._token_choice(x_in, layout, allowed_ME, valid_M, logits_ME, w)
 
+    self.sow("intermediates", "chosen", chosen_ME)  # bool [M, E]: token m used expert e (for analysis)
     self._sow_metrics(layout, allowed_ME, valid_M, chosen_ME, probs_ME)
     if self.aux_router and not self.causal:
       aux_logits = aux(jax.lax.stop_gradient(x_in), plan)

@@ -80,6 +80,11 @@ def token_groups(plan: dispatch.SortPlan, layout: Layout, num_tokens: int) -> ja
   if plan.num_groups != len(layout.sizes):
     raise ValueError(f"moe.layout has {len(layout.sizes)} modality groups but the plan has "
                      f"{plan.num_groups}: the decoder must pass make_plan(modality, len(modalities))")
+  return plan_group_ids(plan, num_tokens)
+
+
+def plan_group_ids(plan: dispatch.SortPlan, num_tokens: int) -> jax.Array:
+  """int32 [M]: the group of every token in token order, recovered from a sort plan (no activation sort)."""
   row_group = dispatch.group_rows(jnp.arange(plan.num_groups, dtype=jnp.int32), plan, num_tokens)
   return row_group if plan.inv_perm is None else jnp.take(row_group, plan.inv_perm)
 

@@ -283,3 +283,24 @@ def test_4t4i_at_capacity_one_costs_a_dense_ffn():
   router = 2 * 64 * 8 * 4 * 64
   dense = _compiled_flops("dense")
   assert abs(_compiled_flops("4t4i") - router - dense) / dense < 0.01
+
+
+def test_scan_over_layers_in_bfloat16():
+  """The decoder's path: nn.scan over layers (plan broadcast), stacked losses / metrics, bf16 compute."""
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x, plan):
+      layer = nn.scan(lambda mdl, c, p: (c + mdl(c, p), None),
+                      variable_axes={"params": 0, "losses": 0, "metrics": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=3, metadata_params={nn.PARTITION_NAME: "layers"})
+      return layer(moe.MoE(F, MODS, "4t4i", routing="topk", dtype=jnp.bfloat16), x, plan)[0]
+
+  x, _, plan = _batch()
+  variables = Stack().init(jax.random.key(0), x, plan)
+  (stacked,) = nn.meta.unbox(variables)["params"].values()  # the one scanned MoE layer
+  assert stacked["wi_gate"].shape == (3, 8, D, F)
+  y, state = Stack().apply({"params": variables["params"]}, x, plan, mutable=["losses", "metrics"])
+  assert y.dtype == x.dtype and np.isfinite(np.asarray(y)).all()
+  leaves = jax.tree.leaves(state["losses"])
+  assert leaves and all(v.shape[0] == 3 for v in leaves)

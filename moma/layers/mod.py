@@ -1,0 +1,125 @@
+"""Mixture-of-Depths: a sigmoid router picks the tokens a block processes; the rest skip it.
+
+`MixtureOfDepths(block=...)` wraps any layer with `__call__(x_BLD, plan, **kwargs) -> y_BLD` that returns
+the residual stream (x + f(x), e.g. a transformer block). Its router scores every token of the batch before
+any modality split; selected tokens get x + r·(block(x) - x) with r = sigmoid(score) (so the router is
+trained through r), the others pass through unchanged.
+
+Selection (static shapes):
+* "batch" (the MoMa paper's): the batch-wide top ceil(capacity·B·L) tokens, packed in token order into one
+  row [1, K]. Per-token kwargs ([B, L, ...] arrays: segment, position, image_block) are gathered with them;
+  the ids named in `row_unique` are made unique per batch row, so a block that masks attention by segment
+  (the packed-batch convention) never mixes rows. Positions are kept, so RoPE and causality hold.
+* "sequence": the top ceil(capacity·L) tokens of each row, kept as [B, k].
+The block's modality plan is rebuilt for the selected tokens.
+
+`causal=True` (inference): a token is processed when its aux router says so (score > 0.5, per token); the
+block runs on all tokens with the skipped ones' `segment` set to 0 (padding), so nobody attends to them,
+and their outputs are discarded. This needs `segment=` and a block that masks attention by segment.
+Alternating MoD and full layers is the decoder's job (e.g. scan over pairs of layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moma import dispatch
+from moma.layers import routing as rt
+
+
+class MixtureOfDepths(nn.Module):
+  """Routes `block` over a `capacity` fraction of the tokens. Params: router [d], block, aux_router."""
+
+  block: nn.Module
+  capacity: float = 0.25
+  selection: str = "batch"  # "batch" | "sequence"
+  row_unique: Sequence[str] = ("segment", "image_block")
+  router_noise: float = 0.0
+  aux_router: bool = False
+  aux_loss_weight: float = 1.0
+  causal: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, deterministic: bool = True,
+               **kwargs) -> jax.Array:
+    if not 0 < self.capacity <= 1:
+      raise ValueError(f"mod.capacity={self.capacity} must be in (0, 1]")
+    if self.selection not in ("batch", "sequence"):
+      raise ValueError(f"mod.selection={self.selection!r} must be 'batch' or 'sequence'")
+    if self.causal and (not self.aux_router or kwargs.get("segment") is None):
+      raise ValueError("mod.causal=True needs mod.aux_router=True and the segment= keyword (to mask skips)")
+    b, length, d = x_BLD.shape
+    x_MD = x_BLD.reshape(-1, d)
+    router = rt.sharded_param(self, "router", (d,), ("embed",), nn.initializers.normal(d ** -0.5),
+                              self.param_dtype)
+    logits_M = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
+    if self.router_noise > 0 and not deterministic:
+      logits_M += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_M.shape)
+    r_M = jax.nn.sigmoid(logits_M)
+    segment = kwargs.get("segment")
+    valid_M = jnp.ones((b * length,), bool) if segment is None else segment.reshape(-1) != 0
+    aux = rt.AuxRouter(1, 1, self.dtype, self.param_dtype, name="aux_router")
+
+    if self.causal:
+      sel_M = (aux(x_MD.astype(self.dtype), plan)[:, 0] > 0) & valid_M
+      sel_BL = sel_M.reshape(b, length)
+      y_BLD = self.block(x_BLD, plan, deterministic=deterministic,
+                         **{**kwargs, "segment": jnp.where(sel_BL, segment, 0)})
+      upd = (r_M.reshape(b, length, 1) * (y_BLD - x_BLD)).astype(x_BLD.dtype)
+      y = jnp.where(sel_BL[..., None], x_BLD + upd, x_BLD)
+    else:
+      y, sel_M = self._routed(x_BLD, plan, r_M, valid_M, deterministic, kwargs)
+      if self.aux_router:
+        bce, acc = rt.aux_router_loss(aux(jax.lax.stop_gradient(x_MD.astype(self.dtype)), plan),
+                                      sel_M[:, None], valid_M[:, None])
+        self.sow("losses", "mod_aux_router_bce", self.aux_loss_weight * bce)
+        self.sow("metrics", "mod_aux_router_acc", acc)
+    self.sow("metrics", "mod_skip_frac", 1 - (sel_M & valid_M).sum() / jnp.maximum(valid_M.sum(), 1))
+    return y
+
+  def _routed(self, x_BLD, plan, r_M, valid_M, deterministic, kwargs):
+    b, length, d = x_BLD.shape
+    score_M = jnp.where(valid_M, jax.lax.stop_gradient(r_M), -1.0)
+    if self.selection == "batch":
+      _, idx = jax.lax.top_k(score_M[None], math.ceil(self.capacity * b * length))  # [1, K]
+      kwargs = {k: _unique_per_row(v) if k in self.row_unique and _per_token(v, b, length) else v
+                for k, v in kwargs.items()}
+    else:
+      _, idx = jax.lax.top_k(score_M.reshape(b, length), math.ceil(self.capacity * length))
+      idx = idx + length * jnp.arange(b)[:, None]  # flat token index, [B, k]
+    idx = jnp.sort(idx, axis=-1)  # token order: causality and positions survive packing
+    take = lambda v: jnp.take(v.reshape(b * length, *v.shape[2:]), idx, axis=0)
+    sub_kwargs = {k: take(v) if _per_token(v, b, length) else v for k, v in kwargs.items()}
+    x_sel = take(x_BLD)
+    sub_plan = dispatch.make_plan(take(rt.plan_group_ids(plan, b * length)), plan.num_groups)
+    y_sel = self.block(x_sel, sub_plan, deterministic=deterministic, **sub_kwargs)
+    keep = take(valid_M)
+    upd = jnp.where(keep[..., None], take(r_M)[..., None] * (y_sel - x_sel), 0.0).astype(x_BLD.dtype)
+    flat = idx.reshape(-1)
+    y = x_BLD.reshape(-1, d).at[flat].add(upd.reshape(-1, d), unique_indices=True)
+    sel_M = jnp.zeros((b * length,), bool).at[flat].set(keep.reshape(-1))
+    return y.reshape(b, length, d), sel_M
+
+
+def _per_token(v: Any, b: int, length: int) -> bool:
+  return isinstance(v, jax.Array) and v.ndim >= 2 and v.shape[:2] == (b, length)
+
+
+def _unique_per_row(ids_BL: jax.Array) -> jax.Array:
+  """Offset non-zero ids by row so that ids from different batch rows never compare equal."""
+  offset = (jnp.max(ids_BL) + 1) * jnp.arange(ids_BL.shape[0], dtype=ids_BL.dtype)[:, None]
+  return jnp.where(ids_BL != 0, ids_BL + offset, 0)
+
+
+def flops_per_token(d_model: int, block_flops_per_token: float, *, capacity: float = 0.25,
+                    aux_router: bool = False) -> dict:
+  """Average forward FLOPs per token of a MoD layer: capacity × the block's, plus the routers."""
+  router = 2 * d_model + (2 * (d_model * (d_model // 2) + d_model // 2) if aux_router else 0)
+  return {"forward_flops": capacity * block_flops_per_token + router, "router_flops": router}

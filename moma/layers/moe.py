@@ -1,0 +1,248 @@
+"""MoMa: modality-aware experts (expert-choice or token-choice routing), and the shared-expert MoE baseline.
+
+Each expert is a full-size SwiGLU FFN; a token only reaches the experts of its modality's group (the layout,
+see `routing.parse_layout`). Two routings:
+
+* expert choice ("ec", the paper's): score = sigmoid(x·W_g); expert e of group g takes the batch-wide top
+  k_g = ceil(c·b_g/|E_g|) tokens of group g (b_g: the batch's tokens of g) and its output is weighted by the
+  score. Shapes are static: each expert owns `static_capacity` slots (ceil(c·f_g·M/|E_g|), f_g a per-group
+  token-fraction bound from config); slots past k_g are computed and weighted 0. The experts then run as
+  one batched matmul [E, K, d] per capacity bucket (a grouped matmul whose group sizes are compile-time
+  constants), gathered from and scatter-added to token order: no sort of the activations at all.
+* token choice ("topk"): softmax or sigmoid gates over the group's experts, top-k per token, optional
+  capacity with dropping (GShard priority: all first choices before second choices), load-balancing and
+  router z-losses; the rows go through a sort plan over expert ids and `moma.kernels.gmm`.
+
+`causal=True` is the inference mode for expert choice: a token uses expert e when its auxiliary router
+(`aux_router=True`) says so (score > 0.5), weighted by the main router's score; nothing looks at other
+tokens. With `aux_router=True` and `causal=False` the aux router trains on stop-gradient inputs against the
+main router's choices (loss `aux_router_bce`), so it never changes the main model's gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moma import dispatch
+from moma import kernels
+from moma.layers import routing as rt
+
+
+class MoE(nn.Module):
+  """Routed SwiGLU experts. Params: router [d, E], wi_gate/wi_up [E, d, d_ff], wo [E, d_ff, d]."""
+
+  d_ff: int
+  modalities: Sequence[str] = ("text", "image")
+  layout: str = "4t4i"
+  routing: str = "ec"  # "ec" | "topk"
+  capacity_factor: float = 1.0
+  token_fractions: Sequence[float] | None = None  # per-group bound on the batch's token fraction (static)
+  top_k: int = 2
+  gate: str = "softmax"  # token choice: "softmax" | "sigmoid"
+  dropless: bool = False
+  load_balance_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+  router_noise: float = 0.0  # scale of Gumbel-sigmoid noise on router logits in training (rng "dropout")
+  aux_router: bool = False
+  aux_loss_weight: float = 1.0
+  causal: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  gmm_impl: str = "auto"
+
+  def _check(self) -> rt.Layout:
+    layout = rt.parse_layout(self.layout, self.modalities)
+    if self.routing not in ("ec", "topk"):
+      raise ValueError(f"moe.routing={self.routing!r} must be 'ec' or 'topk'")
+    if self.gate not in ("softmax", "sigmoid"):
+      raise ValueError(f"moe.gate={self.gate!r} must be 'softmax' or 'sigmoid'")
+    if self.routing == "topk" and not 1 <= self.top_k <= min(layout.sizes):
+      raise ValueError(f"moe.top_k={self.top_k} must be in [1, {min(layout.sizes)}] (smallest group of "
+                       f"layout {self.layout!r})")
+    if self.capacity_factor <= 0:
+      raise ValueError(f"moe.capacity_factor={self.capacity_factor} must be > 0")
+    if self.causal and self.routing == "ec" and not self.aux_router:
+      raise ValueError("moe.causal=True with routing='ec' needs moe.aux_router=True (trained aux routers)")
+    return layout
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, segment: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    layout = self._check()
+    *lead, d = x_BLD.shape
+    x_MD = x_BLD.reshape(-1, d)
+    m, e = x_MD.shape[0], layout.num_experts
+    group_M = rt.token_groups(plan, layout, m)
+    valid_M = jnp.ones((m,), bool) if segment is None else segment.reshape(-1) != 0
+    allowed_ME = (group_M[:, None] == jnp.asarray(layout.expert_group)[None, :]) & valid_M[:, None]
+
+    router = rt.sharded_param(self, "router", (d, e), ("embed", "expert"), dtype=self.param_dtype)
+    logits_ME = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
+    if self.router_noise > 0 and not deterministic:
+      logits_ME += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
+    w = {name: rt.sharded_param(self, name, (e, *shape), ("expert", *axes), dtype=self.param_dtype,
+                                per_expert=True).astype(self.dtype)
+         for name, shape, axes in (("wi_gate", (d, self.d_ff), ("embed", "mlp")),
+                                   ("wi_up", (d, self.d_ff), ("embed", "mlp")),
+                                   ("wo", (self.d_ff, d), ("mlp", "embed")))}
+    aux = rt.AuxRouter(e, len(layout.sizes), self.dtype, self.param_dtype, self.gmm_impl, name="aux_router")
+    x_in = x_MD.astype(self.dtype)
+
+    if self.routing == "ec" and self.causal:
+      aux_logits = aux(x_in, plan)
+      scores = jax.nn.sigmoid(logits_ME)
+      y_MD, chosen_ME = self._causal_ec(x_in, layout, group_M, allowed_ME & (aux_logits > 0), scores, w)
+      probs_ME = scores
+    elif self.routing == "ec":
+      y_MD, chosen_ME, probs_ME = self._expert_choice(x_in, layout, allowed_ME, logits_ME, w)
+    else:
+      y_MD, chosen_ME, probs_ME = self._token_choice(x_in, layout, allowed_ME, valid_M, logits_ME, w)
+
+    self.sow("intermediates", "chosen", chosen_ME)  # bool [M, E]: token m used expert e (for analysis)
+    self._sow_metrics(layout, allowed_ME, valid_M, chosen_ME, probs_ME)
+    if self.aux_router and not self.causal:
+      aux_logits = aux(jax.lax.stop_gradient(x_in), plan)
+      bce, acc = rt.aux_router_loss(aux_logits, chosen_ME, allowed_ME)
+      self.sow("losses", "aux_router_bce", self.aux_loss_weight * bce)
+      self.sow("metrics", "aux_router_acc", acc)
+    return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
+
+  def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w):
+    m, e = allowed_ME.shape
+    scores_ME = jax.nn.sigmoid(logits_ME)
+    caps = rt.static_capacity(layout, self.capacity_factor, m, self.token_fractions)
+    scores_EM = jnp.where(allowed_ME, scores_ME, -1.0).T  # sigmoid > 0, so -1 marks "not my modality"
+    idx, gate, overflow = [], [], []
+    for g, (start, size) in enumerate(zip(layout.starts, layout.sizes)):
+      vals, top = jax.lax.top_k(jax.lax.stop_gradient(scores_EM[start:start + size]), caps[g])
+      b_g = allowed_ME[:, start].sum()
+      want = jnp.ceil(self.capacity_factor * b_g / size).astype(jnp.int32)
+      keep = (jnp.arange(caps[g]) < want) & (vals >= 0)
+      picked = jnp.take_along_axis(scores_ME[:, start:start + size].T, top, axis=1)
+      idx.append(top)
+      gate.append(jnp.where(keep, picked, 0.0))
+      overflow.append((size * jnp.maximum(want - caps[g], 0), size * want))
+    # One batched matmul per distinct capacity (one in total when all groups have equal capacity).
+    idx_R, expert_R, gate_R, out_R = [], [], [], []
+    for cap in sorted(set(caps)):
+      gs = [g for g in range(len(caps)) if caps[g] == cap]
+      experts = np.concatenate([np.arange(layout.starts[g], layout.starts[g] + layout.sizes[g]) for g in gs])
+      top_EK = jnp.concatenate([idx[g] for g in gs])
+      wb = w if len(experts) == e else {k: v[experts] for k, v in w.items()}
+      out_EKD = _swiglu(jnp.take(x_MD, top_EK, axis=0), wb)
+      idx_R.append(top_EK.reshape(-1))
+      expert_R.append(np.repeat(experts, cap))
+      gate_R.append(jnp.concatenate([gate[g] for g in gs]).reshape(-1))
+      out_R.append(out_EKD.reshape(-1, out_EKD.shape[-1]))
+    idx_R, gate_R, out_RD = jnp.concatenate(idx_R), jnp.concatenate(gate_R), jnp.concatenate(out_R)
+    y_MD = jnp.zeros_like(x_MD).at[idx_R].add(out_RD * gate_R[:, None].astype(out_RD.dtype))
+    chosen_ME = jnp.zeros((m, e), bool).at[idx_R, np.concatenate(expert_R)].max(gate_R > 0)
+    over = sum(o for o, _ in overflow) / jnp.maximum(sum(t for _, t in overflow), 1)
+    self.sow("metrics", "capacity_overflow", over.astype(jnp.float32))
+    return y_MD, chosen_ME, scores_ME
+
+  def _causal_ec(self, x_MD, layout, group_M, use_ME, scores_ME, w):
+    """Per-token: the experts of the token's group that its aux router switches on, main-router weighted."""
+    e, width = layout.num_experts, max(layout.sizes)
+    slot = jnp.arange(width)
+    cand_MK = jnp.asarray(layout.starts)[group_M][:, None] + slot
+    in_group = slot < jnp.asarray(layout.sizes)[group_M][:, None]
+    cand_MK = jnp.where(in_group, cand_MK, 0)
+    use_MK = jnp.take_along_axis(use_ME, cand_MK, axis=1) & in_group
+    gates_MK = jnp.where(use_MK, jnp.take_along_axis(scores_ME, cand_MK, axis=1), 0.0)
+    y = self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w)
+    return y, use_ME
+
+  def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w):
+    m, e = allowed_ME.shape
+    k = self.top_k
+    masked = jnp.where(allowed_ME, logits_ME, -1e9)
+    if self.gate == "softmax":
+      probs_ME = jnp.where(allowed_ME, jax.nn.softmax(masked, axis=-1), 0.0)
+    else:
+      probs_ME = jnp.where(allowed_ME, jax.nn.sigmoid(logits_ME), 0.0)
+    _, top_MK = jax.lax.top_k(jnp.where(allowed_ME, jax.lax.stop_gradient(probs_ME), -1.0), k)
+    gates_MK = jnp.take_along_axis(probs_ME, top_MK, axis=1)
+    keep_MK = jnp.broadcast_to(valid_M[:, None], top_MK.shape)
+    onehot_KME = jax.nn.one_hot(top_MK.T, e, dtype=jnp.int32) * keep_MK.T[..., None]
+    if not (self.dropless or self.causal):
+      caps = rt.static_capacity(layout, self.capacity_factor, m, self.token_fractions, per_token=k)
+      cap_E = jnp.asarray(np.repeat(caps, layout.sizes))
+      # Priority: every token's first choice before any second choice, then token order.
+      pos_KME = jnp.cumsum(onehot_KME.reshape(k * m, e), axis=0).reshape(k, m, e) - 1
+      pos_MK = (pos_KME * onehot_KME).sum(-1).T
+      keep_MK &= pos_MK < cap_E[top_MK]
+      dropped = 1 - keep_MK.sum() / jnp.maximum(valid_M.sum() * k, 1)
+      self.sow("metrics", "dropped_frac", dropped.astype(jnp.float32))
+    y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w)
+    chosen_ME = jnp.zeros((m, e), bool).at[jnp.arange(m)[:, None], top_MK].max(keep_MK)
+    if not self.causal:
+      self._sow_token_choice_losses(layout, allowed_ME, valid_M, logits_ME, probs_ME, onehot_KME.sum(0))
+    return y, chosen_ME, probs_ME
+
+  def _sow_token_choice_losses(self, layout, allowed_ME, valid_M, logits_ME, probs_ME, assigned_ME):
+    """Switch-style balance loss per group (1.0 when balanced), weighted by the group's token share."""
+    b_E = allowed_ME.sum(0).astype(jnp.float32)
+    sizes_E = jnp.asarray(np.repeat(layout.sizes, layout.sizes), jnp.float32)
+    p_ME = probs_ME / jnp.maximum(probs_ME.sum(-1, keepdims=True), 1e-9)
+    frac_E = assigned_ME.sum(0) / (self.top_k * jnp.maximum(b_E, 1))
+    prob_E = p_ME.sum(0) / jnp.maximum(b_E, 1)
+    share_E = b_E / jnp.maximum(valid_M.sum(), 1)
+    balance = (sizes_E * frac_E * prob_E * share_E).sum()
+    z = jax.nn.logsumexp(jnp.where(allowed_ME, logits_ME, -1e9), axis=-1)
+    z_loss = jnp.where(valid_M, z ** 2, 0.0).sum() / jnp.maximum(valid_M.sum(), 1)
+    self.sow("losses", "load_balance", self.load_balance_weight * balance)
+    self.sow("losses", "router_z", self.z_loss_weight * z_loss)
+
+  def _routed(self, x_MD, ids_MK, gates_MK, w):
+    """Dropless dispatch: rows (token, choice) sorted by expert id, grouped matmuls, weighted unsort.
+
+    Id E (one past the last expert) marks an unused choice; those rows sort last and get zeros from gmm.
+    """
+    (m, k), e = ids_MK.shape, w["wo"].shape[0]
+    plan = dispatch.make_plan(ids_MK, e + 1)
+    rows = jnp.take(x_MD, plan.perm // k, axis=0)
+    sizes = plan.group_sizes[:e]
+    gmm = lambda a, b: kernels.gmm(a, b, sizes, impl=self.gmm_impl, preferred_element_type=self.dtype)
+    h = nn.silu(gmm(rows, w["wi_gate"])) * gmm(rows, w["wi_up"])
+    out = plan.unsort(gmm(h, w["wo"]), (m, k))
+    return jnp.einsum("mk,mkd->md", gates_MK.astype(out.dtype), out)
+
+  def _sow_metrics(self, layout, allowed_ME, valid_M, chosen_ME, probs_ME):
+    load_E = chosen_ME.sum(0).astype(jnp.float32)
+    n_experts = chosen_ME.sum(-1)
+    for g, name in enumerate(layout.group_names):
+      start, size = layout.starts[g], layout.sizes[g]
+      load = load_E[start:start + size]
+      self.sow("metrics", f"expert_load_max/{name}", load.max() / jnp.maximum(load.mean(), 1e-9))
+      in_g = allowed_ME[:, start]
+      self.sow("metrics", f"no_expert/{name}",
+               jnp.where(in_g, n_experts == 0, False).sum() / jnp.maximum(in_g.sum(), 1))
+    self.sow("metrics", "router_entropy", rt.group_entropy(probs_ME, allowed_ME, valid_M))
+
+
+def _swiglu(x_EKD, w):
+  h = nn.silu(jnp.einsum("ekd,edf->ekf", x_EKD, w["wi_gate"])) * jnp.einsum("ekd,edf->ekf", x_EKD, w["wi_up"])
+  return jnp.einsum("ekf,efd->ekd", h, w["wo"])
+
+
+def flops_per_token(d_model: int, d_ff: int, *, modalities: Sequence[str], layout: str, routing: str = "ec",
+                    capacity_factor: float = 1.0, top_k: int = 2, aux_router: bool = False) -> dict:
+  """Analytic forward FLOPs per token (2 per multiply-add) and parameter counts of one MoE layer.
+
+  Expert choice at capacity c gives a token c experts on average (c = 1: a dense SwiGLU FFN's FLOPs);
+  token choice gives it top_k. The router computes all E logits for every token.
+  """
+  lay = rt.parse_layout(layout, modalities)
+  e, ffn = lay.num_experts, 3 * d_model * d_ff
+  per_token_experts = capacity_factor if routing == "ec" else top_k
+  aux = (d_model * (d_model // 2) * len(lay.sizes) + (d_model // 2) * e) if aux_router else 0
+  aux_active = (d_model * (d_model // 2) + (d_model // 2) * e) if aux_router else 0
+  active = per_token_experts * ffn + d_model * e + aux_active
+  return {"forward_flops": 2 * active, "expert_flops": 2 * per_token_experts * ffn,
+          "active_params": active, "total_params": e * ffn + d_model * e + aux}

@@ -1,0 +1,111 @@
+"""Mixture-of-Depths wrapper: selection, packing, causality, gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moma import dispatch
+from moma.layers import mod
+from moma.layers import moe
+
+D = 8
+
+
+class CausalMix(nn.Module):
+  """Toy attention block: x + tanh(mean of earlier same-segment tokens @ W); segment 0 attends nowhere."""
+
+  @nn.compact
+  def __call__(self, x, plan, *, segment, position=None, deterministic=True):
+    del plan, position, deterministic
+    w = self.param("w", nn.initializers.normal(1.0), (x.shape[-1], x.shape[-1]))
+    n = x.shape[1]
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] != 0) & jnp.tri(n, dtype=bool)
+    mix = jnp.einsum("bqk,bkd->bqd", same / jnp.maximum(same.sum(-1, keepdims=True), 1), x)
+    return x + jnp.tanh(mix @ w)
+
+
+def _batch(b=2, length=16):
+  x = jax.random.normal(jax.random.key(0), (b, length, D))
+  segment = jnp.ones((b, length), jnp.int32).at[:, length // 2:].set(2)
+  modality = jax.random.randint(jax.random.key(1), (b, length), 0, 2)
+  return x, segment, dispatch.make_plan(modality, 2)
+
+
+def _apply(layer, x, plan, variables=None, **kw):
+  variables = variables or layer.init(jax.random.key(3), x, plan, **kw)
+  y, st = layer.apply(variables, x, plan, mutable=["losses", "metrics"], **kw)
+  return variables, y, st
+
+
+@pytest.mark.parametrize("selection", ["batch", "sequence"])
+def test_selected_tokens_see_only_selected_tokens_of_their_own_row(selection):
+  x, segment, plan = _batch()
+  layer = mod.MixtureOfDepths(CausalMix(), capacity=0.25, selection=selection)
+  variables, y, st = _apply(layer, x, plan, segment=segment)
+  np.testing.assert_allclose(st["metrics"]["mod_skip_frac"][0], 0.75)
+  p = nn.meta.unbox(variables)["params"]
+  r = jax.nn.sigmoid(x @ p["router"])
+  changed = np.any(np.asarray(y != x), axis=-1)
+  if selection == "sequence":
+    assert (changed.sum(1) == 4).all()
+  for row in range(2):  # reference: run the block on this row's selected tokens alone
+    sel = np.nonzero(changed[row])[0]
+    ref = CausalMix().apply({"params": p["block"]}, x[row:row + 1, sel], None, segment=segment[row:row + 1, sel])
+    expect = x[row, sel] + r[row, sel, None] * (ref[0] - x[row, sel])
+    np.testing.assert_allclose(y[row, sel], expect, rtol=1e-5, atol=1e-6)
+  top = np.sort(np.argsort(-np.ravel(r))[:8]) if selection == "batch" else None
+  if top is not None:
+    np.testing.assert_array_equal(np.nonzero(np.ravel(changed))[0], top)
+
+
+def test_full_capacity_is_the_router_weighted_block():
+  x, segment, plan = _batch()
+  layer = mod.MixtureOfDepths(CausalMix(), capacity=1.0, selection="sequence")
+  variables, y, _ = _apply(layer, x, plan, segment=segment)
+  p = nn.meta.unbox(variables)["params"]
+  r = jax.nn.sigmoid(x @ p["router"])[..., None]
+  full = CausalMix().apply({"params": p["block"]}, x, None, segment=segment)
+  np.testing.assert_allclose(y, x + r * (full - x), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_the_mod_router():
+  x, segment, plan = _batch()
+  layer = mod.MixtureOfDepths(CausalMix())
+  variables = layer.init(jax.random.key(3), x, plan, segment=segment)
+  g = jax.grad(lambda v: jnp.sum(layer.apply(v, x, plan, segment=segment, mutable=["metrics"])[0] ** 2))(
+      variables)
+  assert float(jnp.abs(nn.meta.unbox(g)["params"]["router"]).sum()) > 0
+
+
+def test_causal_path_ignores_future_tokens():
+  x, segment, plan = _batch()
+  layer = mod.MixtureOfDepths(CausalMix(), aux_router=True, causal=True)
+  variables, y, st = _apply(layer, x, plan, segment=segment)
+  assert 0 < float(st["metrics"]["mod_skip_frac"][0]) < 1
+  t = 11
+  x2 = x.at[:, t:].set(jax.random.normal(jax.random.key(9), x[:, t:].shape))
+  _, y2, _ = _apply(layer, x2, plan, variables, segment=segment)
+  np.testing.assert_allclose(y[:, :t], y2[:, :t], rtol=1e-6, atol=1e-6)
+  train = mod.MixtureOfDepths(CausalMix(), aux_router=True)
+  _, _, st = _apply(train, x, plan, variables, segment=segment)
+  assert float(st["losses"]["mod_aux_router_bce"][0]) > 0 and "mod_aux_router_acc" in st["metrics"]
+
+
+def test_mod_around_moma_experts():
+  """MoD before the modality split: the wrapped MoE layer gets a plan over the selected tokens only."""
+  x, segment, plan = _batch()
+  layer = mod.MixtureOfDepths(moe.MoE(16, ("text", "image"), "2t2i"), capacity=0.5)
+  _, y, st = _apply(layer, x, plan, segment=segment)
+  assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+  np.testing.assert_allclose(st["metrics"]["mod_skip_frac"][0], 0.5)
+  assert "no_expert/text" in st["metrics"]["block"]
+
+
+@pytest.mark.parametrize("kw,match", [(dict(capacity=0.0), "capacity"), (dict(capacity=1.5), "capacity"),
+                                      (dict(selection="row"), "selection"), (dict(causal=True), "aux_router")])
+def test_mod_errors(kw, match):
+  x, segment, plan = _batch()
+  with pytest.raises(ValueError, match=match):
+    mod.MixtureOfDepths(CausalMix(), **kw).init(jax.random.key(0), x, plan, segment=segment)

@@ -1,0 +1,285 @@
+"""MoMa / MoE layer against the invariants that define it (tiny shapes, CPU)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moma import dispatch
+from moma.layers import moe
+from moma.layers import routing
+
+MODS = ("text", "image")
+D, F = 8, 16
+
+
+def _batch(b=2, length=16, seed=0, num_modalities=2):
+  x = jax.random.normal(jax.random.key(seed), (b, length, D))
+  modality = jax.random.randint(jax.random.key(seed + 1), (b, length), 0, num_modalities)
+  return x, modality, dispatch.make_plan(modality, num_modalities)
+
+
+def _run(layer, x, plan, variables=None, **kw):
+  variables = variables or layer.init(jax.random.key(7), x, plan)
+  y, state = layer.apply(variables, x, plan, mutable=["losses", "metrics", "intermediates"], **kw)
+  return variables, y, state
+
+
+def _params(variables):
+  return nn.meta.unbox(variables)["params"]
+
+
+def _expert_ffn(p, x_MD):
+  """[M, E, d]: every expert applied to every token (the per-token reference)."""
+  h = nn.silu(jnp.einsum("md,edf->mef", x_MD, p["wi_gate"])) * jnp.einsum("md,edf->mef", x_MD, p["wi_up"])
+  return jnp.einsum("mef,efd->med", h, p["wo"])
+
+
+@pytest.mark.parametrize("layout,mods,sizes", [("4t4i", MODS, (4, 4)), ("6t2i", MODS, (6, 2)),
+                                               ("3t3i2a", ("text", "image", "audio"), (3, 3, 2)),
+                                               ("2i7t", MODS, (7, 2)), ("8shared", MODS, (8,))])
+def test_parse_layout(layout, mods, sizes):
+  lay = routing.parse_layout(layout, mods)
+  assert lay.sizes == sizes and lay.num_experts == sum(sizes)
+  np.testing.assert_array_equal(lay.expert_group, np.repeat(np.arange(len(sizes)), sizes))
+
+
+@pytest.mark.parametrize("layout,match", [("4t4i", "no expert group for modalities \\['audio'\\]"),
+                                          ("4t4x", "names no modality"), ("4t4t", "appears twice"),
+                                          ("four", "not like"), ("0t1i1a", "at least one expert")])
+def test_layout_errors(layout, match):
+  with pytest.raises(ValueError, match=match):
+    routing.parse_layout(layout, ("text", "image", "audio"))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(capacity_factor=0.0), "capacity_factor"),
+                                      (dict(routing="topk", top_k=5), "top_k=5"),
+                                      (dict(causal=True), "aux_router"),
+                                      (dict(token_fractions=(0.5,)), "token_fractions"),
+                                      (dict(routing="hash"), "routing")])
+def test_bad_config_errors(kw, match):
+  x, _, plan = _batch()
+  with pytest.raises(ValueError, match=match):
+    moe.MoE(F, MODS, "4t4i", **kw).init(jax.random.key(0), x, plan)
+
+
+def test_plan_without_modalities_is_an_error():
+  x, modality, _ = _batch()
+  with pytest.raises(ValueError, match="make_plan"):
+    moe.MoE(F, MODS, "4t4i").init(jax.random.key(0), x, dispatch.make_plan(modality, 1))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(layout="6t2i"), dict(routing="topk"),
+                                dict(routing="topk", dropless=True, gate="sigmoid"),
+                                dict(aux_router=True, causal=True)])
+def test_no_token_reaches_another_modalitys_expert(kw):
+  x, modality, plan = _batch()
+  layer = moe.MoE(F, MODS, **{"layout": "4t4i", **kw})
+  variables, y, state = _run(layer, x, plan)
+  chosen = state["intermediates"]["chosen"][0]
+  expert_group = routing.parse_layout(layer.layout, MODS).expert_group
+  assert not np.any(np.asarray(chosen) & (modality.reshape(-1, 1) != expert_group[None]))
+  # Perturbing the image experts must leave every text token's output bit-identical.
+  image = jnp.asarray(expert_group == 1)[:, None, None]
+  p = _params(variables)
+  p = {**p, **{k: jnp.where(image, p[k] + 1.0, p[k]) for k in ("wi_gate", "wi_up", "wo")}}
+  _, y2, _ = _run(layer, x, plan, {"params": p})
+  text = modality == 0
+  np.testing.assert_array_equal(np.asarray(y)[text], np.asarray(y2)[text])
+  assert not np.allclose(np.asarray(y)[~text], np.asarray(y2)[~text])
+
+
+@pytest.mark.parametrize("layout,c", [("4t4i", 1.0), ("6t2i", 1.0), ("4t4i", 2.0), ("8shared", 0.5)])
+def test_expert_choice_takes_exactly_its_capacity_and_matches_reference(layout, c):
+  x, modality, plan = _batch(length=32)
+  counts = np.bincount(np.ravel(modality), minlength=2)
+  lay = routing.parse_layout(layout, MODS)
+  fractions = None if lay.shared else tuple(counts / counts.sum())  # bounds that fit this batch
+  layer = moe.MoE(F, MODS, layout, capacity_factor=c, token_fractions=fractions)
+  variables, y, state = _run(layer, x, plan)
+  chosen = np.asarray(state["intermediates"]["chosen"][0])
+  b = counts if not lay.shared else [counts.sum()]
+  expected = np.repeat([np.ceil(c * b[g] / n) for g, n in enumerate(lay.sizes)], lay.sizes)
+  np.testing.assert_array_equal(chosen.sum(0), expected)
+  p = _params(variables)
+  x_MD = x.reshape(-1, D)
+  score = jax.nn.sigmoid(x_MD @ p["router"])
+  ref = jnp.einsum("me,med->md", chosen * score, _expert_ffn(p, x_MD))
+  np.testing.assert_allclose(y.reshape(-1, D), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_choice_picks_the_top_scores():
+  x, modality, plan = _batch(length=32)
+  variables, _, state = _run(moe.MoE(F, MODS, "4t4i", token_fractions=(1.0, 1.0)), x, plan)
+  chosen = np.asarray(state["intermediates"]["chosen"][0])
+  score = np.asarray(jax.nn.sigmoid(x.reshape(-1, D) @ _params(variables)["router"]))
+  for e in range(8):
+    mine = np.ravel(modality) == e // 4
+    assert score[chosen[:, e], e].min() >= score[mine & ~chosen[:, e], e].max()
+
+
+def test_1t1i_full_capacity_equals_untied_swiglu():
+  """Capacity covering every token: y = sigmoid(router score) · untied FFN of the token's modality."""
+  x, modality, plan = _batch(length=24)
+  layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
+  variables, y, _ = _run(layer, x, plan)
+  p = _params(variables)
+  rows = plan.sort(x)
+  dense = lambda n, k, r: dispatch.GroupedDense(n, num_groups=2).apply({"params": {"kernel": k}}, r, plan)
+  h = nn.silu(dense(F, p["wi_gate"], rows)) * dense(F, p["wi_up"], rows)
+  ffn = plan.unsort(dense(D, p["wo"], h), modality.shape)
+  gate = jnp.take_along_axis(jax.nn.sigmoid(x @ p["router"]), modality[..., None], axis=-1)
+  np.testing.assert_allclose(y, gate * ffn, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate,dropless", [("softmax", True), ("sigmoid", True), ("softmax", False)])
+def test_token_choice_matches_reference(gate, dropless):
+  x, modality, plan = _batch(length=32)
+  layer = moe.MoE(F, MODS, "4t4i", routing="topk", top_k=2, gate=gate, dropless=dropless)
+  variables, y, state = _run(layer, x, plan)
+  chosen = np.asarray(state["intermediates"]["chosen"][0])
+  assert chosen.sum(1).max() <= 2
+  if dropless:
+    np.testing.assert_array_equal(chosen.sum(1), 2)
+  else:  # capacity ceil(c·k·f·M/|E_g|) = ceil(2·0.5·64/4) = 16 rows per expert
+    assert chosen.sum(0).max() <= 16
+  p = _params(variables)
+  x_MD = x.reshape(-1, D)
+  logits = x_MD @ p["router"]
+  allowed = np.ravel(modality)[:, None] == np.repeat([0, 1], 4)[None]
+  probs = (jax.nn.softmax(jnp.where(allowed, logits, -1e9)) if gate == "softmax"
+           else jax.nn.sigmoid(logits))
+  ref = jnp.einsum("me,med->md", chosen * probs, _expert_ffn(p, x_MD))
+  np.testing.assert_allclose(y.reshape(-1, D), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(routing="topk"), dict(routing="topk", gate="sigmoid")])
+def test_gradients_reach_the_router(kw):
+  x, _, plan = _batch()
+  layer = moe.MoE(F, MODS, "4t4i", **kw)
+  variables = layer.init(jax.random.key(0), x, plan)
+
+  def loss(params):
+    y, state = layer.apply({"params": params}, x, plan, mutable=["losses", "metrics"])
+    return jnp.sum(y ** 2) + sum(jnp.sum(v) for v in jax.tree.leaves(state.get("losses", {})))
+
+  grads = nn.meta.unbox(jax.grad(loss)(variables["params"]))
+  assert float(jnp.abs(grads["router"]).sum()) > 0
+  assert all(float(jnp.abs(grads[k]).sum()) > 0 for k in ("wi_gate", "wi_up", "wo"))
+
+
+def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
+  x, modality, plan = _batch(length=16)
+  layer = moe.MoE(F, MODS, "4t4i", aux_router=True, causal=True)
+  variables, y, state = _run(layer, x, plan)
+  assert 0 < np.asarray(state["intermediates"]["chosen"][0]).mean() < 1  # aux router is actually deciding
+  t = 9
+  x2 = x.at[:, t:].set(jax.random.normal(jax.random.key(5), x[:, t:].shape))
+  m2 = modality.at[:, t:].set(1 - modality[:, t:])
+  _, y2, _ = _run(layer, x2, dispatch.make_plan(m2, 2), variables)
+  np.testing.assert_allclose(y[:, :t], y2[:, :t], rtol=1e-6, atol=1e-6)
+  # Training mode: the aux BCE only trains the aux router (stop-gradient inputs and targets).
+  train = moe.MoE(F, MODS, "4t4i", aux_router=True)
+
+  def aux_loss(params):
+    _, st = train.apply({"params": params}, x, plan, mutable=["losses", "metrics"])
+    return st["losses"]["aux_router_bce"][0]
+
+  grads = nn.meta.unbox(jax.grad(aux_loss)(variables["params"]))
+  assert float(jnp.abs(grads["router"]).sum()) == 0 and float(jnp.abs(grads["wo"]).sum()) == 0
+  assert float(jnp.abs(grads["aux_router"]["w1"]["kernel"]).sum()) > 0
+
+
+def test_aux_router_learns_the_main_routers_choices():
+  x, _, plan = _batch(b=4, length=32)
+  layer = moe.MoE(F, MODS, "4t4i", aux_router=True)
+  variables = layer.init(jax.random.key(0), x, plan)
+  opt = optax.adam(3e-2)
+  params = variables["params"]
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    def loss(p):
+      _, st = layer.apply({"params": p}, x, plan, mutable=["losses", "metrics"])
+      return st["losses"]["aux_router_bce"][0], st["metrics"]["aux_router_acc"][0]
+    (_, acc), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state, acc
+
+  _, _, acc0 = step(params, state)
+  for _ in range(150):
+    params, state, acc = step(params, state)
+  assert float(acc) > max(0.9, float(acc0) + 0.1)
+
+
+def test_top_k_load_balancing_spreads_a_skewed_batch():
+  x = jax.random.normal(jax.random.key(0), (2, 64, D))
+  x = x.at[..., 0].add(3.0)  # a shared direction every token carries
+  plan = dispatch.make_plan(jnp.zeros((2, 64), jnp.int32), 2)
+  layer = moe.MoE(F, MODS, "8shared", routing="topk", top_k=1, dropless=True, load_balance_weight=1.0)
+  variables = layer.init(jax.random.key(1), x, plan)
+  params = nn.meta.unbox(variables["params"])
+  params["router"] = params["router"].at[0, 0].set(5.0)  # everyone prefers expert 0
+
+  def balance(router):
+    _, st = layer.apply({"params": {**params, "router": router}}, x, plan, mutable=["losses", "metrics"])
+    return st["losses"]["load_balance"][0], st["metrics"]["expert_load_max/shared"][0]
+
+  opt = optax.adam(5e-2)
+  router, opt_state = params["router"], opt.init(params["router"])
+  _, load0 = balance(router)
+  grad_fn = jax.jit(jax.value_and_grad(balance, has_aux=True))
+  for _ in range(100):
+    (_, _), g = grad_fn(router)
+    updates, opt_state = opt.update(g, opt_state)
+    router = optax.apply_updates(router, updates)
+  _, load = balance(router)
+  assert float(load0) > 6 and float(load) < 2, (load0, load)
+
+
+def test_router_noise_only_in_training():
+  x, _, plan = _batch()
+  layer = moe.MoE(F, MODS, "4t4i", router_noise=1.0)
+  variables, y, _ = _run(layer, x, plan)
+  _, y_eval, _ = _run(layer, x, plan, variables, deterministic=True)
+  np.testing.assert_array_equal(y, y_eval)
+  _, y_train, _ = _run(layer, x, plan, variables, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(y, y_train)
+
+
+def test_padding_tokens_get_no_expert():
+  x, modality, plan = _batch()
+  segment = jnp.ones(modality.shape, jnp.int32).at[:, -4:].set(0)
+  _, y, state = _run(moe.MoE(F, MODS, "4t4i"), x, plan, segment=segment)
+  assert not np.asarray(state["intermediates"]["chosen"][0]).reshape(2, 16, 8)[:, -4:].any()
+  np.testing.assert_array_equal(y[:, -4:], 0)
+
+
+@functools.lru_cache
+def _compiled_flops(layout):
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64))
+  plan = dispatch.make_plan((jnp.arange(64) // 8 % 2)[None].repeat(4, 0), 2)
+  if layout == "dense":
+    from experiments.bench_moe import DenseSwiGLU  # pylint: disable=g-import-not-at-top
+    layer = DenseSwiGLU(256)
+  else:
+    layer = moe.MoE(256, MODS, layout)
+  variables = layer.init(jax.random.key(0), x, plan)
+  fn = jax.jit(lambda v, x: layer.apply(v, x, plan, mutable=["losses", "metrics"])[0])
+  cost = fn.lower(variables, x).compile().cost_analysis()
+  return (cost if isinstance(cost, dict) else cost[0])["flops"]
+
+
+def test_4t4i_at_capacity_one_costs_a_dense_ffn():
+  analytic = moe.flops_per_token(64, 256, modalities=MODS, layout="4t4i")
+  assert analytic["expert_flops"] == 2 * 3 * 64 * 256  # exactly the dense SwiGLU's
+  assert analytic["forward_flops"] - analytic["expert_flops"] == 2 * 64 * 8  # the router
+  assert analytic["total_params"] == 8 * 3 * 64 * 256 + 64 * 8
+  router = 2 * 64 * 8 * 4 * 64
+  dense = _compiled_flops("dense")
+  assert abs(_compiled_flops("4t4i") - router - dense) / dense < 0.01

@@ -2,7 +2,9 @@
 
 Parameters are injected papermill-style: a cell after the one tagged `parameters` overrides its values.
 The kernel runs in the repository root with it on PYTHONPATH (so `import moma` and `import configs` work
-without installing) and shares one persistent XLA compilation cache across the notebooks.
+without installing) and shares one persistent XLA compilation cache across the notebooks (quickstart and
+scaling train MoT with the same settings, so scaling reuses its compiled step). scaling is `slow`:
+`python -m pytest -q tests/test_notebooks.py -m slow`.
 """
 
 import ast
@@ -92,8 +94,9 @@ def test_routing(kernel_env, data_cache_dir, tmp_path):
   assert len(_outputs(nb, mime="image/png")) >= 3  # load heatmaps, token map, MoD skips
 
 
+@pytest.mark.slow  # trains two runs (~1 min on 2 busy cores); the training path is covered by quickstart
 def test_scaling(kernel_env, data_cache_dir, tmp_path):
-  nb = execute("scaling.ipynb", steps=8, log_every=2, workdir=str(tmp_path / "study"),
+  nb = execute("scaling.ipynb", steps=6, log_every=2, workdir=str(tmp_path / "study"),
                data_cache_dir=data_cache_dir)
   assert {p.name for p in (tmp_path / "study").iterdir() if (p / "metrics.jsonl").exists()} == {"dense", "mot"}
   assert len(_outputs(nb, mime="image/png")) >= 2  # loss vs FLOPs, step matching

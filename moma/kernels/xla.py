@@ -17,18 +17,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moma.kernels.layout import group_bounds
+
 # Tile ladders tuned on a 2-core x86 CPU (experiments/bench_gmm.py). Bigger tiles run closer to dense
 # matmul speed; smaller ones bound the waste per group. tgmm accumulates a [K, N] block per tile, so it
 # prefers fewer, bigger tiles than the forward matmul.
 GMM_TILES = (512, 128, 32)
 TGMM_TILES = (512, 128, 32)
-
-
-def group_bounds(group_sizes_G: jax.Array, num_rows: int):
-  """First and one-past-last row of each group, clipped to [0, num_rows]."""
-  ends_G = jnp.minimum(jnp.cumsum(group_sizes_G), num_rows).astype(jnp.int32)
-  starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
-  return starts_G, ends_G
 
 
 def _for_each_tile(lo, hi, num_rows: int, tiles: Sequence[int], body: Callable, carry):

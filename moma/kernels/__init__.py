@@ -8,7 +8,7 @@ Implementations (`impl`):
   "pallas_tpu"  Pallas Mosaic TPU kernel in the megablox style (pallas_tpu.py);
   "ragged_dot"  `jax.lax.ragged_dot` with its own autodiff: the baseline;
   "reference"   masked dense per group with plain autodiff (reference.py): the test oracle;
-  "auto"        the fastest correct one for the default backend.
+  "auto"        the fastest correct one measured for the default backend (today "xla" everywhere).
 The fast impls share one `custom_vjp`: d lhs = gmm(dout, rhsᵀ), d rhs = tgmm(lhs, dout) (per-group lhsᵀ·dout).
 """
 
@@ -53,9 +53,9 @@ def resolve_impl(impl: str) -> str:
   """The concrete impl "auto" stands for on the default backend (others pass through)."""
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
-  # Pallas kernels are the fast path on accelerators; they need real hardware, not interpret mode.
-  return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+  # The Pallas kernels pass in interpret mode but have not yet run or been timed on a GPU / TPU: until
+  # experiments/bench_gmm.py shows them faster there, "auto" stays on the static-shape XLA path.
+  return "xla"
 
 
 def _ops(impl: str, interpret: bool):

@@ -1,0 +1,95 @@
+"""Grouped matmul speed against a dense matmul of the same FLOPs, forward and forward+backward.
+
+  python -m experiments.bench_gmm                 # the issue's grid: G ∈ {2,3,8,16}, M ∈ {4096,16384}
+  python -m experiments.bench_gmm --grid=quick    # G ∈ {3,16}, M=4096, K=512 (a few minutes on 2 cores)
+
+Every impl is timed interleaved with the dense baseline in the same rounds (median over rounds), so the
+ratios hold on a noisy shared machine. speed = t_dense / t_impl (1.0 = dense speed); the xla/ragged_dot
+ratio is t_ragged_dot / t_xla. The last stdout line is a JSON object with every ratio.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moma import kernels
+
+_GRID = flags.DEFINE_enum("grid", "issue", ["issue", "quick"], "Problem sizes to run.")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "ragged_dot", "reference"], "gmm impls to time.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds (median).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Operand dtype.")
+_N = flags.DEFINE_integer("n", 2048, "Output features N.")
+
+GRIDS = {
+    "issue": [(g, m, k) for m in (4096, 16384) for k in (512, 1024) for g in (2, 3, 8, 16)],
+    "quick": [(3, 4096, 512), (16, 4096, 512)],
+}
+
+
+def _loss_fns(impl, group_sizes):
+  """Forward and forward+backward of (x, w, cotangent): impl None = dense x @ w[K, N], else gmm on w[G, K, N]."""
+
+  def forward(x, w, ct):
+    if impl is None:
+      return jnp.dot(x, w, preferred_element_type=ct.dtype)
+    return kernels.gmm(x, w, group_sizes, impl=impl, preferred_element_type=ct.dtype)
+
+  def fwd_bwd(x, w, ct):
+    out, vjp = jax.vjp(lambda x, w: forward(x, w, ct), x, w)
+    return out, vjp(ct)
+
+  return jax.jit(forward), jax.jit(fwd_bwd)
+
+
+def _time_round(calls):
+  times = {}
+  for name, (fn, args) in calls.items():
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times[name] = time.perf_counter() - start
+  return times
+
+
+def bench(num_groups, m, k, n, dtype, impls, rounds):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (m, k), dtype)
+  w = jax.random.normal(keys[1], (num_groups, k, n), dtype) / np.sqrt(k)
+  ct = jax.random.normal(keys[2], (m, n), jnp.float32)
+  sizes = np.random.default_rng(num_groups).multinomial(m, np.ones(num_groups) / num_groups)
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+  results = {}
+  for mode in ("fwd", "fwd_bwd"):
+    # The dense baseline gets its own [K, N] weight: no [G, K, N] gradient to fill.
+    calls = {name: (_loss_fns(None if name == "dense" else name, group_sizes)[mode == "fwd_bwd"],
+                    (x, w[0] if name == "dense" else w, ct))
+             for name in ["dense", *impls]}
+    _time_round(calls)  # compile + warm up
+    rounds_ = [_time_round(calls) for _ in range(rounds)]
+    median = {name: float(np.median([r[name] for r in rounds_])) for name in calls}
+    for name in impls:
+      results[f"{mode}/{name}/speed_vs_dense"] = median["dense"] / median[name]
+    if "xla" in impls and "ragged_dot" in impls:
+      results[f"{mode}/xla_vs_ragged_dot"] = median["ragged_dot"] / median["xla"]
+    results[f"{mode}/dense_ms"] = 1e3 * median["dense"]
+  return results
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(_DTYPE.value)
+  summary = {"backend": jax.default_backend(), "dtype": dtype.name, "n": _N.value, "results": {}}
+  for num_groups, m, k in GRIDS[_GRID.value]:
+    res = bench(num_groups, m, k, _N.value, dtype, _IMPLS.value, _ROUNDS.value)
+    name = f"G{num_groups}_M{m}_K{k}"
+    summary["results"][name] = {key: round(v, 3) for key, v in res.items()}
+    print(name, " ".join(f"{key}={v:.3f}" for key, v in res.items()), flush=True)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

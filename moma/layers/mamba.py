@@ -1,0 +1,254 @@
+"""Mamba-1 block and Mixture-of-Mamba (arXiv 2312.00752, 2501.16295).
+
+  x ─ in_proj ─┬─ x ─ causal depthwise conv ─ SiLU ─ x_proj → (dt, B, C); dt_proj + softplus ─ scan ─┐
+               └─ z ──────────────────────────────────────────────────────────────────── y·SiLU(z) ─ out_proj
+
+Mixture-of-Mamba unties in_proj, x_proj, dt_proj (weight and bias) and out_proj per modality through
+`moma.dispatch` (each switchable with `untie`; "conv" additionally unties the depthwise conv as an ablation);
+A_log, D and the single scan over the mixed sequence stay shared. With `untie=()` it is plain Mamba.
+
+Packed sequences: with `segment_BL` the conv and the scan restart at every document start. Decoding:
+`prefill` returns a `MambaCache` (pre-conv inputs of the last d_conv - 1 tokens, fp32 SSM state) and `step`
+continues it one token at a time; the cache is a pytree whose leaves stack over layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moma import dispatch
+from moma.layers.selective_scan import selective_scan  # noqa: F401  (the DESIGN.md entry point)
+
+UNTIE_COMPONENTS = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv")
+# PyTorch's nn.Linear / nn.Conv1d default (kaiming_uniform with a=sqrt(5)), which the reference keeps.
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+@flax.struct.dataclass
+class MambaCache:
+  """Recurrent state of one block; every leaf gets a leading layer axis when stacked by `nn.scan`.
+
+  conv_BKD: [batch, d_conv - 1, d_inner] pre-conv inputs of the last d_conv - 1 tokens (compute dtype).
+  ssm_BDN: [batch, d_inner, d_state] float32 scan state after the last token.
+  length: int32 [], tokens consumed so far (checked against the block's `max_len`).
+  """
+
+  conv_BKD: jax.Array
+  ssm_BDN: jax.Array
+  length: jax.Array
+
+
+def dt_rank_for(d_model: int, dt_rank: int = 0) -> int:
+  """dt_rank = ceil(d_model / 16) unless given (> 0)."""
+  return dt_rank if dt_rank > 0 else math.ceil(d_model / 16)
+
+
+def mamba_flops_per_token(d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                          dt_rank: int = 0) -> int:
+  """Forward FLOPs of one Mamba / Mixture-of-Mamba block per token (untying changes no active FLOPs).
+
+  Matmuls count 2 per multiply-add; the scan counts 9 per (channel, state) as in the Mamba paper
+  (discretise Δ·A, exp, Δ·B·u, state update, C·h); the conv, softplus, D skip and SiLU gates are elementwise.
+  Training costs about 3× this (backward = 2× forward).
+  """
+  d_inner = expand * d_model
+  rank = dt_rank_for(d_model, dt_rank)
+  matmuls = 2 * (d_model * 2 * d_inner + d_inner * (rank + 2 * d_state) + rank * d_inner
+                 + d_inner * d_model)
+  scan = 9 * d_inner * d_state
+  elementwise = 2 * d_conv * d_inner + 10 * d_inner  # conv MACs; SiLU x2, softplus, D skip, gating
+  return matmuls + scan + elementwise
+
+
+def check_decode_length(prompt_len: int, new_tokens: int, max_len: int):
+  """Static check for a decode loop: prompt + generated tokens must fit in `max_len` (0: unbounded)."""
+  if max_len and prompt_len + new_tokens > max_len:
+    raise ValueError(f"decode: prompt_len {prompt_len} + new_tokens {new_tokens} exceeds max_len "
+                     f"{max_len}; raise max_len (config.model.max_seq_len) or generate fewer tokens")
+
+
+def _dt_bias_init(dt_min, dt_max, dt_floor):
+  """Inverse softplus of dt ~ log-uniform[dt_min, dt_max], so softplus(bias) starts in that range."""
+
+  def init(key, shape, dtype=jnp.float32):
+    logu = jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = jnp.maximum(jnp.exp(logu), dt_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+  return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  """S4D-real: A[d, n] = -(n + 1), stored as log(n + 1)."""
+  del key
+  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=dtype)), shape)
+
+
+def _symmetric_uniform(bound):
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _per_group(init, num_groups):
+  if num_groups == 1:
+    return init
+  return lambda key, shape, dtype=jnp.float32: jax.vmap(
+      lambda k: init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
+
+
+class MambaBlock(nn.Module):
+  """Mamba-1 mixer over [batch, L, d_model]; Mixture-of-Mamba when `untie` names components.
+
+  Attributes:
+    d_model: model width. d_state: SSM state size N (> 0). d_conv: depthwise conv kernel size.
+    expand: d_inner = expand * d_model. dt_rank: 0 → ceil(d_model / 16).
+    num_modalities: groups of the SortPlan the decoder passes in (used by untied components).
+    untie: subset of UNTIE_COMPONENTS given per-modality weights.
+    num_layers: depth, scales out_proj's init by 1/sqrt(num_layers) like the reference.
+    scan_impl / chunk_size: see `selective_scan`. max_len: longest sequence decoding accepts (0: none).
+    dt_min, dt_max, dt_init_floor: dt initialisation range.
+  """
+
+  d_model: int
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int = 0
+  num_modalities: int = 1
+  untie: Sequence[str] = ()
+  num_layers: int = 1
+  scan_impl: str = "auto"
+  chunk_size: int = 64
+  max_len: int = 0
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dt_init_floor: float = 1e-4
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  gmm_impl: str = "auto"
+
+  def _validate(self):
+    unknown = set(self.untie) - set(UNTIE_COMPONENTS)
+    if unknown:
+      raise ValueError(f"MambaBlock: untie has unknown components {sorted(unknown)}; "
+                       f"choose from {UNTIE_COMPONENTS}")
+    for name in ("d_model", "d_state", "d_conv", "expand"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"MambaBlock: {name}={getattr(self, name)} must be > 0")
+
+  def _groups(self, component):
+    return self.num_modalities if component in self.untie else 1
+
+  def _proj(self, name, x, features, in_axis, out_axes, plan, init, rows_plan=None):
+    """Dense or per-modality projection; tokens in, tokens out (sorted only when untied)."""
+    groups = self._groups(name)
+    layer = dispatch.GroupedDense(features, num_groups=groups, in_axis=in_axis, out_axes=out_axes,
+                                  dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+                                  gmm_impl=self.gmm_impl, name=name)
+    lead = x.shape[:-1]
+    if groups == 1:
+      return layer(x.reshape(-1, x.shape[-1]), plan).reshape(*lead, *np.atleast_1d(features))
+    return plan.unsort(layer(plan.sort(x), plan), lead)
+
+  @nn.compact
+  def __call__(self, x_BLD, plan, *, segment_BL=None, cache=None, return_cache=False):
+    """y_BLD, or (y_BLD, MambaCache) with return_cache; `cache` continues a previous call (decoding)."""
+    self._validate()
+    batch, length, _ = x_BLD.shape
+    if plan is None:  # plain Mamba needs no plan
+      plan = dispatch.make_plan(jnp.zeros((batch, length), jnp.int32), 1)
+    d_inner, n, k = self.expand * self.d_model, self.d_state, self.d_conv
+    rank = dt_rank_for(self.d_model, self.dt_rank)
+    if cache is not None and segment_BL is not None:
+      raise ValueError("MambaBlock: segment_BL must be None when continuing from a cache")
+    if self.max_len:  # checked when the length is known at trace time; jitted loops use check_decode_length
+      try:
+        total = length + (0 if cache is None else int(cache.length))
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        total = length
+      if total > self.max_len:
+        raise ValueError(f"MambaBlock: decoding to length {total} exceeds max_len {self.max_len}; "
+                         "raise max_len (config.model.max_seq_len)")
+    token_group = None
+    if any(self._groups(c) > 1 for c in ("dt_proj", "conv")):
+      token_group = plan.unsort(dispatch.group_rows(
+          jnp.arange(plan.num_groups), plan, batch * length), (batch, length))
+
+    xz = self._proj("in_proj", x_BLD, (2, d_inner), "embed", (None, "mlp"), plan, torch_default_init)
+    x_BLI, z_BLI = xz[..., 0, :], xz[..., 1, :]
+
+    # Causal depthwise conv over [last d_conv - 1 inputs | this call's inputs].
+    g_conv = self._groups("conv")
+    lead_axes = ("modality",) if g_conv > 1 else ()
+    lead_shape = (g_conv,) if g_conv > 1 else ()
+    conv_w = self.param("conv_kernel", nn.with_logical_partitioning(
+        _per_group(torch_default_init, g_conv), lead_axes + ("conv", "mlp")),
+        lead_shape + (k, d_inner), self.param_dtype).astype(self.dtype)
+    conv_b = self.param("conv_bias", nn.with_logical_partitioning(
+        _per_group(_symmetric_uniform(1 / math.sqrt(k)), g_conv), lead_axes + ("mlp",)),
+        lead_shape + (d_inner,), self.param_dtype).astype(self.dtype)
+    if g_conv > 1:
+      conv_w, conv_b = conv_w[token_group], conv_b[token_group]  # [B, L, K, I], [B, L, I]
+    prev = (jnp.zeros((batch, k - 1, d_inner), self.dtype) if cache is None
+            else cache.conv_BKD.astype(self.dtype))
+    ext = jnp.concatenate([prev, x_BLI.astype(self.dtype)], axis=1)  # [B, K-1+L, I]
+    seg_ext = None
+    if segment_BL is not None:
+      seg_ext = jnp.concatenate([jnp.broadcast_to(segment_BL[:, :1], (batch, k - 1)), segment_BL], 1)
+    conv = conv_b
+    for j in range(k):  # tap j looks back k-1-j tokens; it is masked where that token's document differs
+      tap = ext[:, j:j + length] * conv_w[..., j, :]
+      if seg_ext is not None:
+        tap = jnp.where((seg_ext[:, j:j + length] == segment_BL)[..., None], tap, 0)
+      conv = conv + tap
+    u_BLI = nn.silu(conv)
+    new_conv = ext[:, length:]
+    if seg_ext is not None:  # a cache continues the last document only
+      new_conv = jnp.where((seg_ext[:, length:] == segment_BL[:, -1:])[..., None], new_conv, 0)
+
+    x_dbl = self._proj("x_proj", u_BLI, rank + 2 * n, "mlp", (None,), plan, torch_default_init)
+    dt_r, b_BLN, c_BLN = jnp.split(x_dbl, [rank, rank + n], axis=-1)
+    dt_BLI = self._proj("dt_proj", dt_r, d_inner, None, ("mlp",), plan,
+                        _symmetric_uniform(rank ** -0.5))
+    g_dt = self._groups("dt_proj")
+    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(
+        _per_group(_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), g_dt),
+        (("modality",) if g_dt > 1 else ()) + ("mlp",)),
+        ((g_dt,) if g_dt > 1 else ()) + (d_inner,), self.param_dtype)
+    if g_dt > 1:
+      dt_BLI = dt_BLI.astype(jnp.float32) + dt_bias[token_group].astype(jnp.float32)
+      dt_bias = None
+
+    # A_log and D stay float32 whatever param_dtype is (the trainer excludes them from weight decay).
+    a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("mlp", "state")),
+                       (d_inner, n), jnp.float32)
+    d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
+                        (d_inner,), jnp.float32)
+    reset = None
+    if segment_BL is not None:
+      reset = jnp.concatenate([jnp.zeros((batch, 1), bool), segment_BL[:, 1:] != segment_BL[:, :-1]], 1)
+    y_BLI, ssm = selective_scan(
+        u_BLI, dt_BLI, -jnp.exp(a_log), b_BLN, c_BLN, d_skip, z_BLI, delta_bias=dt_bias,
+        delta_softplus=True, impl=self.scan_impl, chunk_size=self.chunk_size, reset=reset,
+        initial_state=None if cache is None else cache.ssm_BDN, return_final_state=True)
+
+    out_init = nn.initializers.variance_scaling(1 / (3 * self.num_layers), "fan_in", "uniform")
+    y_BLD = self._proj("out_proj", y_BLI, self.d_model, "mlp", ("embed",), plan, out_init)
+    if not return_cache:
+      return y_BLD
+    done = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    return y_BLD, MambaCache(new_conv, ssm, done + length)
+
+  def prefill(self, x_BLD, plan, *, segment_BL=None):
+    """(y_BLD, MambaCache) for a prompt; the cache continues its last document."""
+    return self(x_BLD, plan, segment_BL=segment_BL, return_cache=True)
+
+  def step(self, x_B1D, plan, cache):
+    """One decoding token: (y_B1D, next MambaCache). `plan` groups this token's modality."""
+    return self(x_B1D, plan, cache=cache, return_cache=True)

@@ -91,15 +91,37 @@ def _a_log_init(key, shape, dtype=jnp.float32):
   return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=dtype)), shape)
 
 
+def causal_conv(prev_BKI, x_BLI, w_KI, b_I, segment_BL=None):
+  """Causal depthwise conv of x continuing `prev` (the K-1 inputs before it): (out_BLI, new prev_BKI).
+
+  w_KI / b_I may carry per-token leading dims [B, L, ...] (per-modality kernels). With `segment_BL`, taps
+  that reach into another document are dropped and the returned state keeps only the last document.
+  """
+  batch, length, _ = x_BLI.shape
+  k = prev_BKI.shape[1] + 1
+  ext = jnp.concatenate([prev_BKI, x_BLI], axis=1)  # [B, K-1+L, I]
+  seg_ext = None
+  if segment_BL is not None:
+    seg_ext = jnp.concatenate([jnp.broadcast_to(segment_BL[:, :1], (batch, k - 1)), segment_BL], 1)
+  out = b_I
+  for j in range(k):  # tap j looks back k-1-j tokens
+    tap = ext[:, j:j + length] * w_KI[..., j, :]
+    if seg_ext is not None:
+      tap = jnp.where((seg_ext[:, j:j + length] == segment_BL)[..., None], tap, 0)
+    out = out + tap
+  new_prev = ext[:, length:]
+  if seg_ext is not None:
+    new_prev = jnp.where((seg_ext[:, length:] == segment_BL[:, -1:])[..., None], new_prev, 0)
+  return out, new_prev
+
+
 def _symmetric_uniform(bound):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _per_group(init, num_groups):
-  if num_groups == 1:
-    return init
-  return lambda key, shape, dtype=jnp.float32: jax.vmap(
-      lambda k: init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
+  """Per-modality copies of a dense initialiser (each group initialised like the shared weight)."""
+  return init if num_groups == 1 else dispatch._per_group(init)  # pylint: disable=protected-access
 
 
 class MambaBlock(nn.Module):
@@ -145,7 +167,14 @@ class MambaBlock(nn.Module):
   def _groups(self, component):
     return self.num_modalities if component in self.untie else 1
 
-  def _proj(self, name, x, features, in_axis, out_axes, plan, init, rows_plan=None):
+  def _param(self, name, component, init, shape, axes, dtype=None):
+    """A parameter with a leading modality axis when `component` is untied."""
+    groups = self._groups(component)
+    lead_shape, lead_axes = ((groups,), ("modality",)) if groups > 1 else ((), ())
+    return self.param(name, nn.with_logical_partitioning(_per_group(init, groups), lead_axes + axes),
+                      lead_shape + shape, dtype or self.param_dtype)
+
+  def _proj(self, name, x, features, in_axis, out_axes, plan, init):
     """Dense or per-modality projection; tokens in, tokens out (sorted only when untied)."""
     groups = self._groups(name)
     layer = dispatch.GroupedDense(features, num_groups=groups, in_axis=in_axis, out_axes=out_axes,
@@ -184,52 +213,30 @@ class MambaBlock(nn.Module):
     x_BLI, z_BLI = xz[..., 0, :], xz[..., 1, :]
 
     # Causal depthwise conv over [last d_conv - 1 inputs | this call's inputs].
-    g_conv = self._groups("conv")
-    lead_axes = ("modality",) if g_conv > 1 else ()
-    lead_shape = (g_conv,) if g_conv > 1 else ()
-    conv_w = self.param("conv_kernel", nn.with_logical_partitioning(
-        _per_group(torch_default_init, g_conv), lead_axes + ("conv", "mlp")),
-        lead_shape + (k, d_inner), self.param_dtype).astype(self.dtype)
-    conv_b = self.param("conv_bias", nn.with_logical_partitioning(
-        _per_group(_symmetric_uniform(1 / math.sqrt(k)), g_conv), lead_axes + ("mlp",)),
-        lead_shape + (d_inner,), self.param_dtype).astype(self.dtype)
-    if g_conv > 1:
+    conv_w = self._param("conv_kernel", "conv", torch_default_init, (k, d_inner), ("conv", "mlp"))
+    conv_b = self._param("conv_bias", "conv", _symmetric_uniform(1 / math.sqrt(k)), (d_inner,),
+                         ("mlp",))
+    if self._groups("conv") > 1:
       conv_w, conv_b = conv_w[token_group], conv_b[token_group]  # [B, L, K, I], [B, L, I]
     prev = (jnp.zeros((batch, k - 1, d_inner), self.dtype) if cache is None
             else cache.conv_BKD.astype(self.dtype))
-    ext = jnp.concatenate([prev, x_BLI.astype(self.dtype)], axis=1)  # [B, K-1+L, I]
-    seg_ext = None
-    if segment_BL is not None:
-      seg_ext = jnp.concatenate([jnp.broadcast_to(segment_BL[:, :1], (batch, k - 1)), segment_BL], 1)
-    conv = conv_b
-    for j in range(k):  # tap j looks back k-1-j tokens; it is masked where that token's document differs
-      tap = ext[:, j:j + length] * conv_w[..., j, :]
-      if seg_ext is not None:
-        tap = jnp.where((seg_ext[:, j:j + length] == segment_BL)[..., None], tap, 0)
-      conv = conv + tap
+    conv, new_conv = causal_conv(prev, x_BLI.astype(self.dtype), conv_w.astype(self.dtype),
+                                 conv_b.astype(self.dtype), segment_BL)
     u_BLI = nn.silu(conv)
-    new_conv = ext[:, length:]
-    if seg_ext is not None:  # a cache continues the last document only
-      new_conv = jnp.where((seg_ext[:, length:] == segment_BL[:, -1:])[..., None], new_conv, 0)
 
     x_dbl = self._proj("x_proj", u_BLI, rank + 2 * n, "mlp", (None,), plan, torch_default_init)
     dt_r, b_BLN, c_BLN = jnp.split(x_dbl, [rank, rank + n], axis=-1)
     dt_BLI = self._proj("dt_proj", dt_r, d_inner, None, ("mlp",), plan,
                         _symmetric_uniform(rank ** -0.5))
-    g_dt = self._groups("dt_proj")
-    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(
-        _per_group(_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), g_dt),
-        (("modality",) if g_dt > 1 else ()) + ("mlp",)),
-        ((g_dt,) if g_dt > 1 else ()) + (d_inner,), self.param_dtype)
-    if g_dt > 1:
+    dt_bias = self._param("dt_bias", "dt_proj", _dt_bias_init(self.dt_min, self.dt_max,
+                                                              self.dt_init_floor), (d_inner,), ("mlp",))
+    if self._groups("dt_proj") > 1:
       dt_BLI = dt_BLI.astype(jnp.float32) + dt_bias[token_group].astype(jnp.float32)
       dt_bias = None
 
     # A_log and D stay float32 whatever param_dtype is (the trainer excludes them from weight decay).
-    a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("mlp", "state")),
-                       (d_inner, n), jnp.float32)
-    d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
-                        (d_inner,), jnp.float32)
+    a_log = self._param("A_log", "shared", _a_log_init, (d_inner, n), ("mlp", "state"), jnp.float32)
+    d_skip = self._param("D", "shared", nn.initializers.ones, (d_inner,), ("mlp",), jnp.float32)
     reset = None
     if segment_BL is not None:
       reset = jnp.concatenate([jnp.zeros((batch, 1), bool), segment_BL[:, 1:] != segment_BL[:, :-1]], 1)

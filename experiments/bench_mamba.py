@@ -23,14 +23,18 @@ from moma import dispatch
 from moma.layers import mamba
 
 
-def median_time(fn, *args, reps):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
+def interleaved_medians(calls, reps):
+  """{name: median seconds} of `fn(*args)` for {name: (fn, args)}, timed round-robin so that load from
+  other processes on a shared machine hits every variant alike."""
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))  # compile + warm up
+  times = {name: [] for name in calls}
   for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def temp_bytes(fn, *args):
@@ -45,13 +49,15 @@ def bench_scans(lengths, d, n, chunk_size, reps):
     u, delta = (jax.random.normal(k, (1, length, d)) for k in ks[:2])
     B, C = (jax.random.normal(k, (1, length, n)) for k in ks[2:4])
     A = -jnp.exp(jax.random.normal(ks[4], (d, n)))
-    base = None
+    calls = {}
     for impl in ("sequential", "chunked", "associative"):
       loss = lambda u, delta, A, B, C, impl=impl: jnp.sum(mamba.selective_scan(
           u, delta, A, B, C, delta_softplus=True, impl=impl, chunk_size=chunk_size) ** 2)
-      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
-      row = dict(L=length, impl=impl, seconds=median_time(fn, u, delta, A, B, C, reps=reps),
-                 temp_mib=(temp_bytes(fn, u, delta, A, B, C) or 0) / 2**20)
+      calls[impl] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), (u, delta, A, B, C))
+    seconds = interleaved_medians(calls, reps)
+    base = None
+    for impl, (fn, args) in calls.items():
+      row = dict(L=length, impl=impl, seconds=seconds[impl], temp_mib=(temp_bytes(fn, *args) or 0) / 2**20)
       base = base or row
       row["time_vs_sequential"] = row["seconds"] / base["seconds"]
       row["mem_vs_sequential"] = row["temp_mib"] / max(base["temp_mib"], 1e-9)
@@ -70,7 +76,7 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
   tx = optax.adamw(1e-3)
   variants = {"mamba": (), "mom": ("in_proj", "x_proj", "dt_proj", "out_proj"),
               "mom+conv": mamba.UNTIE_COMPONENTS}
-  out = {}
+  calls = {}
   for name, untie in variants.items():
     block = mamba.MambaBlock(d_model, num_modalities=num_modalities, untie=untie)
 
@@ -85,10 +91,10 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
       return optax.apply_updates(params, updates), opt_state, loss
 
     params = block.init(jax.random.key(1), x, dispatch.make_plan(modality, num_modalities))["params"]
-    opt_state = tx.init(params)
-    out[name] = median_time(train_step, params, opt_state, x, modality, reps=reps)
-    print(f"block {name:9s} train step {out[name] * 1e3:9.1f} ms "
-          f"({out[name] / out['mamba']:.2f}x mamba)", flush=True)
+    calls[name] = (train_step, (params, tx.init(params), x, modality))
+  out = interleaved_medians(calls, reps)
+  for name, seconds in out.items():
+    print(f"block {name:9s} train step {seconds * 1e3:9.1f} ms ({seconds / out['mamba']:.2f}x mamba)")
   return out
 
 
@@ -101,7 +107,7 @@ def main():
   parser.add_argument("--block_batch", type=int, default=4)
   parser.add_argument("--block_len", type=int, default=512)
   parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=5)
   args = parser.parse_args()
   print(f"backend={jax.default_backend()} devices={jax.devices()}")
   lengths = [int(s) for s in args.lengths.split(",")]

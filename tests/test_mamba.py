@@ -68,9 +68,10 @@ def test_prefill_then_steps_equals_full_forward(data, untie, impl):
     ys.append(y)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), full, rtol=1e-5, atol=1e-5)
   assert int(cache.length) == L
-  # the cache matters: a fresh state gives a different continuation
-  fresh = jax.tree.map(jnp.zeros_like, cache)
-  y_fresh, _ = step(v, x[:, -1:], modality[:, -1:], fresh)
+  # the cache matters: the empty state continues like a fresh forward, not like the prompt
+  empty = mamba.MambaCache.zeros(2, 2 * D_MODEL, 4)
+  y_fresh, _ = step(v, x[:, -1:], modality[:, -1:], empty)
+  np.testing.assert_allclose(y_fresh, apply(m)(v, x[:, -1:], modality[:, -1:]), rtol=1e-5, atol=1e-5)
   assert not np.allclose(y_fresh, full[:, -1:], atol=1e-3)
 
 

@@ -44,6 +44,12 @@ class MambaCache:
   ssm_BDN: jax.Array
   length: jax.Array
 
+  @classmethod
+  def zeros(cls, batch, d_inner, d_state, d_conv=4, dtype=jnp.float32):
+    """The state before any token (decoding without a prompt)."""
+    return cls(jnp.zeros((batch, d_conv - 1, d_inner), dtype),
+               jnp.zeros((batch, d_inner, d_state), jnp.float32), jnp.zeros((), jnp.int32))
+
 
 def dt_rank_for(d_model: int, dt_rank: int = 0) -> int:
   """dt_rank = ceil(d_model / 16) unless given (> 0)."""

@@ -1,0 +1,124 @@
+"""Benchmark: selective-scan implementations, and a Mixture-of-Mamba vs Mamba block train step.
+
+  python -m experiments.bench_mamba [--lengths 512,2048,8192] [--reps 3]
+
+1. `selective_scan` forward + backward for each impl at each length: median wall time and the compiled
+   program's temporary memory (XLA memory analysis), with ratios to "sequential".
+2. One train step (loss, grads, AdamW update) of a MambaBlock with untie=() and of the Mixture-of-Mamba
+   block (the paper's four untied projections, and all five with the conv) at equal active FLOPs (same widths;
+   each token uses one modality's weights). Goal: MoM / Mamba ≤ 1.15 on CPU.
+The last line of stdout is a JSON object with every number.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moma import dispatch
+from moma.layers import mamba
+
+
+def interleaved_medians(calls, reps):
+  """{name: median seconds} of `fn(*args)` for {name: (fn, args)}, timed round-robin so that load from
+  other processes on a shared machine hits every variant alike."""
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))  # compile + warm up
+  times = {name: [] for name in calls}
+  for _ in range(reps):
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temp_bytes(fn, *args):
+  analysis = fn.lower(*args).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def bench_scans(lengths, d, n, chunk_size, reps):
+  rows = []
+  for length in lengths:
+    ks = jax.random.split(jax.random.key(length), 5)
+    u, delta = (jax.random.normal(k, (1, length, d)) for k in ks[:2])
+    B, C = (jax.random.normal(k, (1, length, n)) for k in ks[2:4])
+    A = -jnp.exp(jax.random.normal(ks[4], (d, n)))
+    calls = {}
+    for impl in ("sequential", "chunked", "associative"):
+      loss = lambda u, delta, A, B, C, impl=impl: jnp.sum(mamba.selective_scan(
+          u, delta, A, B, C, delta_softplus=True, impl=impl, chunk_size=chunk_size) ** 2)
+      calls[impl] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), (u, delta, A, B, C))
+    seconds = interleaved_medians(calls, reps)
+    base = None
+    for impl, (fn, args) in calls.items():
+      row = dict(L=length, impl=impl, seconds=seconds[impl], temp_mib=(temp_bytes(fn, *args) or 0) / 2**20)
+      base = base or row
+      row["time_vs_sequential"] = row["seconds"] / base["seconds"]
+      row["mem_vs_sequential"] = row["temp_mib"] / max(base["temp_mib"], 1e-9)
+      rows.append(row)
+      print(f"scan L={length:5d} {impl:11s} {row['seconds'] * 1e3:9.1f} ms "
+            f"({row['time_vs_sequential']:.2f}x)  temp {row['temp_mib']:8.1f} MiB "
+            f"({row['mem_vs_sequential']:.2f}x)", flush=True)
+  return rows
+
+
+def bench_blocks(batch, length, d_model, num_modalities, reps):
+  ks = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(ks[0], (batch, length, d_model))
+  target = jax.random.normal(ks[1], (batch, length, d_model))
+  modality = jax.random.randint(ks[2], (batch, length), 0, num_modalities)
+  tx = optax.adamw(1e-3)
+  variants = {"mamba": (), "mom": ("in_proj", "x_proj", "dt_proj", "out_proj"),
+              "mom+conv": mamba.UNTIE_COMPONENTS}
+  calls = {}
+  for name, untie in variants.items():
+    block = mamba.MambaBlock(d_model, num_modalities=num_modalities, untie=untie)
+
+    def loss_fn(params, x, modality, block=block):
+      plan = dispatch.make_plan(modality, num_modalities)  # built once per pass, as in the decoder
+      return jnp.mean((block.apply({"params": params}, x, plan) - target) ** 2)
+
+    @jax.jit
+    def train_step(params, opt_state, x, modality, loss_fn=loss_fn):
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, modality)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    params = block.init(jax.random.key(1), x, dispatch.make_plan(modality, num_modalities))["params"]
+    calls[name] = (train_step, (params, tx.init(params), x, modality))
+  out = interleaved_medians(calls, reps)
+  for name, seconds in out.items():
+    print(f"block {name:9s} train step {seconds * 1e3:9.1f} ms ({seconds / out['mamba']:.2f}x mamba)")
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="512,2048,8192")
+  parser.add_argument("--d_inner", type=int, default=128)
+  parser.add_argument("--d_state", type=int, default=16)
+  parser.add_argument("--chunk_size", type=int, default=64)
+  parser.add_argument("--block_batch", type=int, default=4)
+  parser.add_argument("--block_len", type=int, default=512)
+  parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--reps", type=int, default=5)
+  args = parser.parse_args()
+  print(f"backend={jax.default_backend()} devices={jax.devices()}")
+  lengths = [int(s) for s in args.lengths.split(",")]
+  scans = bench_scans(lengths, args.d_inner, args.d_state, args.chunk_size, args.reps)
+  blocks = bench_blocks(args.block_batch, args.block_len, args.d_model, 3, args.reps)
+  result = dict(backend=jax.default_backend(), scan=scans, block_seconds=blocks,
+                mom_vs_mamba=blocks["mom"] / blocks["mamba"],
+                mom_conv_vs_mamba=blocks["mom+conv"] / blocks["mamba"],
+                flops_per_token=mamba.mamba_flops_per_token(args.d_model), goal_mom_vs_mamba=1.15)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,142 @@
+"""Sampling documents from the mixture and packing them into [batch, seq_len] rows (the batch contract).
+
+Row r of the batch at `step` on process p is a pure function of (seed, split, p, step, r): it draws from
+its own counter-based generator, so resuming at any step needs no iterator state. Each row draws
+documents i.i.d. from the mixture (entry by weight, example uniformly among the examples whose index is
+≡ p mod process_count, so processes read disjoint shares) and packs them greedily; the first document that
+does not fit ends the row and the rest is padding. Documents are never cut.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+import numpy as np
+
+from moma.data import config as config_lib
+from moma.data import sources as sources_lib
+from moma.data import vocab as vocab_lib
+
+_DRAWS = 16  # documents drawn per generator call
+
+
+class Packer:
+  """Opens the mixture for one split and process; `batch(seed, step, batch_size)` packs one batch."""
+
+  def __init__(self, config, *, split: str, seq_len: int, process_index: int = 0,
+               process_count: int = 1):
+    config_lib.validate(config)
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    self.config = config
+    self.vocab = vocab_lib.vocabulary(config)
+    self.modality_table = self.vocab.modality_table()
+    self.split, self.seq_len = split, seq_len
+    self.process_index, self.process_count = process_index, process_count
+    entries = [(name, entry) for name, entry in config.mixture.items() if entry.weight > 0]
+    self.sources = [sources_lib.open_source(name, entry, config, split) for name, entry in entries]
+    weights = np.array([entry.weight for _, entry in entries], np.float64)
+    self.cum_weights = np.cumsum(weights / weights.sum())
+    self.shares = []
+    for source in self.sources:
+      share = (len(source.examples) - process_index + process_count - 1) // process_count
+      if share < 1:
+        raise ValueError(f"data.mixture.{source.name}: split {split!r} has {len(source.examples)} "
+                         f"examples, too few for process_count={process_count}.")
+      self.shares.append(share)
+    longest = max(self.sources, key=lambda s: s.max_len)
+    if seq_len < longest.max_len:
+      raise ValueError(f"seq_len={seq_len} is shorter than the longest document of "
+                       f"data.mixture.{longest.name} ({longest.max_len} tokens); raise seq_len or lower "
+                       "data.text_max_bytes / data.audio_max_samples.")
+    self.patch_dim = self._patch_dim()
+    self._split_id = zlib.crc32(split.encode())
+
+  def _patch_dim(self) -> int:
+    dims = {}
+    for source in self.sources:
+      if source.image_shape is not None:
+        channels = source.image_shape[2] if len(source.image_shape) == 3 else 1
+        dims[source.name] = self.config.patch_size ** 2 * channels
+    if len(set(dims.values())) > 1:
+      raise ValueError(f"data.mixture image entries have different channel counts ({dims}); patches "
+                       "need one patch size P for the whole batch.")
+    return next(iter(dims.values()), self.config.patch_size ** 2)
+
+  def _documents(self, seed: int, step: int, row: int):
+    """Documents of one row, in order, until the next one would not fit."""
+    rng = np.random.default_rng([seed, self._split_id, self.process_index, step, row])
+    room = self.seq_len
+    while True:
+      entries = np.searchsorted(self.cum_weights, rng.random(_DRAWS), side="right")
+      picks, variants = rng.random(_DRAWS), rng.integers(0, 2**31, _DRAWS)
+      for e, pick, variant in zip(np.minimum(entries, len(self.sources) - 1), picks, variants):
+        source = self.sources[e]
+        index = self.process_index + self.process_count * int(pick * self.shares[e])
+        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self.config)
+        if len(tokens) > room:
+          return
+        room -= len(tokens)
+        yield tokens, images
+
+  def batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    b_, l_ = batch_size, self.seq_len
+    tokens = np.full((b_, l_), vocab_lib.PAD, np.int32)
+    segment = np.zeros((b_, l_), np.int32)
+    position = np.zeros((b_, l_), np.int32)
+    patches_form = self.config.image_form == "patches"
+    if patches_form:
+      patches = np.zeros((b_, l_, self.patch_dim), np.float32)
+      image_block = np.zeros((b_, l_), np.int32)
+    for row in range(b_):
+      docs = list(self._documents(seed, step, row))
+      lengths = np.array([len(t) for t, _ in docs], np.int32)
+      starts = np.cumsum(lengths) - lengths
+      n = int(lengths.sum())
+      tokens[row, :n] = np.concatenate([t for t, _ in docs])
+      segment[row, :n] = np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), lengths)
+      position[row, :n] = np.arange(n, dtype=np.int32) - np.repeat(starts, lengths)
+      if patches_form:
+        block = 0
+        for start, (_, images) in zip(starts, docs):
+          for offset, image_patches in images:
+            block += 1
+            at = slice(start + offset, start + offset + len(image_patches))
+            patches[row, at] = image_patches
+            image_block[row, at] = block
+    # Next-token targets inside a document only; no loss on padding, across documents, or on patch
+    # placeholders (continuous patches get their own loss, not a cross-entropy).
+    same_doc = (segment[:, 1:] == segment[:, :-1]) & (segment[:, :-1] > 0)
+    targets = np.full((b_, l_), vocab_lib.PAD, np.int32)
+    targets[:, :-1] = np.where(same_doc, tokens[:, 1:], vocab_lib.PAD)
+    loss_mask = np.zeros((b_, l_), np.float32)
+    loss_mask[:, :-1] = same_doc & (tokens[:, 1:] != vocab_lib.IMG)
+    batch = dict(tokens=tokens, modality=self.modality_table[tokens], segment=segment,
+                 position=position, targets=targets, loss_mask=loss_mask)
+    if patches_form:
+      batch.update(patches=patches, image_block=image_block)
+    return batch
+
+
+def batches(data_config, *, split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0,
+            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of per-process batches (dicts of numpy arrays, the DESIGN.md batch contract).
+
+  The batch at step k depends only on (seed, k, process_index, process_count): `start_step=k` resumes
+  exactly where a fresh iterator would be after k batches. Validates eagerly (ValueError naming the field).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0.")
+  packer = Packer(data_config, split=split, seq_len=seq_len, process_index=process_index,
+                  process_count=process_count)
+
+  def generate():
+    step = start_step
+    while True:
+      yield packer.batch(seed, step, batch_size)
+      step += 1
+
+  return generate()

@@ -1,0 +1,149 @@
+"""One shared vocabulary for text bytes, image codes, audio codes and special tokens, plus codecs.
+
+Layout (ids in order): 8 specials, 256 text bytes, `image_levels` image codes (discrete form only),
+`audio_levels` audio codes (only when "audio" is a modality), then padding up to `config.vocab_size`.
+
+Specials count as text (modality 0): BOS/EOS, and the BOI/EOI/BOA/EOA markers, so predicting *that* an
+image starts is a text loss. The `IMG` placeholder marks a continuous patch position (patches form) and
+counts as image. Per-modality losses group by the modality of the target token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+SPECIALS = ("pad", "bos", "eos", "boi", "eoi", "boa", "eoa", "img")
+PAD, BOS, EOS, BOI, EOI, BOA, EOA, IMG = range(len(SPECIALS))
+TEXT_OFFSET = len(SPECIALS)
+NUM_BYTES = 256
+MODALITY_NAMES = ("text", "image", "audio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """Id ranges of the shared vocabulary; build it with `vocabulary(data_config)`."""
+
+  modalities: tuple[str, ...]
+  image_codes: int  # 0 in the patches form (images enter as continuous patches)
+  audio_codes: int  # 0 when "audio" is not a modality
+  size: int
+
+  @property
+  def image_offset(self) -> int:
+    return TEXT_OFFSET + NUM_BYTES
+
+  @property
+  def audio_offset(self) -> int:
+    return self.image_offset + self.image_codes
+
+  @property
+  def used(self) -> int:
+    """Ids actually assigned (`size` may pad past this)."""
+    return self.audio_offset + self.audio_codes
+
+  def modality_table(self) -> np.ndarray:
+    """int32 [size]: the modality id (index into `modalities`) of every token id."""
+    table = np.zeros(self.size, np.int32)  # specials and bytes are text
+    if "image" in self.modalities:
+      image = self.modalities.index("image")
+      table[IMG] = image
+      table[self.image_offset:self.audio_offset] = image
+    if self.audio_codes:
+      table[self.audio_offset:self.used] = self.modalities.index("audio")
+    return table
+
+  def encode_text(self, text: str | bytes) -> np.ndarray:
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, np.uint8).astype(np.int32) + TEXT_OFFSET
+
+  def decode_text(self, tokens) -> str:
+    """Text bytes among `tokens` as a string; every other id (specials, codes, padding) is skipped."""
+    tokens = np.asarray(tokens).reshape(-1)
+    data = tokens[(tokens >= TEXT_OFFSET) & (tokens < TEXT_OFFSET + NUM_BYTES)] - TEXT_OFFSET
+    return data.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+  def encode_image(self, image: np.ndarray) -> np.ndarray:
+    """uint8 image [H, W] or [H, W, C] → int32 tokens [H*W*C] (row-major, channels last)."""
+    codes = np.rint(np.asarray(image, np.float32).reshape(-1) * ((self.image_codes - 1) / 255.0))
+    return codes.astype(np.int32) + self.image_offset
+
+  def decode_image(self, tokens, shape=None) -> np.ndarray:
+    """Image tokens → uint8 image of `shape` (default: square, one channel); other ids are skipped."""
+    tokens = np.asarray(tokens).reshape(-1)
+    codes = tokens[(tokens >= self.image_offset) & (tokens < self.audio_offset)] - self.image_offset
+    if shape is None:
+      side = int(round(np.sqrt(codes.size)))
+      shape = (side, side)
+    pixels = np.rint(codes * (255.0 / (self.image_codes - 1)))
+    return pixels.astype(np.uint8).reshape(shape)
+
+  def encode_audio(self, waveform: np.ndarray) -> np.ndarray:
+    """Waveform in [-1, 1] → μ-law codes as int32 tokens (μ = audio_codes - 1)."""
+    return mulaw_encode(waveform, self.audio_codes) + self.audio_offset
+
+  def decode_audio(self, tokens) -> np.ndarray:
+    """Audio tokens → float32 waveform in [-1, 1]; other ids are skipped."""
+    tokens = np.asarray(tokens).reshape(-1)
+    codes = tokens[(tokens >= self.audio_offset) & (tokens < self.used)] - self.audio_offset
+    return mulaw_decode(codes, self.audio_codes)
+
+
+def mulaw_encode(waveform: np.ndarray, levels: int) -> np.ndarray:
+  mu = levels - 1
+  x = np.clip(np.asarray(waveform, np.float32), -1.0, 1.0)
+  y = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+  return np.rint((y + 1.0) * 0.5 * mu).astype(np.int32)
+
+
+def mulaw_decode(codes: np.ndarray, levels: int) -> np.ndarray:
+  mu = levels - 1
+  y = np.asarray(codes, np.float32) * (2.0 / mu) - 1.0
+  return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu).astype(np.float32)
+
+
+def image_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
+  """uint8 image [H, W(, C)] → float32 patches [(H/p)*(W/p), p*p*C] scaled to [-1, 1] (Transfusion)."""
+  image = np.asarray(image, np.float32)
+  if image.ndim == 2:
+    image = image[..., None]
+  h, w, c = image.shape
+  p = patch_size
+  x = image.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+  return (x.reshape((h // p) * (w // p), p * p * c) * (2.0 / 255.0) - 1.0).astype(np.float32)
+
+
+def unpatch(patches: np.ndarray, shape) -> np.ndarray:
+  """Inverse of `image_patches`: float patches in [-1, 1] → uint8 image of `shape`."""
+  h, w = shape[:2]
+  c = shape[2] if len(shape) == 3 else 1
+  p = int(round(np.sqrt(np.asarray(patches).shape[-1] // c)))
+  x = np.asarray(patches, np.float32).reshape(h // p, w // p, p, p, c).transpose(0, 2, 1, 3, 4)
+  pixels = np.clip(np.rint((x.reshape(h, w, c) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  return pixels.reshape(shape)
+
+
+def vocabulary(data_config) -> Vocab:
+  """The vocabulary a data config implies; raises ValueError naming the field on a range overflow."""
+  modalities = tuple(data_config.modalities)
+  if data_config.image_form == "discrete" and not 2 <= data_config.image_levels <= 256:
+    raise ValueError(f"data.image_levels={data_config.image_levels} overflows the image code range; "
+                     "use 2..256 levels per pixel.")
+  if "audio" in modalities and not 2 <= data_config.audio_levels <= 65536:
+    raise ValueError(f"data.audio_levels={data_config.audio_levels} overflows the audio code range; "
+                     "use 2..65536 μ-law levels.")
+  image_codes = data_config.image_levels if ("image" in modalities and
+                                             data_config.image_form == "discrete") else 0
+  audio_codes = data_config.audio_levels if "audio" in modalities else 0
+  used = TEXT_OFFSET + NUM_BYTES + image_codes + audio_codes
+  size = data_config.vocab_size or used
+  if size < used:
+    raise ValueError(f"data.vocab_size={size} is smaller than the {used} ids the vocabulary needs "
+                     f"(specials + bytes + image + audio codes); set it to 0 (exact) or >= {used}.")
+  return Vocab(modalities, image_codes, audio_codes, size)
+
+
+def vocab_size(data_config) -> int:
+  """Size of the shared vocabulary (the model's `vocab_size` when that is 0)."""
+  return vocabulary(data_config).size

@@ -1,0 +1,174 @@
+"""moma.data pipeline: the batch contract, determinism, sharding, packing invariants, decoding."""
+
+import numpy as np
+import pytest
+
+from moma import data
+from moma.data import builders
+
+SEQ = 320
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One build of the embedded datasets per test session (xdist workers share it under a file lock)."""
+  path = tmp_path_factory.getbasetemp().parent / "moma_tfds"
+  for name in data.EMBEDDED:
+    data.prepare(name, str(path))
+  return str(path)
+
+
+def make_config(cache_dir, **overrides):
+  config = data.default_config(overrides.pop("modalities", ("text", "image", "audio")))
+  config.cache_dir = cache_dir
+  config.update(overrides)
+  return config
+
+
+def first(config, **kw):
+  args = dict(split="train", batch_size=4, seq_len=SEQ, seed=0) | kw
+  return next(data.batches(config, **args))
+
+
+def documents(batch, row):
+  """[(tokens, slice)] per document of one row."""
+  seg = batch["segment"][row]
+  return [(batch["tokens"][row][seg == s], np.flatnonzero(seg == s)) for s in range(1, seg.max() + 1)]
+
+
+@pytest.mark.parametrize("form", ["discrete", "patches"])
+def test_contract(cache_dir, form):
+  config = make_config(cache_dir, image_form=form)
+  batch = first(config)
+  keys = {"tokens", "modality", "segment", "position", "targets", "loss_mask"}
+  if form == "patches":
+    keys |= {"patches", "image_block"}
+  assert set(batch) == keys
+  for key, value in batch.items():
+    want = np.float32 if key in ("loss_mask", "patches") else np.int32
+    assert value.dtype == want, key
+    assert value.shape[:2] == (4, SEQ), key
+  if form == "patches":
+    assert batch["patches"].shape == (4, SEQ, config.patch_size ** 2)
+  vocab = data.vocabulary(config)
+  assert batch["tokens"].min() >= 0 and batch["tokens"].max() < vocab.size
+  assert set(np.unique(batch["modality"])) == {0, 1, 2}  # three modalities present
+  assert np.array_equal(batch["modality"], vocab.modality_table()[batch["tokens"]])
+
+
+def test_determinism_and_start_step(cache_dir):
+  config = make_config(cache_dir)
+  kw = dict(split="train", batch_size=3, seq_len=SEQ, seed=7)
+  stream = data.batches(config, **kw)
+  fresh = [next(stream) for _ in range(4)]
+  resumed = next(data.batches(config, **kw, start_step=3))
+  again = next(data.batches(config, **kw))
+  for key in fresh[0]:
+    np.testing.assert_array_equal(resumed[key], fresh[3][key])
+    np.testing.assert_array_equal(again[key], fresh[0][key])
+  assert not np.array_equal(fresh[0]["tokens"], fresh[1]["tokens"])
+  other_seed = next(data.batches(config, **(kw | dict(seed=8))))
+  assert not np.array_equal(other_seed["tokens"], fresh[0]["tokens"])
+
+
+def test_processes_read_disjoint_shares(cache_dir):
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if name != "text":
+      del config.mixture[name]
+  texts = []
+  for process in range(2):
+    stream = data.batches(config, split="train", batch_size=8, seq_len=SEQ, seed=0,
+                          process_index=process, process_count=2)
+    batch = next(stream)
+    texts.append({data.decode_text(t, config) for r in range(8) for t, _ in documents(batch, r)})
+  assert texts[0] and texts[1] and not texts[0] & texts[1]
+  solo = next(data.batches(config, split="train", batch_size=8, seq_len=SEQ, seed=0))
+  assert not np.array_equal(solo["tokens"], batch["tokens"])
+
+
+@pytest.mark.parametrize("form", ["discrete", "patches"])
+def test_targets_positions_and_masks(cache_dir, form):
+  batch = first(make_config(cache_dir, image_form=form), batch_size=6)
+  tokens, seg, pos = batch["tokens"], batch["segment"], batch["position"]
+  tgt, mask = batch["targets"], batch["loss_mask"]
+  for row in range(tokens.shape[0]):
+    n = int((seg[row] > 0).sum())
+    assert np.all(seg[row, :n] > 0) and np.all(seg[row, n:] == 0)  # documents first, then padding
+    assert np.all(tokens[row, n:] == data.PAD) and np.all(mask[row, n:] == 0)
+    for doc, at in documents(batch, row):
+      np.testing.assert_array_equal(pos[row, at], np.arange(len(at)))  # restart per document
+      assert doc[0] == data.BOS and doc[-1] == data.EOS
+      np.testing.assert_array_equal(tgt[row, at[:-1]], doc[1:])  # next token inside the document
+      assert mask[row, at[-1]] == 0  # never across the boundary
+      want = (doc[1:] != data.IMG).astype(np.float32)
+      np.testing.assert_array_equal(mask[row, at[:-1]], want)
+  assert mask.sum() > 0.5 * (seg > 0).sum()
+
+
+def test_text_round_trip():
+  vocab = data.vocabulary(data.default_config())
+  text = "Mixture of Transformers — naïve façade ✓"
+  tokens = vocab.encode_text(text)
+  assert tokens.min() >= data.TEXT_OFFSET and len(tokens) == len(text.encode())
+  assert vocab.decode_text(np.concatenate([[data.BOS], tokens, [data.EOS, data.PAD]])) == text
+
+
+@pytest.mark.parametrize("levels", [17, 4])
+def test_image_codes_decode_within_quantisation(levels):
+  config = data.default_config()
+  config.image_levels = levels
+  vocab = data.vocabulary(config)
+  image = np.random.default_rng(0).integers(0, 256, (8, 8, 1)).astype(np.uint8)
+  tokens = vocab.encode_image(image)
+  assert tokens.min() >= vocab.image_offset and tokens.max() < vocab.audio_offset
+  back = vocab.decode_image(tokens, image.shape)
+  assert np.abs(back.astype(int) - image).max() <= 255 / (levels - 1) / 2 + 1
+
+
+def _digit_images(cache_dir):
+  examples = data.prepare("moma_digits", cache_dir).as_data_source("train")
+  return {(examples[i]["image"].tobytes()): int(examples[i]["label"]) for i in range(len(examples))}
+
+
+@pytest.mark.parametrize("form", ["discrete", "patches"])
+def test_images_in_batches_are_dataset_images_with_their_caption(cache_dir, form):
+  config = make_config(cache_dir, image_form=form)
+  batch = first(config, batch_size=6)
+  images = _digit_images(cache_dir)
+  seen = 0
+  for row in range(6):
+    for doc, at in documents(batch, row):
+      parts = data.decode_document(doc, config, patches=batch.get("patches", [None])[row][at]
+                                   if form == "patches" else None, image_shape=(8, 8, 1))
+      kinds = dict(parts)
+      if "image" in kinds:
+        label = images[kinds["image"].tobytes()]  # lossless at 17 levels / exact patches
+        assert builders.DIGIT_NAMES[label] in kinds["text"]
+        seen += 1
+  assert seen > 0
+  if form == "patches":
+    blocks = batch["image_block"]
+    assert np.all((blocks > 0) == (batch["tokens"] == data.IMG))
+    assert np.all(batch["patches"][blocks == 0] == 0)
+
+
+def test_two_modality_layout(cache_dir):
+  config = make_config(cache_dir, modalities=("text", "image"))
+  assert all("audio" not in entry.template for entry in config.mixture.values())
+  batch = first(config)
+  assert set(np.unique(batch["modality"])) == {0, 1}
+  assert data.vocab_size(config) == data.vocab_size(make_config(cache_dir)) - config.audio_levels
+
+
+def test_audio_codes_round_trip_and_dtmf_frequencies(cache_dir):
+  vocab = data.vocabulary(data.default_config())
+  wave = builders.dtmf_tone(5, np.random.default_rng(0))
+  back = vocab.decode_audio(vocab.encode_audio(wave))
+  assert np.abs(back - wave).max() < 0.02  # μ-law step near |x| ~ 0.5 at 256 levels
+  n = 4096
+  spectrum = np.abs(np.fft.rfft(np.resize(wave, n)))
+  freqs = np.fft.rfftfreq(n, 1 / builders.SAMPLE_RATE)
+  peaks = sorted(freqs[np.argsort(spectrum)[-2:]])
+  for found, want in zip(peaks, builders.DTMF_HZ[5]):
+    assert abs(found - want) < 40

@@ -1,0 +1,106 @@
+"""Shared pieces of every experiment config: `k=v` argument parsing, size presets, the base config.
+
+An experiment file (`configs/NAME.py`) defines `get_config(arg=None)` and passes its own argument keys
+to `parse_arg`, e.g. `configs/mot.py:size=tiny,untie=ffn+qkv`. Every field can still be overridden on
+the command line (`--config.model.num_layers=4`), because `config_flags` applies overrides afterwards.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Model + train fields per size. 1.4B is MoMa's Table 1; 7B is Chameleon-7B (LLaMA-2 shape + QK-norm).
+SIZES = {
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192, seq_len=320, batch_size=4,
+                 steps=300, lr=3e-3, warmup_steps=20),
+    "S": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, seq_len=1024, batch_size=64,
+              steps=20_000, lr=1e-3, warmup_steps=1000),
+    "M": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096, seq_len=2048, batch_size=128,
+              steps=50_000, lr=6e-4, warmup_steps=2000),
+    "1.4B": dict(d_model=2048, num_layers=24, num_heads=16, d_ff=8192, seq_len=4096, batch_size=256,
+                 steps=100_000, lr=4e-4, warmup_steps=4000),
+    "7B": dict(d_model=4096, num_layers=32, num_heads=32, d_ff=11008, seq_len=4096, batch_size=1024,
+               steps=100_000, lr=1e-4, warmup_steps=4000),
+}
+
+MODALITIES = ("text", "image", "audio")
+TRANSFORMER_UNTIE = ("qkv", "o", "ffn", "norm", "qk_norm")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses "k1=v1,k2=v2" into a ConfigDict over `defaults`; values take the default's type.
+
+  Raises ValueError naming the key for unknown keys and malformed items, so a typo such as
+  `configs/mot.py:sise=tiny` fails loudly instead of silently training the default.
+  """
+  args = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep:
+      raise ValueError(f"config argument {item!r}: expected key=value (known keys: {sorted(defaults)})")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; known keys: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r}: expected true or false")
+      args[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        args[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
+  return args
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+  """The full config (model, train, checkpoint, mesh, data, init) of a dense decoder of `size`."""
+  if size not in SIZES:
+    raise ValueError(f"config argument size={size!r} is unknown; choose one of {list(SIZES)}")
+  s = SIZES[size]
+  from moma import data  # Imported here so that `configs/*.py` stay cheap to parse.
+
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      name="decoder", modalities=MODALITIES,
+      vocab_size=0,  # 0: the trainer takes it from moma.data.vocab_size(config.data).
+      d_model=s["d_model"], num_layers=s["num_layers"], num_heads=s["num_heads"],
+      num_kv_heads=s["num_heads"], head_dim=0, d_ff=s["d_ff"],
+      block="transformer", ffn="dense", untie=(),
+      norm="rms", norm_placement="pre", qk_norm=size == "7B", rope_theta=10_000.0,
+      max_seq_len=s["seq_len"], tie_embeddings=False,
+      dtype="float32" if size == "tiny" else "bfloat16", param_dtype="float32",
+      remat=size not in ("tiny", "S"), gmm_impl="auto",
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,
+      lr=s["lr"], min_lr_ratio=0.1, warmup_steps=s["warmup_steps"], schedule="cosine",
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+      log_every=10 if size == "tiny" else 100, eval_every=100 if size == "tiny" else 1000,
+      eval_steps=4 if size == "tiny" else 50,
+      stage="main",  # "main": train everything; issue 5 adds "aux_routers".
+      progress_bar=True,
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=100 if size == "tiny" else 1000, max_to_keep=3, async_save=True))
+  c.init = ml_collections.ConfigDict(dict(upcycle_from=""))
+  # Single device for now; moma/sharding.py (issue 7) turns these into a jax Mesh.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1,), axes=("data",), rules=()))
+  c.data = data.default_config(MODALITIES)
+  return c
+
+
+def parse_untie(value: str, presets: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+  """`untie=` value → component tuple: a preset name, or components joined by '+' (e.g. ffn+qkv)."""
+  if value in presets:
+    return presets[value]
+  parts = tuple(p for p in value.split("+") if p)
+  known = sorted({c for comps in presets.values() for c in comps})
+  for p in parts:
+    if p not in known:
+      raise ValueError(f"config argument untie={value!r}: unknown component {p!r}; use a preset "
+                       f"{sorted(presets)} or components {known} joined by '+'")
+  return parts

@@ -1,0 +1,255 @@
+"""The one trainer: `train_and_evaluate(config, workdir)`, used by the CLI, tests and notebooks.
+
+Pieces that other trainers (AGD tasks, the aux-router stage, sharded runs) reuse are plain functions:
+`build_model`, `make_optimizer`, `create_state`, `train_step(state, batch, ...)` (jit it per task or per
+shape), `eval_step`. The run directory is described in ../shared/DESIGN.md and README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from moma import checkpoint
+from moma import data
+from moma import flops
+from moma import metrics as metrics_lib
+
+TrainState = train_state.TrainState
+# Leaf names that never get weight decay: norm scales, biases, embeddings, Mamba's A_log and D.
+NO_DECAY_SUFFIXES = ("scale", "bias", "embedding", "A_log")
+NO_DECAY_NAMES = ("D",)
+# config.train.stage → which parameters train (by their path); the others get zero updates.
+STAGES = {"main": lambda path: True}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with derived fields filled in (vocab_size from the data) and stage / init validated."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = data.vocab_size(config.data)
+  if tuple(config.data.modalities) != tuple(config.model.modalities):
+    raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
+                     f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both)")
+  if config.train.stage not in STAGES:
+    raise ValueError(f"config.train.stage={config.train.stage!r} is unknown; choose one of {list(STAGES)}")
+  if config.init.upcycle_from:
+    raise ValueError("config.init.upcycle_from: upcycling is not available yet (MoMa, issue 5); "
+                     "leave it empty to train from scratch")
+  if config.train.batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide evenly over "
+                     f"{jax.process_count()} processes")
+  return config
+
+
+def model_module(config: ml_collections.ConfigDict):
+  """The module `moma.models.<config.model.name>` (defines Model, loss_fn, validate_batch)."""
+  try:
+    return importlib.import_module(f"moma.models.{config.model.name}")
+  except ModuleNotFoundError as e:
+    raise ValueError(f"config.model.name={config.model.name!r}: no module moma.models."
+                     f"{config.model.name}") from e
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  return model_module(config).Model(**config.model)
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                              max(cfg.steps, cfg.warmup_steps + 1), end)
+  if cfg.schedule == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+         optax.linear_schedule(cfg.lr, end, max(cfg.steps - cfg.warmup_steps, 1))],
+        [cfg.warmup_steps])
+  raise ValueError(f"config.train.schedule={cfg.schedule!r} is unknown; choose cosine or linear")
+
+
+def _leaf_name(path) -> str:
+  return str(getattr(path[-1], "key", path[-1]))
+
+
+def weight_decay_mask(params) -> Any:
+  """True for the weights that decay (matmul kernels); False for norms, biases, embeddings, A_log, D."""
+  def decays(path, _):
+    name = _leaf_name(path)
+    return not (name.endswith(NO_DECAY_SUFFIXES) or name in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """Clipping + AdamW (decay masked) for the parameters that train in `cfg.stage`; zero for the rest."""
+  adamw = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  mask=weight_decay_mask))
+  trains = STAGES[cfg.stage]
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if trains(jax.tree_util.keystr(path)) else "freeze", params)
+  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+
+
+def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> TrainState:
+  """Fresh train state (params from `config.train.seed`); `batch` only provides shapes."""
+  rng = jax.random.key(config.train.seed)
+  variables = model.init(rng, batch, deterministic=True)
+  params = nn.unbox(variables["params"])
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(config.train, params))
+
+
+def routing_metrics(sown) -> dict[str, jax.Array]:
+  """The "metrics" collection → {"routing/<name>": mean over layers and occurrences}."""
+  by_name: dict[str, list[jax.Array]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(sown)[0]:
+    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
+    by_name.setdefault(f"routing/{name}", []).append(jnp.mean(leaf))
+  return {k: jnp.mean(jnp.stack(v)) for k, v in by_name.items()}
+
+
+def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic):
+  """Next-token loss + the sum of the sown "losses" (aux losses); metrics incl. routing stats."""
+  logits, sown = model.apply({"params": params}, batch, deterministic=deterministic,
+                             rngs=None if rng is None else {"dropout": rng},
+                             mutable=["losses", "metrics"])
+  loss, per_modality = loss_fn(logits, batch, modalities)
+  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("losses", {}))), jnp.float32(0))
+  out = {"loss": loss, "aux_loss": aux_loss, **per_modality, **routing_metrics(sown.get("metrics", {}))}
+  return loss + aux_loss, out
+
+
+def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed):
+  """One optimizer step; a pure function of (state, batch) so it can be jitted per task/shape."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+  (_, out), grads = grad_fn(state.params, batch, rng, model=model, loss_fn=loss_fn,
+                            modalities=modalities, deterministic=False)
+  out["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
+  return state.apply_gradients(grads=grads), out
+
+
+def eval_step(params, batch, *, model, loss_fn, modalities):
+  return loss_and_metrics(params, batch, None, model=model, loss_fn=loss_fn, modalities=modalities,
+                          deterministic=True)[1]
+
+
+def _batches(config, split: str, start_step: int) -> Iterator[dict]:
+  return data.batches(config.data, split=split, batch_size=config.train.batch_size // jax.process_count(),
+                      seq_len=config.train.seq_len, seed=config.train.seed, start_step=start_step,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _mean(rows: list[dict]) -> dict[str, float]:
+  """Per-key mean over steps; `loss/<m>` weighted by `tokens/<m>` and left out when m never occurred."""
+  host = jax.device_get(rows)
+  cols = {k: np.array([float(r[k]) for r in host]) for k in host[0]}
+  out = {}
+  for key, vals in cols.items():
+    weights = cols.get(key.replace("loss/", "tokens/", 1)) if key.startswith("loss/") else None
+    if weights is None:
+      out[key] = float(vals.mean())
+    elif weights.sum() > 0:
+      out[key] = float((vals * weights).sum() / weights.sum())
+  return out
+
+
+def evaluate(config, params, eval_fn, validate) -> dict[str, float]:
+  it = _batches(config, "validation", 0)
+  rows = []
+  for _ in range(config.train.eval_steps):
+    batch = next(it)
+    validate(batch)
+    rows.append(eval_fn(params, batch))
+  return {f"eval/{k}": v for k, v in _mean(rows).items() if not k.startswith("routing/")}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+  config = resolve_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_compatible(config, workdir)
+  checkpoint.write_config(config, workdir)
+
+  module = model_module(config)
+  model = build_model(config)
+  validate = functools.partial(module.validate_batch, model_config=config.model)
+  statics = dict(model=model, loss_fn=module.loss_fn, modalities=tuple(config.model.modalities))
+  tcfg = config.train
+
+  mngr = checkpoint.manager(workdir, config)
+  first = next(_batches(config, "train", 0))  # Shapes only, for init.
+  abstract = jax.eval_shape(functools.partial(create_state, config, model), first)
+  state, start = checkpoint.restore_latest(mngr, abstract)
+  if state is None:
+    state = jax.jit(functools.partial(create_state, config, model))(first)
+  else:
+    logging.info("Resumed from %s at step %d", workdir, start)
+
+  # Compiled ahead of time so that compilation stays out of the throughput numbers.
+  t0 = time.perf_counter()
+  step_fn = jax.jit(functools.partial(train_step, seed=tcfg.seed, **statics),
+                    donate_argnums=0).lower(state, first).compile()
+  logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
+  eval_fn = jax.jit(functools.partial(eval_step, **statics))
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  flops_per_token = flops.per_token(config.model, tcfg.seq_len)["total"]
+  peak = metrics_lib.peak_flops_per_device()
+  tokens_per_step = tcfg.batch_size * tcfg.seq_len
+  schedule = lr_schedule(tcfg)
+
+  final: dict[str, float] = {"step": start}
+  window: list[dict] = []
+  it = _batches(config, "train", start)
+  bar = tqdm.tqdm(total=tcfg.steps, initial=start, disable=not tcfg.progress_bar or jax.process_index(),
+                  unit="step", dynamic_ncols=True)
+  try:
+    t0 = time.perf_counter()  # Wall clock of the steps in `window`.
+    for step in range(start + 1, tcfg.steps + 1):
+      batch = next(it)
+      validate(batch)
+      state, out = step_fn(state, batch)
+      window.append(out)
+      bar.update(1)
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        row = _mean(window)  # Waits for the device: the clock below covers the whole window.
+        row["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - t0)
+        row["flops_per_token"] = flops_per_token
+        if peak:
+          row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
+        row["lr"] = float(schedule(step - 1))
+        writer.write(step, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        logging.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
+        final.update(row, step=step)
+        window = []
+      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        row = evaluate(config, state.params, eval_fn, validate)
+        writer.write(step, row)
+        final.update(row)
+      if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
+        checkpoint.save(mngr, step, state)
+      if not window:
+        t0 = time.perf_counter()
+  finally:  # Also on interruption: let a pending async save finish, flush the metrics.
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return final

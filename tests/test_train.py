@@ -1,0 +1,112 @@
+"""The trainer end to end on the tiny MoT config and the embedded data: run directory, learning, resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from moma import checkpoint
+from moma import metrics
+from moma import train
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"]) for r in metrics.read(workdir) if "loss" in r]
+
+
+def test_one_step_writes_the_run_directory(tiny_config, tmp_path):
+  tiny_config.train.steps = 1
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final["step"] == 1 and np.isfinite(final["loss"]) and np.isfinite(final["eval/loss"])
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert saved["model"]["vocab_size"] > 0  # Filled in from the data.
+  (row, eval_row) = metrics.read(str(tmp_path))
+  assert row["step"] == 1
+  for key in ("loss", "loss/text", "loss/image", "tokens_per_s", "flops_per_token", "grad_norm", "lr"):
+    assert np.isfinite(row[key]), key
+  assert "eval/loss/text" in eval_row
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_loss_falls(tiny_config, tmp_path):
+  tiny_config.train.update(steps=60, log_every=10, eval_every=0)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  losses = [loss for _, loss in _losses(str(tmp_path))]
+  assert len(losses) == 6
+  assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+  tiny_config.train.update(steps=6, log_every=1, eval_every=0)
+  tiny_config.checkpoint.every_steps = 3
+  train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+
+  real_batches = train._batches
+
+  def preempted(config, split, start_step):  # Dies while fetching step 5 (after the save at 3).
+    for step, batch in enumerate(real_batches(config, split, start_step), start_step + 1):
+      if step == 5:
+        raise KeyboardInterrupt
+      yield batch
+
+  monkeypatch.setattr(train, "_batches", preempted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+  assert [s for s, _ in _losses(str(tmp_path / "resumed"))] == [1, 2, 3, 4]
+  monkeypatch.setattr(train, "_batches", real_batches)
+  final = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+
+  assert final["step"] == 6
+  straight, resumed = _losses(str(tmp_path / "straight")), _losses(str(tmp_path / "resumed"))
+  assert [s for s, _ in resumed] == list(range(1, 7))
+  np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-6)
+
+
+def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
+  checkpoint.write_config(train.resolve_config(tiny_config), str(tmp_path))
+  other = tiny_config.copy_and_resolve_references()
+  other.model.d_model = 32
+  other.model.untie = ("ffn",)
+  with pytest.raises(ValueError, match=r"model\.d_model: workdir has 64, config has 32") as e:
+    train.train_and_evaluate(other, str(tmp_path))
+  assert "model.untie" in str(e.value) and "train.steps" not in str(e.value)
+
+
+def test_harmless_changes_are_allowed(tiny_config, tmp_path):
+  checkpoint.write_config(train.resolve_config(tiny_config), str(tmp_path))
+  later = train.resolve_config(tiny_config)
+  later.train.update(steps=10_000, log_every=1, lr=1e-4)
+  later.checkpoint.every_steps = 7
+  later.data.cache_dir = "/elsewhere"
+  checkpoint.check_compatible(later, str(tmp_path))
+
+
+def test_weight_decay_mask():
+  params = {"embed": {"embedding": 0}, "layers": {"attn": {"qkv": {"kernel": 0}},
+            "mixer_norm": {"scale": 0, "bias": 0}, "mamba": {"A_log": 0, "D": 0, "dt_bias": 0}},
+            "lm_head": {"kernel": 0}}
+  mask = train.weight_decay_mask(params)
+  decayed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
+  assert decayed == {"['layers']['attn']['qkv']['kernel']", "['lm_head']['kernel']"}
+
+
+def test_routing_metrics_average_over_layers():
+  sown = {"layers": {"ffn": {"load": (np.array([1.0, 3.0]),)}}, "other": {"load": (np.array(5.0),)}}
+  out = train.routing_metrics(sown)
+  assert set(out) == {"routing/load"}
+  assert float(out["routing/load"]) == pytest.approx(3.5)  # Mean of per-site means (2, 5).
+
+
+def test_bad_stage_and_mismatched_modalities(tiny_config):
+  bad = tiny_config.copy_and_resolve_references()
+  bad.train.stage = "warmup"
+  with pytest.raises(ValueError, match="config.train.stage"):
+    train.resolve_config(bad)
+  bad = tiny_config.copy_and_resolve_references()
+  bad.model.modalities = ("text", "image")
+  with pytest.raises(ValueError, match="config.data.modalities"):
+    train.resolve_config(bad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Callable
@@ -29,6 +30,7 @@ import numpy as np
 
 from moma import agd_data
 from moma import checkpoint
+from moma import flops
 from moma import metrics as metrics_lib
 from moma import objectives
 from moma import train
@@ -212,3 +214,147 @@ def validate_shapes(task: Task, source, max_seq_len: int) -> None:
     if length > max_seq_len:
       raise ValueError(f"agd.tasks.{task.name}.{key} gives sequences of {length} tokens, longer than "
                        f"config.model.max_seq_len={max_seq_len}; shorten the task or raise max_seq_len.")
+
+
+def _task_tokens(source) -> int:
+  return source.task.batch_size * sum(source.lengths.values())
+
+
+def _flops_per_token(config, source) -> float:
+  """Token-weighted training FLOPs per token of one task step (encoder: image and caption passes)."""
+  total = sum(n * flops.per_token(config.model, n)["total"] for n in source.lengths.values())
+  return total / sum(source.lengths.values())
+
+
+def summarise(window: list[tuple[str, dict]], counts: dict[str, int]) -> dict[str, float]:
+  """Per-task means under `task/<name>/...` (loss = the unweighted objective loss) and the overall keys:
+  `loss` (the optimised, weighted loss) and the trainer's other keys, averaged over the window's steps
+  (`loss/<m>` weighted by the tokens of modality m)."""
+  by_task = collections.defaultdict(list)
+  for name, out in jax.device_get(window):
+    by_task[name].append(out)
+  row, overall = {}, collections.defaultdict(lambda: [0.0, 0.0])
+  for name, rows in by_task.items():
+    mean = train._mean(rows)  # pylint: disable=protected-access
+    for key, value in mean.items():
+      if key == "objective_loss":
+        row[f"task/{name}/loss"] = value
+      elif key in ("accuracy", "logit_scale") or key.startswith("loss/"):
+        row[f"task/{name}/{key}"] = value
+      if key != "objective_loss" and key not in ("accuracy", "logit_scale"):
+        weight = len(rows) * (mean.get(key.replace("loss/", "tokens/", 1), 0.0)
+                              if key.startswith("loss/") else 1.0)
+        overall[key][0] += weight * value
+        overall[key][1] += weight
+  row.update({k: total / w for k, (total, w) in overall.items() if w > 0})
+  row.update({f"task/{name}/steps": float(n) for name, n in counts.items()})
+  return row
+
+
+def evaluate(config, tasks, sources, eval_fns, params) -> dict[str, float]:
+  """Validation metrics of every task: `eval/task/<name>/...` over `train.eval_steps` batches."""
+  row = {}
+  for task in tasks:
+    rows = [eval_fns[task.name](params, sources[task.name].batch(config.train.seed, i))
+            for i in range(config.train.eval_steps)]
+    for key, value in summarise([(task.name, r) for r in rows], {}).items():
+      if key.startswith(f"task/{task.name}/"):
+        row[f"eval/{key}"] = value
+  return row
+
+
+def _data_sources(config, tasks, split):
+  sources = {t.name: agd_data.task_data(t, config.model.modalities, split=split,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count()) for t in tasks}
+  for task in tasks:
+    validate_shapes(task, sources[task.name], config.model.max_seq_len)
+    if task.objective == "classification" and sources[task.name].num_classes > config.agd.num_classes:
+      raise ValueError(f"config.agd.num_classes={config.agd.num_classes} is smaller than the "
+                       f"{sources[task.name].num_classes} labels of agd.tasks.{task.name}.")
+  return sources
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains the tasks of `config.agd` in `workdir` (resuming from its latest checkpoint)."""
+  config = train.resolve_config(config)
+  tasks = tasks_from_config(config)
+  tcfg = config.train
+  sources = _data_sources(config, tasks, "train")
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_compatible(config, workdir)
+  _check_same_tasks(config, workdir)
+  checkpoint.write_config(config, workdir)
+
+  schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
+  first = tasks[schedule.task_at(0)]
+  init_batch = sources[first.name].batch(tcfg.seed, 0)  # Shapes only; any task's model builds all.
+  create = functools.partial(train.create_state, config, build_model(config, first.objective))
+  mngr = checkpoint.manager(workdir, config)
+  state, start = checkpoint.restore_latest(mngr, jax.eval_shape(create, init_batch))
+  if state is None:
+    state = jax.jit(create)(init_batch)
+  else:
+    logging.info("Resumed from %s at step %d", workdir, start)
+
+  steps = StepCache(functools.partial(task_step, config))
+  eval_fns = {t.name: jax.jit(functools.partial(
+      train.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
+      loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
+              for t in tasks}
+  tokens = {t.name: _task_tokens(sources[t.name]) for t in tasks}
+  step_flops = {t.name: tokens[t.name] * _flops_per_token(config, sources[t.name]) for t in tasks}
+  counts = dict(zip((t.name for t in tasks), schedule.counts(start).tolist()))
+  lr = train.lr_schedule(tcfg)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  final: dict[str, float] = {"step": start}
+  window: list[tuple[str, dict]] = []
+  eval_sources = None
+  try:
+    t0 = time.perf_counter()
+    for step in range(start + 1, tcfg.steps + 1):
+      task = tasks[schedule.task_at(step - 1)]
+      batch = sources[task.name].batch(tcfg.seed, step - 1)
+      state, out = steps(task, state, batch)
+      counts[task.name] += 1
+      window.append((task.name, out))
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        row = summarise(window, counts)  # Waits for the device: the clock covers the whole window.
+        seconds = time.perf_counter() - t0
+        n_tokens = sum(tokens[name] for name, _ in window)
+        row["tokens_per_s"] = n_tokens / seconds
+        row["flops_per_token"] = sum(step_flops[name] for name, _ in window) / n_tokens
+        row["lr"] = float(lr(step - 1))
+        writer.write(step, row)
+        logging.info("step %d: loss %.4f", step, row["loss"])
+        final.update(row, step=step)
+        window = []
+      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        eval_sources = eval_sources or _data_sources(config, tasks, "validation")
+        row = evaluate(config, tasks, eval_sources, eval_fns, state.params)
+        writer.write(step, row)
+        final.update(row)
+      if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
+        checkpoint.save(mngr, step, state)
+      if not window:
+        t0 = time.perf_counter()
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  final["compilations"] = float(sum(steps.traces.values()))
+  return final
+
+
+def _check_same_tasks(config, workdir: str) -> None:
+  """The schedule and each task's data are part of what a resumed run must continue."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = checkpoint.flatten(json.load(f))
+  new = checkpoint.flatten(config)
+  diffs = [k for k in sorted(set(old) | set(new)) if k.startswith("agd.") and old.get(k) != new.get(k)]
+  if diffs:
+    raise ValueError(f"workdir {workdir} holds an AGD run with other tasks; differing fields: {diffs}. "
+                     "Use a new --workdir, or revert them to resume that run.")

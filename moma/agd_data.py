@@ -67,6 +67,7 @@ class EncoderData:
                          f"{process_count} processes.")
     weights = np.array([e.weight for _, e in entries], np.float64)
     self.cum_weights = np.cumsum(weights / weights.sum())
+    self.num_classes = max(len(s.label_names) if s.label_names else 0 for s in self.sources)
     self.native = self.sources[0].image_shape
     for source in self.sources:
       if source.image_shape != self.native:

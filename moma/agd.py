@@ -358,3 +358,37 @@ def _check_same_tasks(config, workdir: str) -> None:
   if diffs:
     raise ValueError(f"workdir {workdir} holds an AGD run with other tasks; differing fields: {diffs}. "
                      "Use a new --workdir, or revert them to resume that run.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedModel:
+  """The mixed-batch baseline: every task's forward pass on its own batch in one step.
+
+  Duck-types `model.apply` for `train.train_step`, so both arms of an AGD-vs-mixed comparison run the
+  trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)`.
+  """
+
+  models: dict
+
+  def apply(self, variables, batches, **kwargs):
+    outputs, sown = {}, {"losses": {}, "metrics": {}}
+    for name, model in self.models.items():
+      outputs[name], task_sown = model.apply(variables, batches[name], **kwargs)
+      for collection in sown:
+        sown[collection][name] = task_sown.get(collection, {})
+    return outputs, sown
+
+
+def mixed_loss_fn(tasks: list[Task]) -> Callable:
+  """Sum of the tasks' weighted losses; metrics as `<task>/<key>`."""
+
+  def loss_fn(outputs, batches, modalities):
+    total, metrics = 0.0, {}
+    for task in tasks:
+      loss, task_metrics = objectives.loss_fn(task.objective)(
+          outputs[task.name], batches[task.name], modalities, loss_weight=task.loss_weight)
+      total += loss
+      metrics.update({f"{task.name}/{k}": v for k, v in task_metrics.items()})
+    return total, metrics
+
+  return loss_fn

@@ -29,22 +29,22 @@ def setup():
   batch = {"image": _seq([[1, 2, 3, 4, 5], [6, 7, 8]], 1), "text": _seq([[9, 10], [11, 12, 13]], 0),
            "label": np.array([3, 7], np.int32)}
   model = encoder.Model(decoder.Model(**MODEL), "contrastive", num_classes=10, embed_dim=8)
-  params = model.init(jax.random.key(0), batch)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
   return model, params, batch
 
 
 def test_the_backbone_subtree_is_the_decoders_own_tree(setup):
   _, params, _ = setup
   dec = decoder.Model(**MODEL)
-  dec_params = dec.init(jax.random.key(0), _seq([[1, 2]], 0))["params"]
+  dec_params = jax.eval_shape(dec.init, jax.random.key(0), _seq([[1, 2]], 0))["params"]
   assert jax.tree.structure(params["backbone"]) == jax.tree.structure(dec_params)
   assert set(params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
                          "classifier_bias"}
   # A decoder objective gives the decoder's logits from the same parameters.
   lm = encoder.Model(decoder.Model(**MODEL), "lm", embed_dim=8)
   seq = _seq([[1, 2, 3]], 0)
-  np.testing.assert_allclose(lm.apply({"params": params}, seq),
-                             dec.apply({"params": params["backbone"]}, seq), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(lm.apply)({"params": params}, seq),
+                             jax.jit(dec.apply)({"params": params["backbone"]}, seq), rtol=1e-6)
 
 
 def test_encoder_attention_is_bidirectional_and_pooling_ignores_padding(setup):
@@ -58,7 +58,8 @@ def test_encoder_attention_is_bidirectional_and_pooling_ignores_padding(setup):
 
   padded = jax.tree.map(np.copy, batch)
   padded["image"]["tokens"][1, 5:] = 30  # padding positions of row 1 (segment 0)
-  out, out_padded = model.apply({"params": params}, batch), model.apply({"params": params}, padded)
+  apply = jax.jit(model.apply)
+  out, out_padded = apply({"params": params}, batch), apply({"params": params}, padded)
   np.testing.assert_allclose(out["image"], out_padded["image"], rtol=1e-5, atol=1e-6)
 
 
@@ -68,11 +69,12 @@ def _hidden(module, seq, deterministic):
 
 def test_heads_shapes_and_temperature(setup):
   model, params, batch = setup
-  out = model.apply({"params": params}, batch)
+  apply = jax.jit(model.apply)
+  out = apply({"params": params}, batch)
   assert out["image"].shape == out["text"].shape == (2, 8)
   np.testing.assert_allclose(out["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
   cls = encoder.Model(decoder.Model(**MODEL), "classification", num_classes=10, embed_dim=8)
-  assert cls.apply({"params": params}, batch).shape == (2, 10)
+  assert jax.eval_shape(cls.apply, {"params": params}, batch).shape == (2, 10)
   capped = jax.tree.map(lambda x: x, params)
   capped["logit_scale"] = jnp.float32(10.0)
-  assert float(model.apply({"params": capped}, batch)["logit_scale"]) == pytest.approx(np.log(100.0))
+  assert float(apply({"params": capped}, batch)["logit_scale"]) == pytest.approx(np.log(100.0))

@@ -196,6 +196,9 @@ def evaluate(config, params, eval_fn, validate) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+  if "agd" in config:  # Alternating tasks, one compiled step per task: moma/agd.py.
+    from moma import agd  # pylint: disable=g-import-not-at-top (agd imports this module)
+    return agd.train_and_evaluate(config, workdir)
   config = resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   checkpoint.check_compatible(config, workdir)

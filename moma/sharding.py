@@ -138,16 +138,34 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules):
   Leaves boxed with `nn.LogicallyPartitioned` follow the rules; other leaves are replicated. Every sharded
   dimension is checked for divisibility, naming the parameter path in the error.
   """
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-
   def one(path, leaf):
     logical = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else None
-    value = leaf.value if is_box(leaf) else leaf  # .unbox() would add a constraint
+    value = leaf.value if _is_box(leaf) else leaf  # .unbox() would add a constraint
     spec = mesh_spec(logical, rules) if logical is not None else PartitionSpec()
     _check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), value.shape, logical, spec, mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=is_box)
+  return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=_is_box)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args):
+  """Unboxed `jax.ShapeDtypeStruct` tree of `init_fn(*args)` carrying the rules' shardings on `mesh`.
+
+  Nothing is computed: this is the target for an orbax restore onto any mesh (resharding on restore):
+  `ocp.StandardCheckpointer().restore(path, abstract_sharded(init_state, new_mesh, rules, key, batch))`.
+  """
+  with activate(mesh, rules):
+    abstract = jax.eval_shape(init_fn, *args)
+  shardings = logical_shardings(abstract, mesh, rules)
+  def one(leaf, sharding):
+    value = leaf.value if _is_box(leaf) else leaf
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+
+  return jax.tree.map(one, abstract, shardings, is_leaf=_is_box)
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args):
@@ -156,9 +174,8 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args):
   The init is traced abstractly first to get shapes and logical names, then jitted with out_shardings, so
   each device creates only its own shards. Returns (unboxed state, its NamedSharding tree).
   """
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_sharded(init_fn, mesh, rules, *args))
   with activate(mesh, rules):
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_shardings(abstract, mesh, rules)
     state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return state, shardings
 

@@ -25,24 +25,37 @@ def mesh_config(shape, axes, rules=()):
   return ml_collections.ConfigDict({"shape": shape, "axes": axes, "rules": rules})
 
 
-def run(shape, axes, steps=STEPS, model=None):
-  """Losses, per-step gradients and final state of `steps` AdamW steps on the given mesh."""
+@functools.cache  # each mesh compiles once per test session
+def setup(shape, axes):
+  """(mesh, rules, init_state, compiled step, sharded batch) for a mesh."""
   cfg = mesh_config(shape, axes)
-  n = math.prod(s for s in shape if s > 0) if -1 not in shape else len(jax.devices())
-  mesh, rules = sharding.mesh_from_config(cfg, jax.devices()[:n]), sharding.rules_from_config(cfg)
-  init_state, train_step = make_train_fns(model or TinyLM())
+  mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
+  rules = sharding.rules_from_config(cfg)
+  init_state, train_step = make_train_fns(TinyLM())
   batch = sharding.shard_batch(make_batch(), mesh, rules)
-  state, state_sh = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
-  batch_sh = jax.tree.map(lambda a: a.sharding, batch)
+  abstract = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  state_sh = jax.tree.map(lambda a: a.sharding, abstract)
   with sharding.activate(mesh, rules):
-    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None, state_sh["params"]))
-    losses, grads = [], []
-    for _ in range(steps):
-      state, loss, g = step(state, batch)
-      losses.append(float(loss))
-      grads.append(jax.device_get(g))
+    step = jax.jit(train_step, out_shardings=(state_sh, None, state_sh["params"]))
+    step = step.lower(abstract, batch).compile()
+  return mesh, rules, init_state, step, batch
+
+
+def train(step, state, batch, steps):
+  losses, grads = [], []
+  for _ in range(steps):
+    state, loss, g = step(state, batch)
+    losses.append(float(loss))
+    grads.append(jax.device_get(g))
   return losses, grads, state
+
+
+@functools.cache
+def run(shape, axes):
+  """Losses, per-step gradients and final state of STEPS SGD steps from the same init on the given mesh."""
+  mesh, rules, init_state, step, batch = setup(shape, axes)
+  state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  return train(step, state, batch, STEPS)
 
 
 @pytest.mark.parametrize("name", ["data", "data_fsdp_tensor", "data_expert"])
@@ -109,3 +122,20 @@ def test_error_batch_not_divisible():
   mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
   with pytest.raises(ValueError, match=r"global batch size 4 is not divisible by the 8 batch shards"):
     sharding.shard_batch(make_batch(batch_size=4), mesh, rules)
+
+
+def test_orbax_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  _, _, saved = run(*MESHES["data_fsdp_tensor"])
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "state", saved)
+  ckpt.wait_until_finished()
+  mesh, rules, init_state, step, batch = setup(*MESHES["data_expert"])
+  target = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  restored = ckpt.restore(tmp_path / "state", target)
+  assert restored["params"]["up"]["kernel"].sharding.spec == P("expert", None, None)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(saved))
+  # Training continues identically on the new mesh and on the old one.
+  *_, old_step, old_batch = setup(*MESHES["data_fsdp_tensor"])
+  np.testing.assert_allclose(train(step, restored, batch, 2)[0], train(old_step, saved, old_batch, 2)[0],
+                             rtol=1e-5)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moma import dispatch, sharding
+from moma import dispatch, expert_parallel, kernels, sharding
 
 
 class TinyLM(nn.Module):
@@ -19,6 +19,7 @@ class TinyLM(nn.Module):
   d_ff: int = 32
   num_heads: int = 4
   num_groups: int = 4  # modalities (untied weights, `modality` axis)
+  expert_parallel: bool = False  # FFN through moma.expert_parallel (all_to_all) instead of GSPMD
 
   @nn.compact
   def __call__(self, batch):
@@ -44,16 +45,27 @@ class TinyLM(nn.Module):
                      (self.num_heads, head_dim, self.d_model))
     x = x + jnp.einsum("blhk,hkd->bld", attn, w_o)
     x = sharding.constrain(x, ("batch", "length", "embed"))
-    # FFN: per-modality up / down projections over the sorted rows.
-    rows = plan.sort(x)
-    h = nn.gelu(dispatch.GroupedDense(self.d_ff, self.num_groups, name="up")(rows, plan))
-    y = dispatch.GroupedDense(self.d_model, self.num_groups, in_axis="mlp", out_axes=("embed",),
-                              name="down")(h, plan)
-    x = sharding.constrain(x + plan.unsort(y, lead), ("batch", "length", "embed"))
+    # FFN: per-modality up / down projections, via GSPMD on the global sort plan or expert-parallel.
+    init = nn.initializers.lecun_normal(batch_axis=(0,))
+    w = {"up": self.param("up", nn.with_logical_partitioning(init, ("modality", "embed", "mlp")),
+                          (self.num_groups, self.d_model, self.d_ff)),
+         "down": self.param("down", nn.with_logical_partitioning(init, ("modality", "mlp", "embed")),
+                            (self.num_groups, self.d_ff, self.d_model))}
+    if self.expert_parallel:
+      y = expert_parallel.grouped(_ffn, x.reshape(-1, self.d_model), modality.reshape(-1), w,
+                                  num_groups=self.num_groups).reshape(x.shape)
+    else:
+      y = plan.unsort(_ffn(plan.sort(x), plan, w), lead)
+    x = sharding.constrain(x + y, ("batch", "length", "embed"))
     w_out = self.param("unembed", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                ("embed", "vocab")), (self.d_model, self.vocab))
     logits = x @ w_out
     return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
+def _ffn(rows, plan, w):
+  h = nn.gelu(kernels.gmm(rows, w["up"], plan.group_sizes))
+  return kernels.gmm(h, w["down"], plan.group_sizes)
 
 
 def make_batch(batch_size=8, length=8, vocab=32, num_groups=4, seed=0):

@@ -26,12 +26,12 @@ def mesh_config(shape, axes, rules=()):
 
 
 @functools.cache  # each mesh compiles once per test session
-def setup(shape, axes):
+def setup(shape, axes, ep=False):
   """(mesh, rules, init_state, compiled step, sharded batch) for a mesh."""
   cfg = mesh_config(shape, axes)
   mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
   rules = sharding.rules_from_config(cfg)
-  init_state, train_step = make_train_fns(TinyLM())
+  init_state, train_step = make_train_fns(TinyLM(expert_parallel=ep))
   batch = sharding.shard_batch(make_batch(), mesh, rules)
   abstract = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
@@ -51,22 +51,23 @@ def train(step, state, batch, steps):
 
 
 @functools.cache
-def run(shape, axes):
+def run(shape, axes, ep=False):
   """Losses, per-step gradients and final state of STEPS SGD steps from the same init on the given mesh."""
-  mesh, rules, init_state, step, batch = setup(shape, axes)
+  mesh, rules, init_state, step, batch = setup(shape, axes, ep)
   state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
   return train(step, state, batch, STEPS)
 
 
-@pytest.mark.parametrize("name", ["data", "data_fsdp_tensor", "data_expert"])
-def test_mesh_matches_single_device(name):
+@pytest.mark.parametrize("name,ep", [("data", False), ("data_fsdp_tensor", False), ("data_expert", False),
+                                     ("data_expert", True)])
+def test_mesh_matches_single_device(name, ep):
   ref_losses, ref_grads, _ = run(*MESHES["one"])
-  losses, grads, state = run(*MESHES[name])
+  losses, grads, state = run(*MESHES[name], ep)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert losses[-1] < losses[0]  # it trains
   for g, ref in zip(grads, ref_grads):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, ref)
-  assert len(state["params"]["up"]["kernel"].sharding.device_set) == 8
+  assert len(state["params"]["up"].sharding.device_set) == 8
 
 
 def test_parameter_shardings_follow_rules():
@@ -75,11 +76,11 @@ def test_parameter_shardings_follow_rules():
   assert params["embedding"].sharding.spec == P("tensor", "fsdp")  # (vocab, embed)
   assert params["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)  # (modality, embed, heads, kv)
   assert params["o"].sharding.spec == P("tensor", None, "fsdp")  # (heads, kv, embed)
-  assert params["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")  # (modality, embed, mlp)
-  assert params["down"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")  # (modality, mlp, embed)
-  assert state["opt"][1][0].trace["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")  # momentum too
+  assert params["up"].sharding.spec == P(None, "fsdp", "tensor")  # (modality, embed, mlp)
+  assert params["down"].sharding.spec == P(None, "tensor", "fsdp")  # (modality, mlp, embed)
+  assert state["opt"][1][0].trace["up"].sharding.spec == P(None, "fsdp", "tensor")  # momentum too
   *_, state = run(*MESHES["data_expert"])
-  assert state["params"]["up"]["kernel"].sharding.spec == P("expert", None, None)  # expert-parallel groups
+  assert state["params"]["up"].sharding.spec == P("expert", None, None)  # expert-parallel groups
   assert state["params"]["embedding"].sharding.spec == P(None, None)
 
 
@@ -112,7 +113,7 @@ def test_error_unknown_logical_axis_in_rules():
 def test_error_dimension_not_divisible_names_parameter_axis_and_sizes():
   cfg = mesh_config((2, 4), ("data", "expert"))
   mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
-  with pytest.raises(ValueError, match=r"params/down/kernel: dimension 0 \(logical axis 'modality', size 3\) is "
+  with pytest.raises(ValueError, match=r"params/down: dimension 0 \(logical axis 'modality', size 3\) is "
                                        r"not divisible by mesh axis 'expert' \(size 4\)"):
     sharding.init_sharded(TinyLM(num_groups=3).init, mesh, rules, jax.random.key(0), make_batch(num_groups=3))
 
@@ -133,7 +134,7 @@ def test_orbax_checkpoint_restores_onto_a_different_mesh(tmp_path):
   mesh, rules, init_state, step, batch = setup(*MESHES["data_expert"])
   target = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
   restored = ckpt.restore(tmp_path / "state", target)
-  assert restored["params"]["up"]["kernel"].sharding.spec == P("expert", None, None)
+  assert restored["params"]["up"].sharding.spec == P("expert", None, None)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(saved))
   # Training continues identically on the new mesh and on the old one.
   *_, old_step, old_batch = setup(*MESHES["data_fsdp_tensor"])

@@ -46,6 +46,12 @@ class SortPlan:
       rows = jnp.take(rows, self.inv_perm, axis=0)
     return rows.reshape(*lead_shape, *rows.shape[1:])
 
+  def use_if(self, untied: bool) -> SortPlan:
+    """This plan for a layer whose weights are untied, else the identity plan (plain dense, no sort)."""
+    if untied or self.num_groups == 1:
+      return self
+    return SortPlan(jnp.sum(self.group_sizes, keepdims=True), None, None, 1)
+
 
 def make_plan(group_ids: jax.Array, num_groups: int) -> SortPlan:
   """Sort plan for integer group ids of any shape (values in [0, num_groups)); jit-able, no host sync."""

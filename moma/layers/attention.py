@@ -1,0 +1,85 @@
+"""Multi-head attention with RoPE, GQA, optional QK-norm, and projections untied per modality (MoT).
+
+Projections run on rows sorted by the modality plan (`moma.dispatch`); attention itself is one global
+softmax over the whole packed sequence, whatever the modalities: MoT unties weights, never attention.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moma import dispatch
+from moma.layers.norms import Norm
+from moma.layers.rope import apply_rope
+
+
+def attention_mask(segment_BL: jax.Array, image_block_BL: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, L, L]: causal inside a packed document; bidirectional inside one image block.
+
+  Padding (segment 0) attends causally to padding only, so no row of the softmax is empty.
+  `image_block_BL` (Transfusion): positions with the same non-zero id see each other both ways.
+  """
+  length = segment_BL.shape[1]
+  idx = jnp.arange(length)
+  causal_LL = idx[:, None] >= idx[None, :]
+  same_doc_BLL = segment_BL[:, :, None] == segment_BL[:, None, :]
+  allowed_BLL = causal_LL[None] & same_doc_BLL
+  if image_block_BL is not None:
+    same_image_BLL = (image_block_BL[:, :, None] == image_block_BL[:, None, :]) & (
+        image_block_BL[:, :, None] > 0)
+    allowed_BLL = allowed_BLL | (same_image_BLL & same_doc_BLL)
+  return allowed_BLL[:, None]
+
+
+class Attention(nn.Module):
+  """x_BLD → y_BLD. `untie` ⊆ {"qkv", "o", "qk_norm"} picks which weights are per modality."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  num_modalities: int = 1
+  untie: Sequence[str] = ()
+  qk_norm: bool = False
+  rope_theta: float = 10_000.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  gmm_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, modality: jax.Array,
+               segment: jax.Array, position: jax.Array,
+               image_block: jax.Array | None = None) -> jax.Array:
+    lead = x_BLD.shape[:-1]
+    d_model = x_BLD.shape[-1]
+    dense = lambda name, features, in_axis, out_axes, component: dispatch.GroupedDense(
+        features, num_groups=self._groups(component), in_axis=in_axis, out_axes=out_axes,
+        dtype=self.dtype, param_dtype=self.param_dtype, gmm_impl=self.gmm_impl, name=name)
+
+    in_plan = plan.use_if("qkv" in self.untie)
+    rows_MD = in_plan.sort(x_BLD)
+    q_BLHK = in_plan.unsort(
+        dense("q", (self.num_heads, self.head_dim), "embed", ("heads", "kv"), "qkv")(rows_MD, in_plan),
+        lead)
+    kv_BL2HK = in_plan.unsort(
+        dense("kv", (2, self.num_kv_heads, self.head_dim), "embed", (None, "heads", "kv"), "qkv")(
+            rows_MD, in_plan), lead)
+    k_BLHK, v_BLHK = kv_BL2HK[:, :, 0], kv_BL2HK[:, :, 1]
+    if self.qk_norm:
+      norm = lambda name: Norm("rms", self._groups("qk_norm"), feature_axis="kv", dtype=self.dtype,
+                               param_dtype=self.param_dtype, name=name)
+      q_BLHK, k_BLHK = norm("q_norm")(q_BLHK, modality), norm("k_norm")(k_BLHK, modality)
+    q_BLHK = apply_rope(q_BLHK, position, self.rope_theta)
+    k_BLHK = apply_rope(k_BLHK, position, self.rope_theta)
+
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
+                                            mask=attention_mask(segment, image_block))
+    out_BLF = out_BLHK.reshape(*lead, self.num_heads * self.head_dim)
+
+    out_plan = plan.use_if("o" in self.untie)
+    y_MD = dense("o", d_model, "heads", ("embed",), "o")(out_plan.sort(out_BLF), out_plan)
+    return out_plan.unsort(y_MD, lead)
+
+  def _groups(self, component: str) -> int:
+    return self.num_modalities if component in self.untie else 1

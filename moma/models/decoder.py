@@ -1,0 +1,266 @@
+"""Early-fusion decoder LM: dense transformer, Mixture-of-Transformers (MoT) and, later, Mamba / MoE blocks.
+
+MoT is this decoder with `untie` ⊆ {"qkv", "o", "ffn", "norm", "qk_norm"}: those weights get one copy per
+modality; dense is `untie=()`. The modality sort plan is built once per forward pass and handed to every
+layer; layers are stacked with `nn.scan` so compile time does not grow with depth.
+
+Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `norm_placement`).
+`make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
+`mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)`; both
+return y_BLD and may sow into "losses" / "metrics".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moma import dispatch
+from moma.layers.attention import Attention
+from moma.layers.ffn import SwiGLU
+from moma.layers.norms import NORM_KINDS, Norm
+
+UNTIE_COMPONENTS = {
+    "transformer": ("qkv", "o", "ffn", "norm", "qk_norm"),
+    "mamba": ("in_proj", "x_proj", "dt_proj", "out_proj", "conv", "norm", "ffn"),
+}
+# Components applied to sorted rows (the others look up per-token parameters and need no sort).
+_SORTED_COMPONENTS = ("qkv", "o", "ffn", "in_proj", "x_proj", "dt_proj", "out_proj", "conv")
+NORM_PLACEMENTS = ("pre", "swin")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The resolved, hashable model settings the blocks read (built from `Model`'s fields)."""
+
+  num_modalities: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  block: str
+  ffn: str
+  untie: tuple[str, ...]
+  norm: str
+  norm_placement: str
+  qk_norm: bool
+  rope_theta: float
+  dtype: Any
+  param_dtype: Any
+  gmm_impl: str
+
+  def groups(self, component: str) -> int:
+    return self.num_modalities if component in self.untie else 1
+
+
+def parse_untie(untie: str | Sequence[str]) -> tuple[str, ...]:
+  """"qkv,o" or ("qkv", "o") → ("qkv", "o")."""
+  if isinstance(untie, str):
+    untie = [u for u in untie.replace(" ", "").split(",") if u]
+  return tuple(untie)
+
+
+def make_mixer(spec: Spec, name: str) -> nn.Module:
+  if spec.block == "transformer":
+    return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
+                     spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl, name=name)
+  raise ValueError(f"config.model.block={spec.block!r} is not available yet (have: 'transformer')")
+
+
+def make_ffn(spec: Spec, name: str) -> nn.Module:
+  if spec.ffn == "dense":
+    return SwiGLU(spec.d_ff, spec.num_modalities, spec.untie, spec.dtype, spec.param_dtype,
+                  spec.gmm_impl, name=name)
+  raise ValueError(f"config.model.ffn={spec.ffn!r} is not available yet (have: 'dense')")
+
+
+class Block(nn.Module):
+  """One layer: mixer sublayer then FFN sublayer, each `x + f(norm(x))` (pre) or `x + norm(f(x))` (swin)."""
+
+  spec: Spec
+
+  @nn.compact
+  def __call__(self, x_BLD, plan, modality, segment, position, image_block):
+    s = self.spec
+    norm = lambda name: Norm(s.norm, s.groups("norm"), dtype=s.dtype, param_dtype=s.param_dtype,
+                             name=name)
+    mixer = make_mixer(s, "mixer")
+    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block)
+    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, lambda h: mixer(h, plan, **ctx), x_BLD)
+    if s.d_ff:
+      ffn = make_ffn(s, "ffn")
+      x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan), x_BLD)
+    return x_BLD, None
+
+  def _sublayer(self, norm, modality_BL, layer, x_BLD):
+    if self.spec.norm_placement == "pre":
+      return layer(norm(x_BLD, modality_BL))
+    return norm(layer(x_BLD), modality_BL)
+
+
+class Model(nn.Module):
+  """Decoder LM over the DESIGN.md batch dict; returns float32 logits [B, L, V].
+
+  Fields are `config.model` (use `Model(**config.model)`); `moe`, `mamba`, `mod` are the sub-configs of
+  the blocks that use them.
+  """
+
+  modalities: Sequence[str] = ("text", "image", "audio")
+  vocab_size: int = 0
+  d_model: int = 256
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 → num_heads
+  head_dim: int = 0  # 0 → d_model // num_heads
+  d_ff: int = 1024
+  block: str = "transformer"
+  ffn: str = "dense"
+  untie: str | Sequence[str] = ()
+  norm: str = "rms"
+  norm_placement: str = "pre"
+  qk_norm: bool = False
+  rope_theta: float = 10_000.0
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  gmm_impl: str = "auto"
+  moe: Any = None
+  mamba: Any = None
+  mod: Any = None
+
+  def __post_init__(self):
+    check_config(self)
+    super().__post_init__()
+
+  @property
+  def spec(self) -> Spec:
+    return Spec(len(self.modalities), self.d_model, self.num_heads, self.num_kv_heads or self.num_heads,
+                self.head_dim or self.d_model // self.num_heads, self.d_ff, self.block, self.ffn,
+                parse_untie(self.untie), self.norm, self.norm_placement, self.qk_norm, self.rope_theta,
+                jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl)
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    del deterministic  # no dropout
+    spec = self.spec
+    modality_BL = batch["modality"]
+    sorted_untie = set(spec.untie) & set(_SORTED_COMPONENTS)
+    plan = dispatch.make_plan(modality_BL, spec.num_modalities if sorted_untie else 1)
+
+    embed = nn.Embed(self.vocab_size, self.d_model, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                 ("vocab", "embed")), name="embed")
+    x_BLD = embed(batch["tokens"])
+
+    block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+    layers = nn.scan(block, variable_axes={"params": 0, "losses": 0, "metrics": 0},
+                     split_rngs={"params": True}, in_axes=(nn.broadcast,) * 5, length=self.num_layers,
+                     metadata_params={nn.PARTITION_NAME: None})
+    x_BLD, _ = layers(spec, name="layers")(x_BLD, plan, modality_BL, batch["segment"], batch["position"],
+                                           batch.get("image_block"))
+    x_BLD = Norm(spec.norm, spec.groups("norm"), dtype=spec.dtype, param_dtype=spec.param_dtype,
+                 name="final_norm")(x_BLD, modality_BL)
+    if self.tie_embeddings:
+      # Embeddings are N(0, 1): scale so that initial logits have unit variance.
+      logits_BLV = embed.attend(x_BLD) / np.sqrt(self.d_model)
+    else:
+      logits_BLV = nn.DenseGeneral(
+          self.vocab_size, use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
+          name="lm_head")(x_BLD)
+    return logits_BLV.astype(jnp.float32)
+
+
+def check_config(cfg: Any) -> None:
+  """Raises ValueError naming the config.model field for settings the decoder cannot build."""
+  if cfg.vocab_size <= 0:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size}: must be > 0 (the trainer fills 0 from "
+                     "moma.data.vocab_size(config.data))")
+  if not cfg.modalities:
+    raise ValueError("config.model.modalities is empty: name at least one modality")
+  if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
+    raise ValueError(f"config.model.num_heads={cfg.num_heads} must divide d_model={cfg.d_model} "
+                     "(or set config.model.head_dim)")
+  kv_heads = cfg.num_kv_heads or cfg.num_heads
+  if cfg.num_heads % kv_heads:
+    raise ValueError(f"config.model.num_kv_heads={kv_heads} must divide num_heads={cfg.num_heads}")
+  if cfg.block not in UNTIE_COMPONENTS:
+    raise ValueError(f"config.model.block={cfg.block!r}: expected one of {tuple(UNTIE_COMPONENTS)}")
+  allowed = UNTIE_COMPONENTS[cfg.block]
+  for component in parse_untie(cfg.untie):
+    if component not in allowed:
+      raise ValueError(f"config.model.untie has unknown component {component!r} for block={cfg.block!r};"
+                       f" choose from {allowed}")
+  choices = {"norm": NORM_KINDS, "norm_placement": NORM_PLACEMENTS, "dtype": DTYPES,
+             "param_dtype": DTYPES, "ffn": ("dense", "moe")}
+  for field, options in choices.items():
+    if getattr(cfg, field) not in options:
+      raise ValueError(f"config.model.{field}={getattr(cfg, field)!r}: expected one of {options}")
+
+
+def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
+  """Host-side check of a concrete batch against config.model; raises ValueError naming the field."""
+  for key in ("tokens", "modality", "segment", "position"):
+    if key not in batch:
+      raise ValueError(f"batch is missing {key!r} (see DESIGN.md, Batch)")
+  shape = np.shape(batch["tokens"])
+  for key in ("modality", "segment", "position", "targets", "loss_mask", "image_block"):
+    if key in batch and np.shape(batch[key]) != shape:
+      raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, batch['tokens'] has {shape}")
+  if len(shape) != 2:
+    raise ValueError(f"batch['tokens'] must be [B, L], got shape {shape}")
+  if shape[1] > model_config.max_seq_len:
+    raise ValueError(f"batch length {shape[1]} exceeds config.model.max_seq_len={model_config.max_seq_len}")
+  num_modalities = len(model_config.modalities)
+  _check_range(batch, "modality", num_modalities,
+               f"config.model.modalities={tuple(model_config.modalities)}")
+  for key in ("tokens", "targets"):
+    if key in batch:
+      _check_range(batch, key, model_config.vocab_size,
+                   f"config.model.vocab_size={model_config.vocab_size}")
+
+
+def _check_range(batch, key, upper, what):
+  values = np.asarray(batch[key])
+  if values.size and (values.min() < 0 or values.max() >= upper):
+    bad = values.min() if values.min() < 0 else values.max()
+    raise ValueError(f"batch[{key!r}] holds {bad}, outside [0, {upper}) set by {what}")
+
+
+def target_modality(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Modality of each position's target: token i+1 when it is in the same document, else token i."""
+  modality_BL, segment_BL = batch["modality"], batch["segment"]
+  same_doc = segment_BL[:, 1:] == segment_BL[:, :-1]
+  nxt = jnp.where(same_doc, modality_BL[:, 1:], modality_BL[:, :-1])
+  return jnp.concatenate([nxt, modality_BL[:, -1:]], axis=1)
+
+
+def loss_fn(logits_BLV: jax.Array, batch: Mapping[str, jax.Array],
+            modalities: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token cross-entropy over `loss_mask`, plus `loss/<m>` grouped by the target's modality.
+
+  Also returns `tokens/<m>` (the loss-mask weight of modality m): sum_m tokens/m * loss/m / sum_m tokens/m
+  equals the total loss; a modality absent from the batch has tokens/m == 0 and loss/m == 0.
+  """
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
+                                                          batch["targets"])
+  mask_BL = batch["loss_mask"].astype(jnp.float32)
+  loss = jnp.sum(ce_BL * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
+  metrics = {}
+  tm_BL = target_modality(batch)
+  for i, name in enumerate(modalities):
+    w_BL = mask_BL * (tm_BL == i)
+    count = jnp.sum(w_BL)
+    metrics[f"loss/{name}"] = jnp.sum(ce_BL * w_BL) / jnp.maximum(count, 1.0)
+    metrics[f"tokens/{name}"] = count
+  return loss, metrics

@@ -5,7 +5,8 @@ maps them onto a device mesh:
 
   config.mesh.shape = (-1,)            # one -1 entry takes the remaining devices
   config.mesh.axes  = ("data",)        # mesh axis names, e.g. ("data", "fsdp", "tensor", "expert")
-  config.mesh.rules = ()               # ((logical, mesh axis | (mesh axes) | None), ...); () → default_rules
+  config.mesh.rules = ()               # ((logical, mesh axis | (mesh axes) | None), ...) overriding
+                                       # default_rules(config.mesh.axes)
 
 A trainer uses it like this (nothing else is needed for data, FSDP, tensor and expert sharding):
 
@@ -87,11 +88,13 @@ def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -
 
 
 def rules_from_config(mesh_config) -> Rules:
-  """`mesh_config.rules` validated against LOGICAL_AXES and the mesh axes; empty → default_rules."""
+  """`mesh_config.rules` (validated) followed by `default_rules(mesh_config.axes)`.
+
+  Config rules take precedence, so a config states only its overrides, e.g. (("modality", None),) keeps
+  per-modality weights whole on a mesh whose expert axis does not divide the number of modalities.
+  """
   axes = tuple(mesh_config.axes)
   raw = tuple(getattr(mesh_config, "rules", ()) or ())
-  if not raw:
-    return default_rules(axes)
   rules = []
   for rule in raw:
     if len(rule) != 2:
@@ -105,7 +108,7 @@ def rules_from_config(mesh_config) -> Rules:
         raise ValueError(f"config.mesh.rules: logical axis {logical!r} maps to mesh axis {name!r}, which "
                          f"is not in config.mesh.axes {axes}")
     rules.append((logical, names[0] if len(names) == 1 else (names or None)))
-  return tuple(rules)
+  return tuple(rules) + default_rules(axes)
 
 
 def mesh_spec(logical: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -1,12 +1,15 @@
-"""A tiny Linen LM for the sharding tests: untied (per-modality) GroupedDense attention + FFN, plain layers.
+"""Sharding test helpers (sharded setup / train / compare) and a tiny Linen LM: untied (per-modality) GroupedDense attention + FFN, plain layers.
 
 Every weight carries logical axis names, so the mesh rules decide all of its sharding; activations are
 constrained at layer boundaries with `moma.sharding.constrain`.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -75,7 +78,11 @@ def make_batch(batch_size=8, length=8, vocab=32, num_groups=4, seed=0):
           "modality": rng.integers(0, num_groups, (batch_size, length), dtype=np.int32)}
 
 
-def make_train_fns(model, lr=0.3):
+def lm_loss(logits, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def make_train_fns(model, loss=lm_loss, lr=0.3):
   """(init_state(key, batch) → boxed {"params", "opt"}, train_step(state, batch) → state, loss, grads)."""
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr, momentum=0.9))
 
@@ -84,8 +91,7 @@ def make_train_fns(model, lr=0.3):
     return {"params": params, "opt": tx.init(params)}
 
   def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return loss(model.apply({"params": params}, batch), batch)
 
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
@@ -93,3 +99,46 @@ def make_train_fns(model, lr=0.3):
     return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss, grads
 
   return init_state, train_step
+
+
+def mesh_config(shape, axes, rules=()):
+  return ml_collections.ConfigDict({"shape": shape, "axes": axes, "rules": rules})
+
+
+def setup(model, host_batch, shape, axes, rules=(), loss=lm_loss):
+  """(mesh, rules, init_state, compiled sharded train step, sharded batch) for `model` on a mesh."""
+  cfg = mesh_config(shape, axes, rules)
+  mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
+  rules = sharding.rules_from_config(cfg)
+  init_state, train_step = make_train_fns(model, loss)
+  batch = sharding.shard_batch(host_batch, mesh, rules)
+  abstract = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+  with sharding.activate(mesh, rules):
+    step = jax.jit(train_step, out_shardings=(state_sh, None, state_sh["params"]))
+    step = step.lower(abstract, batch).compile()
+  return mesh, rules, init_state, step, batch
+
+
+def train(step, state, batch, steps):
+  """Losses and per-step gradients (on the host) of `steps` steps, and the final state."""
+  losses, grads = [], []
+  for _ in range(steps):
+    state, loss, g = step(state, batch)
+    losses.append(float(loss))
+    grads.append(jax.device_get(g))
+  return losses, grads, state
+
+
+def run(model, host_batch, shape, axes, rules=(), steps=3, loss=lm_loss):
+  """`train` from the same sharded init (key 0) on the given mesh."""
+  mesh, rules, init_state, step, batch = setup(model, host_batch, shape, axes, rules, loss)
+  state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  return train(step, state, batch, steps)
+
+
+def assert_runs_equal(run, ref, rtol=1e-5):
+  """Same losses (relative rtol) and gradients (relative rtol, atol scaled to each leaf's magnitude)."""
+  np.testing.assert_allclose(run[0], ref[0], rtol=rtol)
+  for g, r in zip(run[1], ref[1]):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max()), g, r)

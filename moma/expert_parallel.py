@@ -39,15 +39,16 @@ def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, nu
   fn(rows_RD, plan, params) gets rows sorted by group under `plan` (rows past sum(plan.group_sizes) are
   padding; `moma.kernels.gmm` gives zeros there) and params holding this device's groups only; it returns
   [R, F]. x_MD is sharded over `token_axes` (default: the mesh axes of the logical `batch` axis under the
-  active `nn.logical_axis_rules`), which must include `expert_axis`. Without a mesh, or with an expert axis
-  of size 1, this is the plain single-device computation.
+  active `nn.logical_axis_rules`), which must include `expert_axis`. Without a mesh this is the plain
+  single-device computation; on a mesh without an expert axis every device sorts only its own tokens (a
+  GSPMD sort plan over the global batch would gather all tokens on every device).
   """
   if impl not in ("auto", "all_to_all", "ragged"):
     raise ValueError(f"expert_parallel impl={impl!r} must be 'auto', 'all_to_all' or 'ragged'")
   mesh = jax.sharding.get_abstract_mesh()
-  num_shards = 1 if mesh.empty or expert_axis not in mesh.axis_names else mesh.shape[expert_axis]
-  if num_shards == 1:
+  if mesh.empty:
     return _local(fn, x_MD, group_M, params, num_groups)
+  num_shards = mesh.shape[expert_axis] if expert_axis in mesh.axis_names else 1
   if num_groups % num_shards:
     raise ValueError(f"expert parallelism: {num_groups} groups are not divisible by mesh axis "
                      f"{expert_axis!r} (size {num_shards}); change config.mesh.shape")
@@ -55,6 +56,10 @@ def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, nu
     spec = nn.logical_to_mesh_axes(("batch",))
     entry = spec[0] if spec is not None and len(spec) else None
     token_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  if num_shards == 1:  # no expert axis: each device sorts and computes its own tokens, all groups' weights
+    body = lambda x, g, p: _local(fn, x, g, p, num_groups)
+    return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), jax.tree.map(lambda _: P(), params)),
+                         out_specs=P(token_axes))(x_MD, group_M, params)
   if expert_axis not in token_axes:
     raise ValueError(f"expert parallelism: tokens must be sharded over {expert_axis!r} too (got token axes "
                      f"{token_axes}); map 'batch' to include it in config.mesh.rules")

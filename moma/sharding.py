@@ -135,27 +135,45 @@ def _check_divisible(path: str, shape: Sequence[int], logical, spec: PartitionSp
           f"config.mesh.rules (e.g. ({name!r}, None))")
 
 
-def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules):
-  """NamedShardings for a (boxed, e.g. from `jax.eval_shape(model.init, ...)`) tree, after unboxing.
+def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules, logical=None):
+  """NamedShardings for an abstract (e.g. `jax.eval_shape`) tree, matching its unboxed structure.
 
-  Leaves boxed with `nn.LogicallyPartitioned` follow the rules; other leaves are replicated. Every sharded
-  dimension is checked for divisibility, naming the parameter path in the error.
+  Leaves boxed with `nn.LogicallyPartitioned` follow the rules. `logical`, a boxed parameter tree (e.g.
+  `jax.eval_shape(model.init, key, batch)["params"]`), annotates an *unboxed* state: a leaf whose path ends
+  with a parameter's path and has its shape (the params, optimizer moments under any optax wrapper) gets
+  that parameter's logical axes. Everything else is replicated. Every sharded dimension is checked for
+  divisibility, naming the leaf's path in the error.
   """
+  table = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(logical, is_leaf=_is_box)[0] if logical else ():
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      table[_names(path)] = (tuple(leaf.value.shape), tuple(leaf.names))
+  longest = max((len(k) for k in table), default=0)
+
   def one(path, leaf):
-    logical = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else None
-    value = leaf.value if _is_box(leaf) else leaf  # .unbox() would add a constraint
-    spec = mesh_spec(logical, rules) if logical is not None else PartitionSpec()
-    _check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), value.shape, logical, spec, mesh)
+    value = leaf.value if _is_box(leaf) else leaf  # .unbox() would add a sharding constraint
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      names = tuple(leaf.names)
+    else:
+      key = _names(path)
+      hits = (table.get(key[len(key) - n:]) for n in range(min(len(key), longest), 0, -1))
+      names = next((h[1] for h in hits if h is not None and h[0] == tuple(value.shape)), None)
+    spec = mesh_spec(names, rules) if names is not None else PartitionSpec()
+    _check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), value.shape, names, spec, mesh)
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=_is_box)
+
+
+def _names(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
 def _is_box(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args):
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, logical=None):
   """Unboxed `jax.ShapeDtypeStruct` tree of `init_fn(*args)` carrying the rules' shardings on `mesh`.
 
   Nothing is computed: this is the target for an orbax restore onto any mesh (resharding on restore):
@@ -163,7 +181,8 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *arg
   """
   with activate(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules)
+  shardings = logical_shardings(abstract, mesh, rules, logical)
+
   def one(leaf, sharding):
     value = leaf.value if _is_box(leaf) else leaf
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
@@ -171,16 +190,20 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *arg
   return jax.tree.map(one, abstract, shardings, is_leaf=_is_box)
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args):
-  """Runs `init_fn(*args)` (returning a boxed tree: params, or a whole train state) already sharded.
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, logical=None):
+  """Runs `init_fn(*args)` (params or a whole train state, boxed or annotated by `logical`) sharded.
 
-  The init is traced abstractly first to get shapes and logical names, then jitted with out_shardings, so
-  each device creates only its own shards. Returns (unboxed state, its NamedSharding tree).
+  See `logical_shardings` for `logical`. The init is traced abstractly first to get shapes and logical
+  names, then jitted with out_shardings, so each device creates only its own shards. Returns (unboxed
+  state, its NamedSharding tree).
   """
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_sharded(init_fn, mesh, rules, *args))
+  abstract = abstract_sharded(init_fn, mesh, rules, *args, logical=logical)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  # Flat outputs: static pytree metadata (e.g. a TrainState's tx) differs between traces.
+  leaves_fn = lambda *a: jax.tree.leaves(nn.meta.unbox(init_fn(*a)))
   with activate(mesh, rules):
-    state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return state, shardings
+    leaves = jax.jit(leaves_fn, out_shardings=jax.tree.leaves(shardings))(*args)
+  return jax.tree.unflatten(jax.tree.structure(abstract), leaves), shardings
 
 
 @contextlib.contextmanager

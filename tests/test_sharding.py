@@ -2,8 +2,11 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
+from flax.training.train_state import TrainState
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -31,7 +34,7 @@ def run(shape, axes, ep=False):
 
 
 @pytest.mark.parametrize("name,ep", [("data", False), ("data_fsdp_tensor", False), ("data_expert", False),
-                                     ("data_expert", True)])
+                                     ("data_expert", True), ("data_fsdp_tensor", True)])
 def test_mesh_matches_single_device(name, ep):
   result = run(*MESHES[name], ep)
   lib.assert_runs_equal(result, run(*MESHES["one"]))
@@ -52,6 +55,28 @@ def test_parameter_shardings_follow_rules():
   *_, state = run(*MESHES["data_expert"])
   assert state["params"]["up"].sharding.spec == P("expert", None, None)  # expert-parallel groups
   assert state["params"]["embedding"].sharding.spec == P(None, None)
+
+
+def test_unboxed_train_state_takes_parameter_axes_from_logical():
+  """The trainer's path: params unboxed before a masked, multi-transform optax init; moments still shard."""
+  model = TinyLM()
+  mesh, rules, *_, batch = setup(*MESHES["data_fsdp_tensor"])
+
+  def create_state(batch):
+    params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
+    labels = {k: "frozen" if k == "embedding" else "train" for k in params}
+    decay = jax.tree.map(lambda p: p.ndim > 1, params)
+    tx = optax.multi_transform({"train": optax.adamw(1e-3, mask=decay), "frozen": optax.set_to_zero()},
+                               labels)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  logical = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+  state, shardings = sharding.init_sharded(create_state, mesh, rules, batch, logical=logical)
+  up_spec = P(None, "fsdp", "tensor")  # (modality, embed, mlp)
+  assert state.params["up"].sharding.spec == up_spec and shardings.params["up"].spec == up_spec
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.params["up"].shape]
+  assert len(moments) == 2 and all(m.sharding.spec == up_spec for m in moments)  # Adam mu and nu
+  assert state.step.sharding.spec == P()
 
 
 def test_default_rules_drop_absent_axes_and_batch_takes_data_axes():

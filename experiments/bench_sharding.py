@@ -3,7 +3,9 @@
   python -m experiments.bench_sharding [--untie=qkv,o,ffn,norm] [--steps=10]
 
 On CPU the 8 "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=8) share the host cores, so the
-ratio measures partitioning + collective overhead, not speed-up. Last stdout line: a JSON object.
+ratio measures partitioning + collective overhead, not speed-up. Second part: one grouped (per-modality)
+FFN, fwd + bwd, with the global GSPMD sort plan vs `moma.expert_parallel.grouped` (per-device sort, and
+expert parallelism on an `expert` axis). Last stdout line: a JSON object.
 """
 
 import os
@@ -16,11 +18,12 @@ import time
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from moma import sharding
+from moma import dispatch, expert_parallel, kernels, sharding
 from moma.models import decoder
 
 UNTIE = flags.DEFINE_string("untie", "", "comma-separated decoder components untied per modality (MoT)")
@@ -68,6 +71,41 @@ def time_mesh(model, shape, axes):
   return (time.perf_counter() - start) / STEPS.value, float(loss)
 
 
+def time_grouped(shape, axes, mode, m=8192, d=128, f=512, groups=4):
+  """Forward + backward of one grouped (per-modality) matmul pair: global GSPMD sort plan vs per-device."""
+  cfg = ml_collections.ConfigDict({"shape": shape, "axes": axes, "rules": ()})
+  mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
+  rules = sharding.rules_from_config(cfg)
+  rng = np.random.default_rng(0)
+  tok = sharding.batch_sharding(mesh, rules, 1)
+  w_spec = jax.sharding.PartitionSpec("expert" if "expert" in axes else None)
+  x = jax.device_put(rng.standard_normal((m, d), np.float32), jax.sharding.NamedSharding(mesh, tok.spec))
+  ids = jax.device_put(rng.integers(0, groups, (m,), dtype=np.int32), tok)
+  w = {k: jax.device_put(rng.standard_normal(s, np.float32) / 30, jax.sharding.NamedSharding(mesh, w_spec))
+       for k, s in (("up", (groups, d, f)), ("down", (groups, f, d)))}
+
+  def ffn(rows, plan, w):
+    return kernels.gmm(jax.nn.gelu(kernels.gmm(rows, w["up"], plan.group_sizes)), w["down"],
+                       plan.group_sizes)
+
+  def loss(x, w):
+    if mode == "gspmd":
+      plan = dispatch.make_plan(ids, groups)
+      y = plan.unsort(ffn(plan.sort(x), plan, w), (m,))
+    else:
+      y = expert_parallel.grouped(ffn, x, ids, w, num_groups=groups)
+    return jnp.sum(y * y)
+
+  with sharding.activate(mesh, rules):
+    step = jax.jit(jax.grad(loss, (0, 1)))
+    jax.block_until_ready(step(x, w))
+    start = time.perf_counter()
+    for _ in range(STEPS.value):
+      out = step(x, w)
+    jax.block_until_ready(out)
+  return (time.perf_counter() - start) / STEPS.value
+
+
 def main(_):
   untie = tuple(c for c in UNTIE.value.split(",") if c)
   model = decoder.Model(modalities=MODALITIES, vocab_size=256, d_model=128, num_layers=2, num_heads=4,
@@ -81,8 +119,14 @@ def main(_):
   ratios = {k: v / base for k, v in results.items()}
   for k, r in ratios.items():
     print(f"{k:28s} {r:6.2f}x the one-device step time")
+  grouped = {}
+  for shape, axes in (((1,), ("data",)), ((8,), ("data",)), ((2, 4), ("data", "expert"))):
+    for mode in ("gspmd", "grouped"):
+      key = "x".join(map(str, shape)) + ":" + ",".join(axes) + ":" + mode
+      grouped[key] = time_grouped(shape, axes, mode)
+      print(f"grouped FFN fwd+bwd {key:34s} {1e3 * grouped[key]:8.1f} ms")
   print(json.dumps({"untie": untie, "backend": jax.default_backend(), "step_s": results,
-                    "ratio_vs_one_device": ratios}))
+                    "ratio_vs_one_device": ratios, "grouped_ffn_s": grouped}))
 
 
 if __name__ == "__main__":

@@ -12,19 +12,19 @@ A trainer uses it like this (nothing else is needed for data, FSDP, tensor and e
 
   maybe_initialize_distributed(config)              # first thing in main, before any other jax call
   mesh, rules = mesh_from_config(config.mesh), rules_from_config(config.mesh)
-  state, state_shardings = init_sharded(make_state, mesh, rules, rng)   # never materialised on one host
+  batch = shard_batch(host_batch, mesh, rules)       # this process's rows → global arrays
+  state, state_sh = init_sharded(create_state, mesh, rules, batch, logical=boxed_params)  # never on one host
   with activate(mesh, rules):                        # makes `constrain` / nn.with_logical_constraint live
-    step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh, rules, batch)),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-    state, metrics = step(state, shard_batch(host_batch, mesh, rules))
+    step = jax.jit(train_step, out_shardings=(state_sh, None), donate_argnums=0)
+    state, metrics = step(state, batch)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-import contextlib
 from typing import Any
 
 import flax.linen as nn

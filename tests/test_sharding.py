@@ -135,3 +135,16 @@ def test_orbax_checkpoint_restores_onto_a_different_mesh(tmp_path):
   *_, old_step, old_batch = setup(*MESHES["data_fsdp_tensor"])
   np.testing.assert_allclose(train(step, restored, batch, 2)[0], train(old_step, saved, old_batch, 2)[0],
                              rtol=1e-5)
+
+
+def test_maybe_initialize_distributed_from_env(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MOMA_DISTRIBUTED"):
+    monkeypatch.delenv(var, raising=False)
+  assert not sharding.maybe_initialize_distributed(None) and not calls  # single process: nothing to do
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  assert sharding.maybe_initialize_distributed(None)
+  assert calls == [{"coordinator_address": "host0:1234", "num_processes": 4, "process_id": 2}]

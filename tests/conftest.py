@@ -1,3 +1,4 @@
+<<<<<<< HEAD
 """Shared fixtures: one build of the embedded datasets per test session, and small train configs."""
 
 import jax
@@ -38,3 +39,8 @@ def compilation_cache(tmp_path_factory):
   yield path
   for k, v in old.items():
     jax.config.update(k, v)
+=======
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+>>>>>>> sharding

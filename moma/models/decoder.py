@@ -356,6 +356,7 @@ def _check_range(batch, key, upper, what):
 def upcycle_source(params: Mapping[str, Any]) -> dict:
   """A dense / MoT / 1t1i parameter tree with each SwiGLU FFN's weights under the names `moma.upcycle`
   reads: the fused gate/up kernel `wi` [..., d, 2, F] becomes `wi_gate` / `wi_up`, `wo/kernel` `wo`."""
+  params = nn.meta.unbox(params)
   if not isinstance(params, Mapping):
     return params
   out = {k: upcycle_source(v) for k, v in params.items()}

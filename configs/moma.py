@@ -20,13 +20,14 @@ def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", experts="4t4i", routing="ec", mod=False)
   config = common.base_config(args.size)
   modalities = common.MODALITIES if "a" in args.experts.replace("shared", "") else common.MODALITIES[:2]
-  routing.parse_layout(args.experts, modalities)  # A bad layout fails here, naming moe.layout.
+  layout = routing.parse_layout(args.experts, modalities)  # A bad layout fails here, naming moe.layout.
   if args.routing not in ("ec", "topk"):
     raise ValueError(f"config argument routing={args.routing!r}: expected ec or topk")
   config.model.modalities = modalities
   config.data = data.default_config(modalities)
   config.model.ffn = "moe"
-  config.model.moe = dict(decoder.MOE_DEFAULTS, layout=args.experts, routing=args.routing)
+  top_k = min(decoder.MOE_DEFAULTS["top_k"], min(layout.sizes))  # token choice: 1 for 1t1i / 7t1i
+  config.model.moe = dict(decoder.MOE_DEFAULTS, layout=args.experts, routing=args.routing, top_k=top_k)
   # None by default, a tuple of per-group token-share bounds when set (e.g. "(0.6,0.4)").
   config.model.moe.token_fractions = config_dict.placeholder(tuple)
   config.model.mod = dict(decoder.MOD_DEFAULTS, enabled=args.mod)

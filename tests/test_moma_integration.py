@@ -136,9 +136,8 @@ def _config(arg, data_cache_dir, **train):
   config = moma_configs.get_config(arg)
   config.data.cache_dir = data_cache_dir
   config.model.num_layers, config.model.d_model, config.model.d_ff = 2, 32, 64
-  config.train.update(dict(progress_bar=False, seq_len=64, batch_size=4, steps=30, log_every=10,
-                           eval_every=0, warmup_steps=2, lr=1e-2), **train)
-  config.model.max_seq_len = 64
+  config.train.update(dict(progress_bar=False, batch_size=2, steps=30, log_every=10, eval_every=0,
+                           warmup_steps=2, lr=1e-2), **train)  # seq_len 256: the data's longest document
   return config
 
 

@@ -101,13 +101,13 @@ def restore_params(workdir: str, field: str):
   step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None
   if step is None:
     raise ValueError(f"{field}={workdir!r} has no checkpoint under {directory}; train that run first")
+  path = os.path.join(directory, str(step), "default")
   with ocp.StandardCheckpointer() as ckptr:
-    metadata = ckptr.metadata(os.path.join(directory, str(step), "default"))
+    metadata = ckptr.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree)["params"])
-    restored = ckptr.restore(os.path.join(directory, str(step), "default"),
-                             {**jax.tree.map(lambda _: ocp.PLACEHOLDER, dict(tree)), "params": target})
-  return restored["params"]
+    # The whole state is read (this orbax has no placeholder restore), only the params are returned.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree))
+    return ckptr.restore(path, target)["params"]
 
 
 def _jsonable(v):

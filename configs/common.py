@@ -56,8 +56,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return args
 
 
-def base_config(size: str) -> ml_collections.ConfigDict:
-  """The full config (model, train, checkpoint, mesh, data, init) of a dense decoder of `size`."""
+def parse_modalities(value: str) -> tuple[str, ...]:
+  """`modalities=` value → tuple, e.g. "text+image" → ("text", "image"); order as in MODALITIES."""
+  parts = tuple(p for p in value.split("+") if p)
+  unknown = [p for p in parts if p not in MODALITIES]
+  if unknown or not parts or len(set(parts)) != len(parts):
+    raise ValueError(f"config argument modalities={value!r}: join distinct names from {MODALITIES} "
+                     "with '+', e.g. modalities=text+image")
+  return tuple(m for m in MODALITIES if m in parts)
+
+
+def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_collections.ConfigDict:
+  """The full config (model, train, checkpoint, mesh, data, init) of a dense decoder of `size` over
+  `modalities` (the data mixture follows them)."""
   if size not in SIZES:
     raise ValueError(f"config argument size={size!r} is unknown; choose one of {list(SIZES)}")
   s = SIZES[size]
@@ -65,7 +76,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
-      name="decoder", modalities=MODALITIES,
+      name="decoder", modalities=modalities,
       vocab_size=0,  # 0: the trainer takes it from moma.data.vocab_size(config.data).
       d_model=s["d_model"], num_layers=s["num_layers"], num_heads=s["num_heads"],
       num_kv_heads=s["num_heads"], head_dim=0, d_ff=s["d_ff"],
@@ -89,7 +100,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(upcycle_from=""))
   # Single device for now; moma/sharding.py (issue 7) turns these into a jax Mesh.
   c.mesh = ml_collections.ConfigDict(dict(shape=(1,), axes=("data",), rules=()))
-  c.data = data.default_config(MODALITIES)
+  c.data = data.default_config(modalities)
   return c
 
 

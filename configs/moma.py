@@ -11,20 +11,17 @@ can be overridden on the command line; stage 2 (aux routers for causal inference
 from ml_collections import config_dict
 
 from configs import common
-from moma import data
 from moma.layers import routing
 from moma.models import decoder
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", experts="4t4i", routing="ec", mod=False)
-  config = common.base_config(args.size)
   modalities = common.MODALITIES if "a" in args.experts.replace("shared", "") else common.MODALITIES[:2]
+  config = common.base_config(args.size, modalities)
   layout = routing.parse_layout(args.experts, modalities)  # A bad layout fails here, naming moe.layout.
   if args.routing not in ("ec", "topk"):
     raise ValueError(f"config argument routing={args.routing!r}: expected ec or topk")
-  config.model.modalities = modalities
-  config.data = data.default_config(modalities)
   config.model.ffn = "moe"
   top_k = min(decoder.MOE_DEFAULTS["top_k"], min(layout.sizes))  # token choice: 1 for 1t1i / 7t1i
   config.model.moe = dict(decoder.MOE_DEFAULTS, layout=args.experts, routing=args.routing, top_k=top_k)

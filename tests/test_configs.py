@@ -106,3 +106,14 @@ def test_moma_bad_arguments(arg, match):
   from configs import moma  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=match):
     moma.get_config(arg)
+
+
+def test_modalities_argument_sets_model_and_data():
+  from configs import dense, mot
+
+  for module in (dense, mot):
+    config = module.get_config("modalities=image+text")
+    assert config.model.modalities == ("text", "image")
+    assert config.data.modalities == ("text", "image")
+  with pytest.raises(ValueError, match="modalities="):
+    dense.get_config("modalities=text+video")

@@ -11,11 +11,13 @@ BASELINE = "dense"
 
 
 def get_sweep(size="tiny"):
+  # Text + image data for every run, as in the MoMa paper (4t4i and 8shared are text + image layouts).
+  mods = "modalities=text+image"
   return [
-      {"name": "dense", "config": f"configs/dense.py:size={size}"},
-      {"name": "mot", "config": f"configs/mot.py:size={size},untie=ffn+qkv+o+norm"},
+      {"name": "dense", "config": f"configs/dense.py:size={size},{mods}"},
+      {"name": "mot", "config": f"configs/mot.py:size={size},untie=ffn+qkv+o+norm,{mods}"},
       {"name": "moma_4t4i", "config": f"configs/moma.py:size={size},experts=4t4i,routing=ec,mod=false"},
       {"name": "moe_8shared", "config": f"configs/moma.py:size={size},experts=8shared,routing=ec,mod=false"},
-      {"name": "mamba", "config": f"configs/mamba.py:size={size}"},
-      {"name": "mom", "config": f"configs/mom.py:size={size},untie=in_proj+x_proj+dt_proj+out_proj"},
+      {"name": "mamba", "config": f"configs/mamba.py:size={size},{mods}"},
+      {"name": "mom", "config": f"configs/mom.py:size={size},untie=in_proj+x_proj+dt_proj+out_proj,{mods}"},
   ]

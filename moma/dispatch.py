@@ -38,12 +38,12 @@ class SortPlan:
   def sort(self, x: jax.Array) -> jax.Array:
     """[..., D] in token order → [M, D] rows sorted by group (stable inside a group)."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows if self.perm is None else jnp.take(rows, self.perm, axis=0)
+    return rows if self.perm is None else _permute_rows(rows, self.perm, self.inv_perm)
 
   def unsort(self, rows: jax.Array, lead_shape: Sequence[int]) -> jax.Array:
     """[M, ...] sorted rows → token order with leading dims `lead_shape` (e.g. (B, L))."""
     if self.inv_perm is not None:
-      rows = jnp.take(rows, self.inv_perm, axis=0)
+      rows = _permute_rows(rows, self.inv_perm, self.perm)
     return rows.reshape(*lead_shape, *rows.shape[1:])
 
   def use_if(self, untied: bool) -> SortPlan:
@@ -51,6 +51,28 @@ class SortPlan:
     if untied or self.num_groups == 1:
       return self
     return SortPlan(jnp.sum(self.group_sizes, keepdims=True), None, None, 1)
+
+
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """x[index] along axis 0 for a permutation `index` with inverse `inverse`.
+
+  Its gradient is the inverse permutation's gather, ct[inverse], not the scatter-add that autodiff of a
+  gather gives (scatters are slow on CPU and serialise on accelerators).
+  """
+  return x.at[index].get(mode="promise_in_bounds", unique_indices=True)
+
+
+def _permute_rows_fwd(x, index, inverse):
+  return _permute_rows(x, index, inverse), (index, inverse)
+
+
+def _permute_rows_bwd(residuals, ct):
+  index, inverse = residuals
+  return _permute_rows(ct, inverse, index), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def make_plan(group_ids: jax.Array, num_groups: int) -> SortPlan:

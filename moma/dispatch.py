@@ -6,7 +6,9 @@ hands it to every layer. With one group the plan is the identity: no gather, no 
 
 Layout convention: a layer calls `rows = plan.sort(x_BLD)` once, runs any number of `GroupedDense` on the
 sorted rows (e.g. gate, up and down projections of an FFN) and calls `plan.unsort(rows, x_BLD.shape[:-1])`
-once at the end.
+once at the end. A layer that fuses several weights into one matmul (attention's q and kv) creates them
+with `GroupedKernel` and calls `grouped_matmul` on their concatenation. Sort and unsort differentiate
+into each other (a gather, never a scatter-add).
 """
 
 from __future__ import annotations

@@ -53,18 +53,19 @@ class Attention(nn.Module):
                image_block: jax.Array | None = None) -> jax.Array:
     lead = x_BLD.shape[:-1]
     d_model = x_BLD.shape[-1]
-    dense = lambda name, features, in_axis, out_axes, component: dispatch.GroupedDense(
-        features, num_groups=self._groups(component), in_axis=in_axis, out_axes=out_axes,
-        dtype=self.dtype, param_dtype=self.param_dtype, gmm_impl=self.gmm_impl, name=name)
+    heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+    kernel = self._kernel
 
+    # q and kv weights stay separate parameters but run as one grouped matmul: sort once, unsort once.
     in_plan = plan.use_if("qkv" in self.untie)
-    rows_MD = in_plan.sort(x_BLD)
-    q_BLHK = in_plan.unsort(
-        dense("q", (self.num_heads, self.head_dim), "embed", ("heads", "kv"), "qkv")(rows_MD, in_plan),
-        lead)
-    kv_BL2HK = in_plan.unsort(
-        dense("kv", (2, self.num_kv_heads, self.head_dim), "embed", (None, "heads", "kv"), "qkv")(
-            rows_MD, in_plan), lead)
+    w_qkv = jnp.concatenate([
+        kernel("q", d_model, (heads, head_dim), "embed", ("heads", "kv"), "qkv"),
+        kernel("kv", d_model, (2, kv_heads, head_dim), "embed", (None, "heads", "kv"), "qkv")], -1)
+    qkv_MF = dispatch.grouped_matmul(in_plan.sort(x_BLD), w_qkv, in_plan, impl=self.gmm_impl,
+                                     dtype=self.dtype)
+    qkv_BLF = in_plan.unsort(qkv_MF, lead)
+    q_BLHK = qkv_BLF[..., :heads * head_dim].reshape(*lead, heads, head_dim)
+    kv_BL2HK = qkv_BLF[..., heads * head_dim:].reshape(*lead, 2, kv_heads, head_dim)
     k_BLHK, v_BLHK = kv_BL2HK[:, :, 0], kv_BL2HK[:, :, 1]
     if self.qk_norm:
       norm = lambda name: Norm("rms", self._groups("qk_norm"), feature_axis="kv", dtype=self.dtype,
@@ -78,8 +79,17 @@ class Attention(nn.Module):
     out_BLF = out_BLHK.reshape(*lead, self.num_heads * self.head_dim)
 
     out_plan = plan.use_if("o" in self.untie)
-    y_MD = dense("o", d_model, "heads", ("embed",), "o")(out_plan.sort(out_BLF), out_plan)
+    w_o = kernel("o", heads * head_dim, d_model, "heads", ("embed",), "o")
+    y_MD = dispatch.grouped_matmul(out_plan.sort(out_BLF), w_o, out_plan, impl=self.gmm_impl,
+                                   dtype=self.dtype)
     return out_plan.unsort(y_MD, lead)
+
+  def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:
+    """The weight `name` flattened for `grouped_matmul`: [in, out] tied, [G, in, out] untied."""
+    groups = self._groups(component)
+    w = dispatch.GroupedKernel(features, num_groups=groups, in_axis=in_axis, out_axes=out_axes,
+                               param_dtype=self.param_dtype, name=name)(in_dim)
+    return w.reshape(*w.shape[:w.ndim - (1 if isinstance(features, int) else len(features))], -1)
 
   def _groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1

@@ -1,4 +1,4 @@
-"""Early-fusion decoder LM: dense transformer, Mixture-of-Transformers (MoT) and, later, Mamba / MoE blocks.
+"""Early-fusion decoder LM: dense transformer, Mixture-of-Transformers (MoT), Mamba and Mixture-of-Mamba.
 
 MoT is this decoder with `untie` ⊆ {"qkv", "o", "ffn", "norm", "qk_norm"}: those weights get one copy per
 modality; dense is `untie=()`. The modality sort plan is built once per forward pass and handed to every
@@ -8,6 +8,8 @@ Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `n
 `make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
 `mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)`; both
 return y_BLD and may sow into "losses" / "metrics".
+`block="mamba"` (usually with `d_ff=0`: no FFN sublayer) is Mamba, or Mixture-of-Mamba when `untie` names
+its projections; its recurrent state lives in the "cache" collection for decoding (moma.models.generate).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import optax
 from moma import dispatch
 from moma.layers.attention import Attention
 from moma.layers.ffn import SwiGLU
+from moma.layers import mamba as mamba_layer
+from moma.layers import selective_scan
 from moma.layers.norms import NORM_KINDS, Norm
 
 UNTIE_COMPONENTS = {
@@ -33,6 +37,8 @@ UNTIE_COMPONENTS = {
 # Components applied to sorted rows (the others look up per-token parameters and need no sort).
 _SORTED_COMPONENTS = ("qkv", "o", "ffn", "in_proj", "x_proj", "dt_proj", "out_proj", "conv")
 NORM_PLACEMENTS = ("pre", "swin")
+# config.model.mamba fields and defaults (block="mamba"): the Mamba-1 paper's d_state 16, expand 2, conv 4.
+MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=0, scan_impl="auto", chunk_size=64)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -56,6 +62,9 @@ class Spec:
   dtype: Any
   param_dtype: Any
   gmm_impl: str
+  num_layers: int = 1
+  max_seq_len: int = 0
+  mamba: tuple[tuple[str, Any], ...] = ()  # sorted (field, value) pairs of config.model.mamba
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -72,7 +81,13 @@ def make_mixer(spec: Spec, name: str) -> nn.Module:
   if spec.block == "transformer":
     return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
                      spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.block={spec.block!r} is not available yet (have: 'transformer')")
+  if spec.block == "mamba":
+    return mamba_layer.MambaBlock(
+        spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,
+        untie=tuple(c for c in spec.untie if c in mamba_layer.UNTIE_COMPONENTS),
+        num_layers=spec.num_layers, max_len=spec.max_seq_len, dtype=spec.dtype, param_dtype=spec.param_dtype,
+        gmm_impl=spec.gmm_impl, name=name)
+  raise ValueError(f"config.model.block={spec.block!r} is not available (have: 'transformer', 'mamba')")
 
 
 def make_ffn(spec: Spec, name: str) -> nn.Module:
@@ -94,11 +109,31 @@ class Block(nn.Module):
                              name=name)
     mixer = make_mixer(s, "mixer")
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block)
-    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, lambda h: mixer(h, plan, **ctx), x_BLD)
+    mix = ((lambda h: self._recurrent(mixer, h, plan, segment)) if s.block == "mamba"
+           else (lambda h: mixer(h, plan, **ctx)))
+    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, mix, x_BLD)
     if s.d_ff:
       ffn = make_ffn(s, "ffn")
       x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan), x_BLD)
     return x_BLD, None
+
+  def _recurrent(self, mixer, h_BLD, plan, segment_BL):
+    """A Mamba mixer; with a mutable "cache" collection it also keeps its recurrent state there.
+
+    No cache yet: prefill (documents reset the state; the cache continues the last one). A cache: continue
+    it token by token (decoding). Without a mutable "cache" (training, init): the plain forward.
+    """
+    if self.is_initializing() or not self.is_mutable_collection("cache"):
+      return mixer(h_BLD, plan, segment_BL=segment_BL)
+    fields = ("conv_BKD", "ssm_BDN", "length")
+    if self.has_variable("cache", "length"):
+      cache = mamba_layer.MambaCache(*(self.get_variable("cache", f) for f in fields))
+      y_BLD, cache = mixer(h_BLD, plan, cache=cache, return_cache=True)
+    else:
+      y_BLD, cache = mixer(h_BLD, plan, segment_BL=segment_BL, return_cache=True)
+    for f in fields:
+      self.put_variable("cache", f, getattr(cache, f))
+    return y_BLD
 
   def _sublayer(self, norm, modality_BL, layer, x_BLD):
     if self.spec.norm_placement == "pre":
@@ -147,7 +182,9 @@ class Model(nn.Module):
     return Spec(len(self.modalities), self.d_model, self.num_heads, self.num_kv_heads or self.num_heads,
                 self.head_dim or self.d_model // self.num_heads, self.d_ff, self.block, self.ffn,
                 parse_untie(self.untie), self.norm, self.norm_placement, self.qk_norm, self.rope_theta,
-                jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl)
+                jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl,
+                num_layers=self.num_layers, max_seq_len=self.max_seq_len,
+                mamba=tuple(sorted(mamba_settings(self.mamba).items())))
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
@@ -163,7 +200,7 @@ class Model(nn.Module):
     x_BLD = embed(batch["tokens"])
 
     block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0, "losses": 0, "metrics": 0},
+    layers = nn.scan(block, variable_axes={"params": 0, "losses": 0, "metrics": 0, "cache": 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * 5, length=self.num_layers,
                      metadata_params={nn.PARTITION_NAME: None})
     x_BLD, _ = layers(spec, name="layers")(x_BLD, plan, modality_BL, batch["segment"], batch["position"],
@@ -206,6 +243,28 @@ def check_config(cfg: Any) -> None:
   for field, options in choices.items():
     if getattr(cfg, field) not in options:
       raise ValueError(f"config.model.{field}={getattr(cfg, field)!r}: expected one of {options}")
+  if cfg.block == "mamba":
+    mamba_settings(cfg.mamba)
+
+
+def mamba_settings(sub_config: Any) -> dict[str, Any]:
+  """config.model.mamba (None, dict or ConfigDict) over MAMBA_DEFAULTS; ValueError names a bad field."""
+  given = dict(sub_config or {})
+  unknown = set(given) - set(MAMBA_DEFAULTS)
+  if unknown:
+    raise ValueError(f"config.model.mamba has unknown fields {sorted(unknown)}; "
+                     f"known: {list(MAMBA_DEFAULTS)}")
+  settings = {**MAMBA_DEFAULTS, **given}
+  for field in ("d_state", "d_conv", "expand", "chunk_size"):
+    if settings[field] <= 0:
+      raise ValueError(f"config.model.mamba.{field}={settings[field]} must be > 0")
+  if settings["dt_rank"] < 0:
+    raise ValueError(f"config.model.mamba.dt_rank={settings['dt_rank']} must be >= 0 "
+                     "(0: ceil(d_model / 16))")
+  if settings["scan_impl"] not in selective_scan.IMPLS:
+    raise ValueError(f"config.model.mamba.scan_impl={settings['scan_impl']!r}: expected one of "
+                     f"{selective_scan.IMPLS}")
+  return settings
 
 
 def as_model(model_config: Any) -> Model:

@@ -41,8 +41,14 @@ def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array
 
 
 def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1) -> tuple[jax.Array, Any]:
-  """Feeds one token per row: (logits_B1V, next cache)."""
+  """Feeds one token per row: (logits_B1V, next cache). Past max_seq_len raises when the cache is concrete
+  (inside jit, `generate` checks its static lengths once instead)."""
   _check_block(model)
+  try:
+    done = int(jnp.max(cache["layers"]["length"]))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    done = 0
+  mamba_layer.check_decode_length(done, tokens_B1.shape[1], model.max_seq_len)
   batch = dict(tokens=tokens_B1, modality=modality_B1, segment=jnp.ones_like(tokens_B1),
                position=position_B1)
   logits_B1V, mutated = model.apply({**_params(variables), "cache": cache}, batch, mutable=["cache"])

@@ -62,27 +62,38 @@ def generate(model, variables, prompt_batch: Mapping[str, jax.Array], num_new_to
 
   rng None: greedy (argmax); else sampling at `temperature`. modality_table: int32 [vocab] modality id of
   each token id (`moma.data.vocabulary(config.data).modality_table()`), so that generated image or audio
-  codes take their modality's weights; None keeps each row's last prompt modality. Compiles once per call
-  (the decode loop is one `lax.scan`).
+  codes take their modality's weights; None keeps each row's last prompt modality. The decode loop is one
+  `lax.scan`; the compiled program is kept per (model, num_new_tokens) for the last few models.
   """
   _check_block(model)
   prompt_len = prompt_batch["tokens"].shape[1]
   if num_new_tokens <= 0:
     raise ValueError(f"generate: num_new_tokens={num_new_tokens} must be > 0")
   mamba_layer.check_decode_length(prompt_len, num_new_tokens, model.max_seq_len)
-  run = jax.jit(functools.partial(_generate, model, num_new_tokens=num_new_tokens,
-                                  greedy=rng is None, temperature=temperature))
-  return run(_params(variables), dict(prompt_batch), jax.random.key(0) if rng is None else rng,
-             modality_table)
+  greedy = rng is None
+  return _compiled(model, num_new_tokens)(
+      _params(variables), dict(prompt_batch), jax.random.key(0) if greedy else rng,
+      jnp.float32(temperature), jnp.bool_(greedy), modality_table)
 
 
-def _generate(model, variables, prompt_batch, rng, modality_table, *, num_new_tokens, greedy, temperature):
+_COMPILED: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def _compiled(model, num_new_tokens):
+  """A jitted `_generate` per (model, num_new_tokens); models hold config dicts, so they are keyed by id
+  and kept alive in the entry (an id cannot be reused while its model is here)."""
+  key = (id(model), num_new_tokens)
+  if key not in _COMPILED:
+    while len(_COMPILED) >= 8:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = (model, jax.jit(functools.partial(_generate, model, num_new_tokens=num_new_tokens)))
+  return _COMPILED[key][1]
+
+
+def _generate(model, variables, prompt_batch, rng, temperature, greedy, modality_table, *, num_new_tokens):
   def pick(logits_BV, key, last_modality_B):
-    if greedy:
-      token_B = jnp.argmax(logits_BV, axis=-1)
-    else:
-      token_B = jax.random.categorical(key, logits_BV / temperature, axis=-1)
-    token_B = token_B.astype(jnp.int32)
+    sampled_B = jax.random.categorical(key, logits_BV / temperature, axis=-1)
+    token_B = jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
     modality_B = last_modality_B if modality_table is None else jnp.take(modality_table, token_B)
     return token_B, modality_B.astype(jnp.int32)
 

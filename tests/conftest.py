@@ -1,9 +1,16 @@
-"""Shared fixtures: one build of the embedded datasets per test session, and small train configs."""
+"""Shared fixtures: one build of the embedded datasets per test session, and small train configs.
 
-import jax
-import pytest
+Eight host CPU devices so the sharding tests can build meshes: set before jax is imported.
+"""
 
-from moma import data
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from moma import data  # noqa: E402
 
 
 @pytest.fixture(scope="session")

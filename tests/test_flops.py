@@ -45,5 +45,5 @@ def test_mot_active_flops_equal_dense_and_accept_config_dict():
 
 
 def test_uncounted_combination_is_refused():
-  with pytest.raises(ValueError, match="ffn"):
-    flops.per_token(dict(CONFIG, block="mamba", ffn="moe"), 64)
+  with pytest.raises(ValueError, match="config.model.mod with block='mamba'"):
+    flops.per_token(dict(CONFIG, block="mamba", num_layers=2, mod=dict(enabled=True)), 64)

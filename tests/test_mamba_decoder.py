@@ -163,7 +163,7 @@ def test_tiny_mom_config_trains(data_cache_dir, tmp_path):
 @pytest.mark.parametrize("override,match", [
     (dict(untie=("in_proj", "qkv")), "untie has unknown component 'qkv'"),
     (dict(mamba=dict(d_state=0)), "config.model.mamba.d_state=0"),
-    (dict(mamba=dict(d_state=4, dstate=8)), "config.model.mamba has unknown fields"),
+    (dict(mamba=dict(d_state=4, dstate=8)), "config.model.mamba has unknown keys"),
     (dict(mamba=dict(scan_impl="fast")), "config.model.mamba.scan_impl"),
 ])
 def test_bad_config_names_the_field(override, match):

@@ -1,0 +1,394 @@
+"""Alternating Gradient Descent (IMP, arXiv 2305.06324): one task per step, one compiled step per task.
+
+A config with an `agd` section trains several tasks on one shared parameter tree and optimizer state:
+
+  config.agd.schedule = "sample"       # or "round_robin"
+  config.agd.num_classes = 10          # classification head width
+  config.agd.tasks.<name> = agd.task_config(objective, mixture, batch_size, seq_len, ...)
+
+Each step the schedule names a task (a pure function of (seed, step), so a resumed run continues the
+same sequence); its batch (a pure function of (seed, task, step)) goes through that task's own compiled
+train step, with its own shapes: no padding to a common shape, no recompiling after the first step.
+Tasks reuse the trainer's pieces (`train.create_state`, `train.train_step`, orbax checkpoints, the metric
+writer); `moma.models.encoder.Model` puts the decoder and the encoder heads in one tree.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from moma import agd_data
+from moma import checkpoint
+from moma import flops
+from moma import metrics as metrics_lib
+from moma import objectives
+from moma import train
+from moma.models import encoder
+
+SCHEDULES = ("sample", "round_robin")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+  """One AGD task. `data` is a moma.data config whose mixture holds only this task's entries.
+
+  seq_len: decoder objectives: the packed length; contrastive: the caption length.
+  image_size: encoder objectives: image side in pixels (0: the dataset's own), a multiple of it.
+  loss_weight scales the task's loss; weight is its sampling weight ("sample" schedule); interval is
+  the number of consecutive steps it gets in each round ("round_robin" schedule).
+  """
+
+  name: str
+  objective: str
+  data: ml_collections.ConfigDict
+  batch_size: int
+  seq_len: int
+  image_size: int = 0
+  loss_weight: float = 1.0
+  weight: float = 1.0
+  interval: int = 1
+
+
+def task_config(objective: str, mixture, *, batch_size: int, seq_len: int = 0, image_size: int = 0,
+                loss_weight: float = 1.0, weight: float = 1.0,
+                interval: int = 1) -> ml_collections.ConfigDict:
+  """A `config.agd.tasks.<name>` entry; `mixture` names entries of `config.data.mixture`."""
+  return ml_collections.ConfigDict(dict(
+      objective=objective, mixture=tuple(mixture), batch_size=batch_size, seq_len=seq_len,
+      image_size=image_size, loss_weight=float(loss_weight), weight=float(weight), interval=interval))
+
+
+def tasks_from_config(config: ml_collections.ConfigDict) -> list[Task]:
+  """The tasks of `config.agd`, validated; ValueError naming the field for anything they cannot run."""
+  if "agd" not in config or not config.agd.get("tasks"):
+    raise ValueError("config.agd.tasks is empty: add tasks with moma.agd.task_config (configs/agd.py).")
+  if config.agd.schedule not in SCHEDULES:
+    raise ValueError(f"config.agd.schedule={config.agd.schedule!r}: choose one of {SCHEDULES}.")
+  modalities = tuple(config.model.modalities)
+  tasks = []
+  for name, cfg in config.agd.tasks.items():
+    field = f"agd.tasks.{name}"
+    objective = objectives.get(cfg.objective, f"{field}.objective")
+    for key in ("weight", "loss_weight", "batch_size", "interval"):
+      if not cfg[key] > 0:
+        raise ValueError(f"{field}.{key}={cfg[key]} must be positive.")
+    if cfg.objective != "classification" and cfg.seq_len < 1:
+      raise ValueError(f"{field}.seq_len={cfg.seq_len} must be positive for {cfg.objective!r}.")
+    if not objective.encoder and cfg.image_size:
+      raise ValueError(f"{field}.image_size={cfg.image_size}: decoder objectives read images at the "
+                       "data's own size; leave it 0.")
+    needs = ("text", "image") if objective.encoder else (objective.scored or "text",)
+    for modality in needs:
+      if modality not in modalities:
+        raise ValueError(f"{field}: objective {cfg.objective!r} needs modality {modality!r}, missing "
+                         f"from config.model.modalities={modalities}.")
+    task_data = ml_collections.ConfigDict(config.data.to_dict())
+    task_data.mixture = ml_collections.ConfigDict()
+    for entry_name in cfg.mixture:
+      if entry_name not in config.data.mixture:
+        raise ValueError(f"{field}.mixture names {entry_name!r}, not an entry of data.mixture "
+                         f"({sorted(config.data.mixture)}).")
+      entry = config.data.mixture[entry_name]
+      if objective.templates is not None and entry.template not in objective.templates:
+        raise ValueError(
+            f"{field}: objective {cfg.objective!r} needs documents with {_needs(cfg.objective)}, "
+            f"which data.mixture.{entry_name} (template {entry.template!r}) lacks; use entries with "
+            f"template in {objective.templates}.")
+      task_data.mixture[entry_name] = entry
+    if not task_data.mixture:
+      raise ValueError(f"{field}.mixture is empty: name entries of data.mixture.")
+    tasks.append(Task(name, cfg.objective, task_data, cfg.batch_size, cfg.seq_len, cfg.image_size,
+                      cfg.loss_weight, cfg.weight, cfg.interval))
+  return tasks
+
+
+def _needs(objective: str) -> str:
+  return {"captioning": "text after an image", "image_generation": "an image after a caption",
+          "audio_text": "text after audio", "contrastive": "images paired with captions",
+          "classification": "labelled images"}[objective]
+
+
+class Schedule:
+  """Which task trains at each (0-based) step; a pure function of (seed, step).
+
+  "sample": task t with probability weight_t / sum(weights), from a counter-based hash of (seed, step).
+  "round_robin": tasks in order, task t for `interval_t` consecutive steps per round (IMP's style).
+  """
+
+  def __init__(self, kind: str, weights, intervals, seed: int):
+    if kind not in SCHEDULES:
+      raise ValueError(f"config.agd.schedule={kind!r}: choose one of {SCHEDULES}.")
+    self.kind, self.seed = kind, seed
+    weights = np.asarray(weights, np.float64)
+    self.cum_weights = np.cumsum(weights / weights.sum())
+    self.cycle = np.repeat(np.arange(len(intervals)), intervals)
+
+  @classmethod
+  def from_tasks(cls, kind: str, tasks: list[Task], seed: int) -> "Schedule":
+    return cls(kind, [t.weight for t in tasks], [t.interval for t in tasks], seed)
+
+  def tasks_at(self, steps) -> np.ndarray:
+    steps = np.asarray(steps, np.int64)
+    if self.kind == "round_robin":
+      return self.cycle[steps % len(self.cycle)]
+    picks = np.searchsorted(self.cum_weights, _uniform(self.seed, steps), side="right")
+    return np.minimum(picks, len(self.cum_weights) - 1)
+
+  def task_at(self, step: int) -> int:
+    return int(self.tasks_at([step])[0])
+
+  def counts(self, num_steps: int) -> np.ndarray:
+    """Steps each task took among steps [0, num_steps)."""
+    return np.bincount(self.tasks_at(np.arange(num_steps)), minlength=len(self.cum_weights))
+
+
+def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
+  """Uniform [0, 1) per step from SplitMix64 of (seed, step): vectorised, stateless."""
+
+  def mix(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+  golden = np.uint64(0x9E3779B97F4A7C15)
+  with np.errstate(over="ignore"):
+    base = mix(np.array([seed], np.uint64) * golden)
+    z = mix(base + (steps.astype(np.uint64) + np.uint64(1)) * golden)
+  return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def build_model(config: ml_collections.ConfigDict, objective: str) -> encoder.Model:
+  """The shared model, running `objective`'s forward pass."""
+  return encoder.Model(train.build_model(config), objective, num_classes=config.agd.num_classes)
+
+
+def task_step(config: ml_collections.ConfigDict, task: Task) -> Callable:
+  """The trainer's `train_step` for `task` (jit it once per task): (state, batch) → (state, metrics)."""
+  loss_fn = functools.partial(objectives.loss_fn(task.objective), loss_weight=task.loss_weight)
+  return functools.partial(train.train_step, model=build_model(config, task.objective), loss_fn=loss_fn,
+                           modalities=tuple(config.model.modalities), seed=config.train.seed)
+
+
+class StepCache:
+  """One compiled step per task, compiled ahead of time on the task's first batch and reused after.
+
+  `traces[name]` counts how often a task's step was traced: once, however many steps the task takes
+  (a batch of another shape raises instead of silently recompiling).
+  """
+
+  def __init__(self, make_step: Callable[[Task], Callable]):
+    self._make_step = make_step
+    self._compiled: dict[str, Any] = {}
+    self.traces: collections.Counter = collections.Counter()
+
+  def __call__(self, task: Task, state, batch):
+    compiled = self._compiled.get(task.name)
+    if compiled is None:
+      step = self._make_step(task)
+
+      def traced(state, batch):
+        self.traces[task.name] += 1
+        return step(state, batch)
+
+      t0 = time.perf_counter()
+      compiled = jax.jit(traced, donate_argnums=0).lower(state, batch).compile()
+      logging.info("Compiled the step of task %s in %.1fs", task.name, time.perf_counter() - t0)
+      self._compiled[task.name] = compiled
+    return compiled(state, batch)
+
+
+def validate_shapes(task: Task, source, max_seq_len: int) -> None:
+  """A task whose sequences the model cannot take fails before any compilation."""
+  for key, length in source.lengths.items():
+    if length > max_seq_len:
+      raise ValueError(f"agd.tasks.{task.name}.{key} gives sequences of {length} tokens, longer than "
+                       f"config.model.max_seq_len={max_seq_len}; shorten the task or raise max_seq_len.")
+
+
+def _task_tokens(source) -> int:
+  return source.task.batch_size * sum(source.lengths.values())
+
+
+def _flops_per_token(config, source) -> float:
+  """Token-weighted training FLOPs per token of one task step (encoder: image and caption passes)."""
+  total = sum(n * flops.per_token(config.model, n)["total"] for n in source.lengths.values())
+  return total / sum(source.lengths.values())
+
+
+def summarise(window: list[tuple[str, dict]], counts: dict[str, int]) -> dict[str, float]:
+  """Per-task means under `task/<name>/...` (loss = the unweighted objective loss) and the overall keys:
+  `loss` (the optimised, weighted loss) and the trainer's other keys, averaged over the window's steps
+  (`loss/<m>` weighted by the tokens of modality m)."""
+  by_task = collections.defaultdict(list)
+  for name, out in jax.device_get(window):
+    by_task[name].append(out)
+  row, overall = {}, collections.defaultdict(lambda: [0.0, 0.0])
+  for name, rows in by_task.items():
+    mean = train._mean(rows)  # pylint: disable=protected-access
+    for key, value in mean.items():
+      if key == "objective_loss":
+        row[f"task/{name}/loss"] = value
+      elif key in ("accuracy", "logit_scale") or key.startswith("loss/"):
+        row[f"task/{name}/{key}"] = value
+      if key != "objective_loss" and key not in ("accuracy", "logit_scale"):
+        weight = len(rows) * (mean.get(key.replace("loss/", "tokens/", 1), 0.0)
+                              if key.startswith("loss/") else 1.0)
+        overall[key][0] += weight * value
+        overall[key][1] += weight
+  row.update({k: total / w for k, (total, w) in overall.items() if w > 0})
+  row.update({f"task/{name}/steps": float(n) for name, n in counts.items()})
+  return row
+
+
+def evaluate(config, tasks, sources, eval_fns, params) -> dict[str, float]:
+  """Validation metrics of every task: `eval/task/<name>/...` over `train.eval_steps` batches."""
+  row = {}
+  for task in tasks:
+    rows = [eval_fns[task.name](params, sources[task.name].batch(config.train.seed, i))
+            for i in range(config.train.eval_steps)]
+    for key, value in summarise([(task.name, r) for r in rows], {}).items():
+      if key.startswith(f"task/{task.name}/"):
+        row[f"eval/{key}"] = value
+  return row
+
+
+def _data_sources(config, tasks, split):
+  sources = {t.name: agd_data.task_data(t, config.model.modalities, split=split,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count()) for t in tasks}
+  for task in tasks:
+    validate_shapes(task, sources[task.name], config.model.max_seq_len)
+    if task.objective == "classification" and sources[task.name].num_classes > config.agd.num_classes:
+      raise ValueError(f"config.agd.num_classes={config.agd.num_classes} is smaller than the "
+                       f"{sources[task.name].num_classes} labels of agd.tasks.{task.name}.")
+  return sources
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains the tasks of `config.agd` in `workdir` (resuming from its latest checkpoint)."""
+  config = train.resolve_config(config)
+  tasks = tasks_from_config(config)
+  tcfg = config.train
+  sources = _data_sources(config, tasks, "train")
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_compatible(config, workdir)
+  _check_same_tasks(config, workdir)
+  checkpoint.write_config(config, workdir)
+
+  schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
+  first = tasks[schedule.task_at(0)]
+  init_batch = sources[first.name].batch(tcfg.seed, 0)  # Shapes only; any task's model builds all.
+  create = functools.partial(train.create_state, config, build_model(config, first.objective))
+  mngr = checkpoint.manager(workdir, config)
+  state, start = checkpoint.restore_latest(mngr, jax.eval_shape(create, init_batch))
+  if state is None:
+    state = jax.jit(create)(init_batch)
+  else:
+    logging.info("Resumed from %s at step %d", workdir, start)
+
+  steps = StepCache(functools.partial(task_step, config))
+  eval_fns = {t.name: jax.jit(functools.partial(
+      train.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
+      loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
+              for t in tasks}
+  tokens = {t.name: _task_tokens(sources[t.name]) for t in tasks}
+  step_flops = {t.name: tokens[t.name] * _flops_per_token(config, sources[t.name]) for t in tasks}
+  counts = dict(zip((t.name for t in tasks), schedule.counts(start).tolist()))
+  lr = train.lr_schedule(tcfg)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  final: dict[str, float] = {"step": start}
+  window: list[tuple[str, dict]] = []
+  eval_sources = None
+  try:
+    t0 = time.perf_counter()
+    for step in range(start + 1, tcfg.steps + 1):
+      task = tasks[schedule.task_at(step - 1)]
+      batch = sources[task.name].batch(tcfg.seed, step - 1)
+      state, out = steps(task, state, batch)
+      counts[task.name] += 1
+      window.append((task.name, out))
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        row = summarise(window, counts)  # Waits for the device: the clock covers the whole window.
+        seconds = time.perf_counter() - t0
+        n_tokens = sum(tokens[name] for name, _ in window)
+        row["tokens_per_s"] = n_tokens / seconds
+        row["flops_per_token"] = sum(step_flops[name] for name, _ in window) / n_tokens
+        row["lr"] = float(lr(step - 1))
+        writer.write(step, row)
+        logging.info("step %d: loss %.4f", step, row["loss"])
+        final.update(row, step=step)
+        window = []
+      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        eval_sources = eval_sources or _data_sources(config, tasks, "validation")
+        row = evaluate(config, tasks, eval_sources, eval_fns, state.params)
+        writer.write(step, row)
+        final.update(row)
+      if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
+        checkpoint.save(mngr, step, state)
+      if not window:
+        t0 = time.perf_counter()
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  final["compilations"] = float(sum(steps.traces.values()))
+  return final
+
+
+def _check_same_tasks(config, workdir: str) -> None:
+  """The schedule and each task's data are part of what a resumed run must continue."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = checkpoint.flatten(json.load(f))
+  new = checkpoint.flatten(config)
+  diffs = [k for k in sorted(set(old) | set(new)) if k.startswith("agd.") and old.get(k) != new.get(k)]
+  if diffs:
+    raise ValueError(f"workdir {workdir} holds an AGD run with other tasks; differing fields: {diffs}. "
+                     "Use a new --workdir, or revert them to resume that run.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedModel:
+  """The mixed-batch baseline: every task's forward pass on its own batch in one step.
+
+  Duck-types `model.apply` for `train.train_step`, so both arms of an AGD-vs-mixed comparison run the
+  trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)`.
+  """
+
+  models: dict
+
+  def apply(self, variables, batches, **kwargs):
+    outputs, sown = {}, {"losses": {}, "metrics": {}}
+    for name, model in self.models.items():
+      outputs[name], task_sown = model.apply(variables, batches[name], **kwargs)
+      for collection in sown:
+        sown[collection][name] = task_sown.get(collection, {})
+    return outputs, sown
+
+
+def mixed_loss_fn(tasks: list[Task]) -> Callable:
+  """Sum of the tasks' weighted losses; metrics as `<task>/<key>`."""
+
+  def loss_fn(outputs, batches, modalities):
+    total, metrics = 0.0, {}
+    for task in tasks:
+      loss, task_metrics = objectives.loss_fn(task.objective)(
+          outputs[task.name], batches[task.name], modalities, loss_weight=task.loss_weight)
+      total += loss
+      metrics.update({f"{task.name}/{k}": v for k, v in task_metrics.items()})
+    return total, metrics
+
+  return loss_fn

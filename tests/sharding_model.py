@@ -1,0 +1,144 @@
+"""Sharding test helpers (sharded setup / train / compare) and a tiny Linen LM: untied (per-modality) GroupedDense attention + FFN, plain layers.
+
+Every weight carries logical axis names, so the mesh rules decide all of its sharding; activations are
+constrained at layer boundaries with `moma.sharding.constrain`.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from moma import dispatch, expert_parallel, kernels, sharding
+
+
+class TinyLM(nn.Module):
+  vocab: int = 32
+  d_model: int = 16
+  d_ff: int = 32
+  num_heads: int = 4
+  num_groups: int = 4  # modalities (untied weights, `modality` axis)
+  expert_parallel: bool = False  # FFN through moma.expert_parallel (all_to_all) instead of GSPMD
+
+  @nn.compact
+  def __call__(self, batch):
+    tokens, modality = batch["tokens"], batch["modality"]
+    head_dim = self.d_model // self.num_heads
+    embed = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                 ("vocab", "embed")), (self.vocab, self.d_model))
+    x = sharding.constrain(jnp.take(embed, tokens, axis=0), ("batch", "length", "embed"))
+    plan = dispatch.make_plan(modality, self.num_groups)
+    lead = tokens.shape
+    # attention: per-modality q/k/v projections, shared causal softmax attention, plain output projection.
+    rows = plan.sort(nn.RMSNorm(scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))(x))
+    qkv = [plan.unsort(dispatch.GroupedDense((self.num_heads, head_dim), self.num_groups,
+                                             out_axes=("heads", "kv"), name=n)(rows, plan), lead)
+           for n in ("q", "k", "v")]
+    q, k, v = (sharding.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
+    scores = jnp.einsum("blhk,bmhk->bhlm", q, k) / np.sqrt(head_dim)
+    causal = jnp.tril(jnp.ones((lead[1], lead[1]), bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+    attn = jnp.einsum("bhlm,bmhk->blhk", probs, v)
+    w_o = self.param("o", nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
+                                                       ("heads", "kv", "embed")),
+                     (self.num_heads, head_dim, self.d_model))
+    x = x + jnp.einsum("blhk,hkd->bld", attn, w_o)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    # FFN: per-modality up / down projections, via GSPMD on the global sort plan or expert-parallel.
+    init = nn.initializers.lecun_normal(batch_axis=(0,))
+    w = {"up": self.param("up", nn.with_logical_partitioning(init, ("modality", "embed", "mlp")),
+                          (self.num_groups, self.d_model, self.d_ff)),
+         "down": self.param("down", nn.with_logical_partitioning(init, ("modality", "mlp", "embed")),
+                            (self.num_groups, self.d_ff, self.d_model))}
+    if self.expert_parallel:
+      y = expert_parallel.grouped(_ffn, x.reshape(-1, self.d_model), modality.reshape(-1), w,
+                                  num_groups=self.num_groups).reshape(x.shape)
+    else:
+      y = plan.unsort(_ffn(plan.sort(x), plan, w), lead)
+    x = sharding.constrain(x + y, ("batch", "length", "embed"))
+    w_out = self.param("unembed", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               ("embed", "vocab")), (self.d_model, self.vocab))
+    logits = x @ w_out
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
+def _ffn(rows, plan, w):
+  h = nn.gelu(kernels.gmm(rows, w["up"], plan.group_sizes))
+  return kernels.gmm(h, w["down"], plan.group_sizes)
+
+
+def make_batch(batch_size=8, length=8, vocab=32, num_groups=4, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch_size, length + 1), dtype=np.int32)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+          "modality": rng.integers(0, num_groups, (batch_size, length), dtype=np.int32)}
+
+
+def lm_loss(logits, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def make_train_fns(model, loss=lm_loss, lr=0.3):
+  """(init_state(key, batch) → boxed {"params", "opt"}, train_step(state, batch) → state, loss, grads)."""
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr, momentum=0.9))
+
+  def init_state(key, batch):
+    params = model.init(key, batch)["params"]
+    return {"params": params, "opt": tx.init(params)}
+
+  def loss_fn(params, batch):
+    return loss(model.apply({"params": params}, batch), batch)
+
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss, grads
+
+  return init_state, train_step
+
+
+def mesh_config(shape, axes, rules=()):
+  return ml_collections.ConfigDict({"shape": shape, "axes": axes, "rules": rules})
+
+
+def setup(model, host_batch, shape, axes, rules=(), loss=lm_loss):
+  """(mesh, rules, init_state, compiled sharded train step, sharded batch) for `model` on a mesh."""
+  cfg = mesh_config(shape, axes, rules)
+  mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
+  rules = sharding.rules_from_config(cfg)
+  init_state, train_step = make_train_fns(model, loss)
+  batch = sharding.shard_batch(host_batch, mesh, rules)
+  abstract = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+  with sharding.activate(mesh, rules):
+    step = jax.jit(train_step, out_shardings=(state_sh, None, state_sh["params"]))
+    step = step.lower(abstract, batch).compile()
+  return mesh, rules, init_state, step, batch
+
+
+def train(step, state, batch, steps):
+  """Losses and per-step gradients (on the host) of `steps` steps, and the final state."""
+  losses, grads = [], []
+  for _ in range(steps):
+    state, loss, g = step(state, batch)
+    losses.append(float(loss))
+    grads.append(jax.device_get(g))
+  return losses, grads, state
+
+
+def run(model, host_batch, shape, axes, rules=(), steps=3, loss=lm_loss):
+  """`train` from the same sharded init (key 0) on the given mesh."""
+  mesh, rules, init_state, step, batch = setup(model, host_batch, shape, axes, rules, loss)
+  state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  return train(step, state, batch, steps)
+
+
+def assert_runs_equal(run, ref, rtol=1e-5):
+  """Same losses (relative rtol) and gradients (relative rtol, atol scaled to each leaf's magnitude)."""
+  np.testing.assert_allclose(run[0], ref[0], rtol=rtol)
+  for g, r in zip(run[1], ref[1]):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max()), g, r)

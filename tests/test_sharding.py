@@ -1,0 +1,150 @@
+"""Meshes from config on 8 CPU devices: same losses and gradients as one device, shardings per the rules."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moma import sharding
+from tests import sharding_model as lib
+from tests.sharding_model import TinyLM, make_batch, mesh_config, train
+
+STEPS = 3
+MESHES = {  # name: (shape, axes)
+    "one": ((1,), ("data",)),
+    "data": ((8,), ("data",)),
+    "data_fsdp_tensor": ((2, 2, 2), ("data", "fsdp", "tensor")),
+    "data_expert": ((2, 4), ("data", "expert")),
+}
+
+
+@functools.cache  # each mesh compiles once per test session
+def setup(shape, axes, ep=False):
+  return lib.setup(TinyLM(expert_parallel=ep), make_batch(), shape, axes)
+
+
+@functools.cache
+def run(shape, axes, ep=False):
+  return lib.run(TinyLM(expert_parallel=ep), make_batch(), shape, axes, steps=STEPS)
+
+
+@pytest.mark.parametrize("name,ep", [("data", False), ("data_fsdp_tensor", False), ("data_expert", False),
+                                     ("data_expert", True), ("data_fsdp_tensor", True)])
+def test_mesh_matches_single_device(name, ep):
+  result = run(*MESHES[name], ep)
+  lib.assert_runs_equal(result, run(*MESHES["one"]))
+  losses, _, state = result
+  assert losses[-1] < losses[0]  # it trains
+  assert len(state["params"]["up"].sharding.device_set) == 8
+
+
+def test_parameter_shardings_follow_rules():
+  *_, state = run(*MESHES["data_fsdp_tensor"])
+  params = state["params"]
+  assert params["embedding"].sharding.spec == P("tensor", "fsdp")  # (vocab, embed)
+  assert params["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)  # (modality, embed, heads, kv)
+  assert params["o"].sharding.spec == P("tensor", None, "fsdp")  # (heads, kv, embed)
+  assert params["up"].sharding.spec == P(None, "fsdp", "tensor")  # (modality, embed, mlp)
+  assert params["down"].sharding.spec == P(None, "tensor", "fsdp")  # (modality, mlp, embed)
+  assert state["opt"][1][0].trace["up"].sharding.spec == P(None, "fsdp", "tensor")  # momentum too
+  *_, state = run(*MESHES["data_expert"])
+  assert state["params"]["up"].sharding.spec == P("expert", None, None)  # expert-parallel groups
+  assert state["params"]["embedding"].sharding.spec == P(None, None)
+
+
+def test_unboxed_train_state_takes_parameter_axes_from_logical():
+  """The trainer's path: params unboxed before a masked, multi-transform optax init; moments still shard."""
+  model = TinyLM()
+  mesh, rules, *_, batch = setup(*MESHES["data_fsdp_tensor"])
+
+  def create_state(batch):
+    params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
+    labels = {k: "frozen" if k == "embedding" else "train" for k in params}
+    decay = jax.tree.map(lambda p: p.ndim > 1, params)
+    tx = optax.multi_transform({"train": optax.adamw(1e-3, mask=decay), "frozen": optax.set_to_zero()},
+                               labels)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  logical = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+  state, shardings = sharding.init_sharded(create_state, mesh, rules, batch, logical=logical)
+  up_spec = P(None, "fsdp", "tensor")  # (modality, embed, mlp)
+  assert state.params["up"].sharding.spec == up_spec and shardings.params["up"].spec == up_spec
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.params["up"].shape]
+  assert len(moments) == 2 and all(m.sharding.spec == up_spec for m in moments)  # Adam mu and nu
+  assert state.step.sharding.spec == P()
+
+
+def test_default_rules_drop_absent_axes_and_batch_takes_data_axes():
+  rules = dict(sharding.default_rules(("data", "tensor")))
+  assert rules["batch"] == "data" and rules["embed"] is None and rules["mlp"] == "tensor"
+  cfg = mesh_config((2, 2, 2), ("data", "fsdp", "expert"))
+  mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
+  assert sharding.batch_sharding(mesh, rules).spec == P(("data", "fsdp", "expert"), None)
+  assert sharding.batch_shards(mesh, rules) == 8
+
+
+def test_mesh_minus_one_takes_remaining_devices():
+  mesh = sharding.mesh_from_config(mesh_config((2, -1), ("data", "tensor")))
+  assert dict(mesh.shape) == {"data": 2, "tensor": 4}
+
+
+def test_error_mesh_size_differs_from_device_count():
+  with pytest.raises(ValueError, match=r"needs 4 devices but 8"):
+    sharding.mesh_from_config(mesh_config((2, 2), ("data", "tensor")))
+
+
+def test_error_unknown_logical_axis_in_rules():
+  with pytest.raises(ValueError, match=r"unknown logical axis 'hidden'"):
+    sharding.rules_from_config(mesh_config((8,), ("data",), (("batch", "data"), ("hidden", "data"))))
+  with pytest.raises(ValueError, match=r"mesh axis 'fsdp'.*not in config.mesh.axes"):
+    sharding.rules_from_config(mesh_config((8,), ("data",), (("embed", "fsdp"),)))
+
+
+def test_error_dimension_not_divisible_names_parameter_axis_and_sizes():
+  cfg = mesh_config((2, 4), ("data", "expert"))
+  mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
+  with pytest.raises(ValueError, match=r"params/down: dimension 0 \(logical axis 'modality', size 3\) is "
+                                       r"not divisible by mesh axis 'expert' \(size 4\)"):
+    sharding.init_sharded(TinyLM(num_groups=3).init, mesh, rules, jax.random.key(0), make_batch(num_groups=3))
+
+
+def test_error_batch_not_divisible():
+  cfg = mesh_config((8,), ("data",))
+  mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
+  with pytest.raises(ValueError, match=r"global batch size 4 is not divisible by the 8 batch shards"):
+    sharding.shard_batch(make_batch(batch_size=4), mesh, rules)
+
+
+def test_orbax_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  _, _, saved = run(*MESHES["data_fsdp_tensor"])
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "state", saved)
+  ckpt.wait_until_finished()
+  mesh, rules, init_state, step, batch = setup(*MESHES["data_expert"])
+  target = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  restored = ckpt.restore(tmp_path / "state", target)
+  assert restored["params"]["up"].sharding.spec == P("expert", None, None)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(saved))
+  # Training continues identically on the new mesh and on the old one.
+  *_, old_step, old_batch = setup(*MESHES["data_fsdp_tensor"])
+  np.testing.assert_allclose(train(step, restored, batch, 2)[0], train(old_step, saved, old_batch, 2)[0],
+                             rtol=1e-5)
+
+
+def test_maybe_initialize_distributed_from_env(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MOMA_DISTRIBUTED"):
+    monkeypatch.delenv(var, raising=False)
+  assert not sharding.maybe_initialize_distributed(None) and not calls  # single process: nothing to do
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  assert sharding.maybe_initialize_distributed(None)
+  assert calls == [{"coordinator_address": "host0:1234", "num_processes": 4, "process_id": 2}]

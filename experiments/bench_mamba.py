@@ -7,6 +7,8 @@
 2. One train step (loss, grads, AdamW update) of a MambaBlock with untie=() and of the Mixture-of-Mamba
    block (the paper's four untied projections, and all five with the conv) at equal active FLOPs (same widths;
    each token uses one modality's weights). Goal: MoM / Mamba ≤ 1.15 on CPU.
+3. The same comparison for the whole decoder (`block="mamba"`, embeddings, per-layer pre-norm, `nn.scan`
+   over layers, LM head, cross-entropy, AdamW), where the sort plan is built once for all layers.
 The last line of stdout is a JSON object with every number.
 """
 
@@ -14,13 +16,19 @@ import argparse
 import json
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from moma import dispatch
+from moma import flops
 from moma.layers import mamba
+from moma.models import decoder
+
+VARIANTS = {"mamba": (), "mom": ("in_proj", "x_proj", "dt_proj", "out_proj"),
+            "mom+conv": mamba.UNTIE_COMPONENTS}
 
 
 def interleaved_medians(calls, reps):
@@ -74,10 +82,8 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
   target = jax.random.normal(ks[1], (batch, length, d_model))
   modality = jax.random.randint(ks[2], (batch, length), 0, num_modalities)
   tx = optax.adamw(1e-3)
-  variants = {"mamba": (), "mom": ("in_proj", "x_proj", "dt_proj", "out_proj"),
-              "mom+conv": mamba.UNTIE_COMPONENTS}
   calls = {}
-  for name, untie in variants.items():
+  for name, untie in VARIANTS.items():
     block = mamba.MambaBlock(d_model, num_modalities=num_modalities, untie=untie)
 
     def loss_fn(params, x, modality, block=block):
@@ -98,6 +104,37 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
   return out
 
 
+def bench_models(batch, length, d_model, num_layers, num_modalities, reps):
+  """Whole-decoder train step per variant; returns ({name: seconds}, training FLOPs per token)."""
+  config = dict(modalities=("text", "image", "audio")[:num_modalities], vocab_size=512, d_model=d_model,
+                num_layers=num_layers, d_ff=0, block="mamba", max_seq_len=length)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 512, (batch, length + 1))
+  data = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:],
+              modality=rng.integers(0, num_modalities, (batch, length)),
+              segment=np.ones((batch, length)), position=np.broadcast_to(np.arange(length), (batch, length)))
+  data = {k: jnp.asarray(v, jnp.int32) for k, v in data.items()}
+  data["loss_mask"] = jnp.ones((batch, length))
+  tx = optax.adamw(1e-3)
+  calls = {}
+  for name, untie in VARIANTS.items():
+    model = decoder.Model(**config, untie=untie)
+
+    @jax.jit
+    def train_step(params, opt_state, data, model=model):
+      loss_fn = lambda p: decoder.loss_fn(model.apply({"params": p}, data), data, model.modalities)[0]
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), data)["params"])
+    calls[name] = (train_step, (params, tx.init(params), data))
+  out = interleaved_medians(calls, reps)
+  for name, seconds in out.items():
+    print(f"model {name:9s} train step {seconds * 1e3:9.1f} ms ({seconds / out['mamba']:.2f}x mamba)")
+  return out, flops.per_token(config, length)["total"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="512,2048,8192")
@@ -107,13 +144,19 @@ def main():
   parser.add_argument("--block_batch", type=int, default=4)
   parser.add_argument("--block_len", type=int, default=512)
   parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--model_layers", type=int, default=4)
   parser.add_argument("--reps", type=int, default=5)
   args = parser.parse_args()
   print(f"backend={jax.default_backend()} devices={jax.devices()}")
   lengths = [int(s) for s in args.lengths.split(",")]
   scans = bench_scans(lengths, args.d_inner, args.d_state, args.chunk_size, args.reps)
   blocks = bench_blocks(args.block_batch, args.block_len, args.d_model, 3, args.reps)
+  models, model_flops = bench_models(args.block_batch, args.block_len, args.d_model, args.model_layers, 3,
+                                     args.reps)
   result = dict(backend=jax.default_backend(), scan=scans, block_seconds=blocks,
+                model_seconds=models, model_mom_vs_mamba=models["mom"] / models["mamba"],
+                model_mom_conv_vs_mamba=models["mom+conv"] / models["mamba"],
+                model_train_flops_per_token=model_flops,
                 mom_vs_mamba=blocks["mom"] / blocks["mamba"],
                 mom_conv_vs_mamba=blocks["mom+conv"] / blocks["mamba"],
                 flops_per_token=mamba.mamba_flops_per_token(args.d_model), goal_mom_vs_mamba=1.15)

@@ -13,6 +13,7 @@ computes a larger masked score matrix than this counts).
 
 from typing import Any
 
+from moma.layers import mamba as mamba_layer
 from moma.layers import mod as mod_lib
 from moma.layers import moe as moe_lib
 from moma.models import decoder
@@ -24,6 +25,8 @@ def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Forward FLOPs per token, split into "attention_proj", "attention", "ffn", "lm_head"."""
   model = decoder.as_model(model_config)
   spec = model.spec
+  if spec.block == "mamba":
+    return mamba_forward_per_token(model)
   if spec.block != "transformer":
     raise ValueError(f"flops: config.model.block={spec.block!r} not counted yet (have: 'transformer')")
   d, d_ff, layers, vocab = spec.d_model, spec.d_ff, model.num_layers, model.vocab_size
@@ -77,3 +80,26 @@ def per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   out = {"total": total}
   out.update({m: total for m in decoder.as_model(model_config).modalities})
   return out
+
+
+def mamba_forward_per_token(model_config: Any) -> dict[str, float]:
+  """Forward FLOPs per token of the Mamba / Mixture-of-Mamba decoder: "mamba", "ffn", "lm_head".
+
+  "mamba" is `moma.layers.mamba.mamba_flops_per_token` per layer: its projections plus the scan
+  (9 per channel and state) and the conv and gates, which are 10-15% of a Mamba layer at these widths and
+  not negligible like a transformer's elementwise ops. It does not depend on the sequence length (the
+  recurrence has no L x L term). Untying (MoM) changes no active FLOPs; "ffn" counts an FFN sublayer
+  (dense SwiGLU or MoE) when d_ff > 0 (the papers' Mamba has none).
+  """
+  model = decoder.as_model(model_config)
+  spec = model.spec
+  if spec.mod:
+    raise ValueError("flops: config.model.mod with block='mamba' is not counted yet")
+  settings, d = model.mamba_config, spec.d_model
+  block = mamba_layer.mamba_flops_per_token(d, settings["d_state"], settings["d_conv"], settings["expand"],
+                                            settings["dt_rank"])
+  ffn = 0
+  if spec.d_ff:
+    ffn = moe_layer(model)["forward_flops"] if spec.ffn == "moe" else 2 * 3 * d * spec.d_ff
+  return {"mamba": model.num_layers * block, "ffn": model.num_layers * ffn,
+          "lm_head": 2 * d * model.vocab_size}

@@ -6,7 +6,10 @@ import pytest
 
 from configs import common
 from configs import dense
+from configs import mamba
+from configs import mom
 from configs import mot
+from moma import flops
 from moma import train
 
 
@@ -20,6 +23,32 @@ def test_every_preset_builds_a_valid_model(family, size):
               "checkpoint.every_steps", "mesh.shape", "mesh.axes"):
     section, field = key.split(".")
     assert field in config[section], key
+
+
+@pytest.mark.parametrize("size", list(mamba.NUM_LAYERS))
+def test_mamba_presets_match_dense_flops(size):
+  dense_config = train.resolve_config(dense.get_config(f"size={size}"))
+  dense_flops = flops.per_token(dense_config.model, dense_config.train.seq_len)["total"]
+  for family in (mamba, mom):
+    config = train.resolve_config(family.get_config(f"size={size}"))
+    model = train.build_model(config)
+    assert (model.block, model.d_ff, dict(model.mamba)["d_state"], dict(model.mamba)["expand"]) == (
+        "mamba", 0, 16, 2)
+    assert model.max_seq_len >= config.train.seq_len
+    assert flops.per_token(config.model, config.train.seq_len)["total"] == pytest.approx(dense_flops,
+                                                                                        rel=0.1)
+
+
+def test_mom_untie_presets():
+  assert mamba.get_config().model.untie == ()
+  assert mom.get_config().model.untie == ("in_proj", "x_proj", "dt_proj", "out_proj")
+  assert mom.get_config("untie=all_conv").model.untie[-1] == "conv"
+  assert mom.get_config("untie=in_proj+norm").model.untie == ("in_proj", "norm")
+  assert mom.get_config("untie=none").model.untie == ()
+  with pytest.raises(ValueError, match="unknown component 'qkv'"):
+    mom.get_config("untie=qkv")
+  with pytest.raises(ValueError, match="size='7B' is unknown"):
+    mamba.get_config("size=7B")
 
 
 def test_paper_sizes():

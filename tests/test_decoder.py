@@ -173,13 +173,6 @@ def test_bad_config_names_the_field(override, field):
     decoder.Model(**{**BASE, **override})
 
 
-@pytest.mark.parametrize("override,field", [(dict(block="mamba"), "block")])
-def test_unbuilt_blocks_raise_clearly(override, field):
-  model = decoder.Model(**{**BASE, **override}, mamba={"d_state": 4})
-  with pytest.raises(ValueError, match=field):
-    init(model, make_batch())
-
-
 @pytest.mark.parametrize("key,value,field", [
     ("modality", 3, "modalities"), ("tokens", 48, "vocab_size"), ("targets", -1, "vocab_size")])
 def test_validate_batch_names_the_field(key, value, field):

@@ -44,6 +44,6 @@ def test_mot_active_flops_equal_dense_and_accept_config_dict():
   assert flops.per_token(cfg, 64) == flops.per_token(CONFIG, 64)
 
 
-def test_unknown_block_is_refused():
-  with pytest.raises(ValueError, match="block"):
-    flops.per_token(dict(CONFIG, block="mamba"), 64)
+def test_uncounted_combination_is_refused():
+  with pytest.raises(ValueError, match="config.model.mod with block='mamba'"):
+    flops.per_token(dict(CONFIG, block="mamba", num_layers=2, mod=dict(enabled=True)), 64)

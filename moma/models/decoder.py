@@ -1,4 +1,4 @@
-"""Early-fusion decoder LM: dense transformer, Mixture-of-Transformers (MoT) and, later, Mamba / MoE blocks.
+"""Early-fusion decoder LM: dense transformer, Mixture-of-Transformers (MoT), Mamba and Mixture-of-Mamba.
 
 MoT is this decoder with `untie` ⊆ {"qkv", "o", "ffn", "norm", "qk_norm"}: those weights get one copy per
 modality; dense is `untie=()`. The modality sort plan is built once per forward pass and handed to every
@@ -14,6 +14,9 @@ modality plan then always has one group per modality (the experts' groups are re
 Mixture-of-Depths (`config.model.mod.enabled`): the scan step is `mod.every` layers, the last one wrapped in
 `moma.layers.mod.MixtureOfDepths` (params `layers/block_<i>` and `layers/mod/block`). `causal=True`
 (`model.clone(causal=True)`) is the generation path: aux routers replace the batch-level routers.
+`block="mamba"` (usually with `d_ff=0`: no FFN sublayer) is Mamba, or Mixture-of-Mamba when `untie` names
+its projections (`config.model.mamba.*`); its recurrent state lives in the "cache" collection for decoding
+(`moma.models.generate`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import optax
 from moma import dispatch
 from moma.layers.attention import Attention
 from moma.layers.ffn import SwiGLU
+from moma.layers import mamba as mamba_layer
+from moma.layers import selective_scan
 from moma.layers.mod import MixtureOfDepths
 from moma.layers.moe import MoE
 from moma.layers import routing
@@ -42,6 +47,8 @@ UNTIE_COMPONENTS = {
 # Components applied to sorted rows (the others look up per-token parameters and need no sort).
 _SORTED_COMPONENTS = ("qkv", "o", "ffn", "in_proj", "x_proj", "dt_proj", "out_proj", "conv")
 NORM_PLACEMENTS = ("pre", "swin")
+# config.model.mamba fields and defaults (block="mamba"): the Mamba-1 paper's d_state 16, expand 2, conv 4.
+MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=0, scan_impl="auto", chunk_size=64)
 DTYPES = ("float32", "bfloat16")
 # config.model.moe.* / config.model.mod.* defaults (configs/moma.py starts from these).
 MOE_DEFAULTS = dict(layout="4t4i", routing="ec", capacity_factor=1.0, token_fractions=None, top_k=2,
@@ -75,6 +82,9 @@ class Spec:
   moe: tuple[tuple[str, Any], ...] = ()  # resolved config.model.moe items (ffn="moe")
   mod: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mod items (MoD enabled)
   causal: bool = False
+  num_layers: int = 1
+  max_seq_len: int = 0
+  mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -91,7 +101,13 @@ def make_mixer(spec: Spec, name: str) -> nn.Module:
   if spec.block == "transformer":
     return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
                      spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.block={spec.block!r} is not available yet (have: 'transformer')")
+  if spec.block == "mamba":
+    return mamba_layer.MambaBlock(
+        spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,
+        untie=tuple(c for c in spec.untie if c in mamba_layer.UNTIE_COMPONENTS),
+        num_layers=spec.num_layers, max_len=spec.max_seq_len, dtype=spec.dtype,
+        param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
+  raise ValueError(f"config.model.block={spec.block!r} is not available (have: 'transformer', 'mamba')")
 
 
 def make_ffn(spec: Spec, name: str) -> nn.Module:
@@ -116,12 +132,32 @@ class Block(nn.Module):
                              name=name)
     mixer = make_mixer(s, "mixer")
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block)
-    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, lambda h: mixer(h, plan, **ctx), x_BLD)
+    mix = ((lambda h: self._recurrent(mixer, h, plan, segment)) if s.block == "mamba"
+           else (lambda h: mixer(h, plan, **ctx)))
+    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, mix, x_BLD)
     if s.d_ff:
       ffn = make_ffn(s, "ffn")
       ffn_ctx = dict(segment=segment, deterministic=deterministic) if s.ffn == "moe" else {}
       x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan, **ffn_ctx), x_BLD)
     return x_BLD
+
+  def _recurrent(self, mixer, h_BLD, plan, segment_BL):
+    """A Mamba mixer; with a mutable "cache" collection it also keeps its recurrent state there.
+
+    No cache yet: prefill (documents reset the state; the cache continues the last one). A cache: continue
+    it token by token (decoding). Without a mutable "cache" (training, init): the plain forward.
+    """
+    if self.is_initializing() or not self.is_mutable_collection("cache"):
+      return mixer(h_BLD, plan, segment_BL=segment_BL)
+    fields = ("conv_BKD", "ssm_BDN", "length")
+    if self.has_variable("cache", "length"):
+      cache = mamba_layer.MambaCache(*(self.get_variable("cache", f) for f in fields))
+      y_BLD, cache = mixer(h_BLD, plan, cache=cache, return_cache=True)
+    else:
+      y_BLD, cache = mixer(h_BLD, plan, segment_BL=segment_BL, return_cache=True)
+    for f in fields:
+      self.put_variable("cache", f, getattr(cache, f))
+    return y_BLD
 
   def _sublayer(self, norm, modality_BL, layer, x_BLD):
     if self.spec.norm_placement == "pre":
@@ -194,7 +230,9 @@ class Model(nn.Module):
                 parse_untie(self.untie), self.norm, self.norm_placement, self.qk_norm, self.rope_theta,
                 jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl,
                 tuple(self.modalities), _items(self.moe_config) if self.ffn == "moe" else (),
-                _items(self.mod_config) if self.mod_config["enabled"] else (), self.causal)
+                _items(self.mod_config) if self.mod_config["enabled"] else (), self.causal,
+                num_layers=self.num_layers, max_seq_len=self.max_seq_len,
+                mamba=_items(self.mamba_config) if self.block == "mamba" else ())
 
   @property
   def moe_config(self) -> dict[str, Any]:
@@ -203,6 +241,10 @@ class Model(nn.Module):
   @property
   def mod_config(self) -> dict[str, Any]:
     return _resolve("mod", MOD_DEFAULTS, self.mod)
+
+  @property
+  def mamba_config(self) -> dict[str, Any]:
+    return _resolve("mamba", MAMBA_DEFAULTS, self.mamba)
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
@@ -224,7 +266,7 @@ class Model(nn.Module):
     # `deterministic` is argument 7 counting self: static under remat.
     unit = nn.remat(unit, prevent_cse=False, static_argnums=(7,)) if self.remat else unit
     step = lambda mdl, x, *ctx: (mdl(x, *ctx, deterministic), None)
-    layers = nn.scan(step, variable_axes={"params": 0, "losses": 0, "metrics": 0},
+    layers = nn.scan(step, variable_axes={"params": 0, "losses": 0, "metrics": 0, "cache": 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 5,
                      length=depth, metadata_params={nn.PARTITION_NAME: None})
     x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, batch["segment"],
@@ -271,6 +313,8 @@ def check_config(cfg: Any) -> None:
     _check_moe(cfg)
   if cfg.mod_config["enabled"]:
     _check_mod(cfg)
+  if cfg.block == "mamba":
+    _check_mamba(cfg)
 
 
 def _resolve(field: str, defaults: Mapping[str, Any], given: Any) -> dict[str, Any]:
@@ -316,6 +360,19 @@ def _check_mod(cfg: Any) -> None:
     raise ValueError(f"config.model.mod.selection={mod['selection']!r}: expected 'batch' or 'sequence'")
   if cfg.causal and not mod["aux_router"]:
     raise ValueError("causal=True with config.model.mod.enabled needs config.model.mod.aux_router=True")
+
+
+def _check_mamba(cfg: Any) -> None:
+  settings = cfg.mamba_config
+  for field in ("d_state", "d_conv", "expand", "chunk_size"):
+    if settings[field] <= 0:
+      raise ValueError(f"config.model.mamba.{field}={settings[field]} must be > 0")
+  if settings["dt_rank"] < 0:
+    raise ValueError(f"config.model.mamba.dt_rank={settings['dt_rank']} must be >= 0 "
+                     "(0: ceil(d_model / 16))")
+  if settings["scan_impl"] not in selective_scan.IMPLS:
+    raise ValueError(f"config.model.mamba.scan_impl={settings['scan_impl']!r}: expected one of "
+                     f"{selective_scan.IMPLS}")
 
 
 def as_model(model_config: Any) -> Model:

@@ -1,0 +1,115 @@
+"""Recurrent decoding for the Mamba / Mixture-of-Mamba decoder: prefill, one-token steps, sampling.
+
+The decoder keeps each layer's recurrent state (`moma.layers.mamba.MambaCache`: the last d_conv - 1 pre-conv
+inputs and the float32 SSM state) in the Flax "cache" collection, stacked over layers by `nn.scan`:
+
+  logits_BPV, cache = prefill(model, variables, prompt_batch)
+  logits_B1V, cache = decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1)
+  tokens_BT, modality_BT = generate(model, variables, prompt_batch, num_new_tokens, rng=key)
+
+A step costs O(1) in the sequence length (no attention over the past). Prompts of different lengths are
+left-padded with `segment` 0: a document start resets the state, so padding does not leak into the prompt.
+The transformer decoder has no KV cache yet (`block="transformer"` is refused).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from moma.layers import mamba as mamba_layer
+
+
+def _check_block(model) -> None:
+  if model.block != "mamba":
+    raise ValueError(f"decoding: config.model.block={model.block!r} has no decode cache yet "
+                     "(recurrent decoding exists for block='mamba')")
+
+
+def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
+  return {"params": variables["params"]}  # a stale "cache" from init or earlier calls must not leak in
+
+
+def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+  """(logits_BPV, cache) for a prompt batch (DESIGN.md dict); the cache continues each row's last document."""
+  _check_block(model)
+  logits_BPV, mutated = model.apply(_params(variables), batch, mutable=["cache"])
+  return logits_BPV, mutated["cache"]
+
+
+def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1) -> tuple[jax.Array, Any]:
+  """Feeds one token per row: (logits_B1V, next cache). Past max_seq_len raises when the cache is concrete
+  (inside jit, `generate` checks its static lengths once instead)."""
+  _check_block(model)
+  try:
+    done = int(jnp.max(cache["layers"]["length"]))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    done = 0
+  mamba_layer.check_decode_length(done, tokens_B1.shape[1], model.max_seq_len)
+  batch = dict(tokens=tokens_B1, modality=modality_B1, segment=jnp.ones_like(tokens_B1),
+               position=position_B1)
+  logits_B1V, mutated = model.apply({**_params(variables), "cache": cache}, batch, mutable=["cache"])
+  return logits_B1V, mutated["cache"]
+
+
+def generate(model, variables, prompt_batch: Mapping[str, jax.Array], num_new_tokens: int, *,
+             rng: jax.Array | None = None, temperature: float = 1.0,
+             modality_table: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Samples `num_new_tokens` per row after the prompt: (tokens_BT, modality_BT), int32 [B, T].
+
+  rng None: greedy (argmax); else sampling at `temperature`. modality_table: int32 [vocab] modality id of
+  each token id (`moma.data.vocabulary(config.data).modality_table()`), so that generated image or audio
+  codes take their modality's weights; None keeps each row's last prompt modality. The decode loop is one
+  `lax.scan`; the compiled program is kept per (model, num_new_tokens) for the last few models.
+  """
+  _check_block(model)
+  prompt_len = prompt_batch["tokens"].shape[1]
+  if num_new_tokens <= 0:
+    raise ValueError(f"generate: num_new_tokens={num_new_tokens} must be > 0")
+  mamba_layer.check_decode_length(prompt_len, num_new_tokens, model.max_seq_len)
+  greedy = rng is None
+  return _compiled(model, num_new_tokens)(
+      _params(variables), dict(prompt_batch), jax.random.key(0) if greedy else rng,
+      jnp.float32(temperature), jnp.bool_(greedy), modality_table)
+
+
+_COMPILED: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def _compiled(model, num_new_tokens):
+  """A jitted `_generate` per (model, num_new_tokens); models hold config dicts, so they are keyed by id
+  and kept alive in the entry (an id cannot be reused while its model is here)."""
+  key = (id(model), num_new_tokens)
+  if key not in _COMPILED:
+    while len(_COMPILED) >= 8:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = (model, jax.jit(functools.partial(_generate, model, num_new_tokens=num_new_tokens)))
+  return _COMPILED[key][1]
+
+
+def _generate(model, variables, prompt_batch, rng, temperature, greedy, modality_table, *, num_new_tokens):
+  def pick(logits_BV, key, last_modality_B):
+    sampled_B = jax.random.categorical(key, logits_BV / temperature, axis=-1)
+    token_B = jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
+    modality_B = last_modality_B if modality_table is None else jnp.take(modality_table, token_B)
+    return token_B, modality_B.astype(jnp.int32)
+
+  keys = jax.random.split(rng, num_new_tokens)
+  logits_BPV, cache = prefill(model, variables, prompt_batch)
+  first = pick(logits_BPV[:, -1], keys[0], prompt_batch["modality"][:, -1])
+  next_position_B = prompt_batch["position"][:, -1] + 1
+
+  def step(carry, key):
+    (token_B, modality_B), position_B, cache = carry
+    logits_B1V, cache = decode_step(model, variables, cache, token_B[:, None], modality_B[:, None],
+                                    position_B[:, None])
+    new = pick(logits_B1V[:, 0], key, modality_B)
+    return (new, position_B + 1, cache), new
+
+  _, (tokens_TB, modality_TB) = jax.lax.scan(step, (first, next_position_B, cache), keys[1:])
+  tokens_BT = jnp.concatenate([first[0][:, None], tokens_TB.T], axis=1)
+  modality_BT = jnp.concatenate([first[1][:, None], modality_TB.T], axis=1)
+  return tokens_BT, modality_BT

@@ -1,4 +1,4 @@
-"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|S|M|1.4B`.
+"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|S|M|1.4B,modalities=...`.
 
 Pre-norm RMSNorm → Mamba-1 block → residual, no FFN (d_ff=0), d_state 16, expand 2, conv 4,
 dt_rank ceil(d_model / 16). Each size keeps the dense preset's width, batch, length and schedule and takes
@@ -22,11 +22,11 @@ from configs import common
 NUM_LAYERS = {"tiny": 4, "S": 34, "M": 74, "1.4B": 76}
 
 
-def mamba_config(size: str) -> ml_collections.ConfigDict:
+def mamba_config(size: str, modalities: str = "text+image+audio") -> ml_collections.ConfigDict:
   """The dense preset of `size` turned into a plain Mamba decoder (shared by configs/mom.py)."""
   if size not in NUM_LAYERS:
     raise ValueError(f"config argument size={size!r} is unknown; choose one of {list(NUM_LAYERS)}")
-  config = common.base_config(size)
+  config = common.base_config(size, common.parse_modalities(modalities))
   config.model.update(block="mamba", d_ff=0, num_layers=NUM_LAYERS[size], untie=())
   config.model.mamba = ml_collections.ConfigDict(dict(
       d_state=16, d_conv=4, expand=2, dt_rank=0,  # 0: ceil(d_model / 16)
@@ -35,5 +35,5 @@ def mamba_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size="tiny")
-  return mamba_config(args.size)
+  args = common.parse_arg(arg, size="tiny", modalities="text+image+audio")
+  return mamba_config(args.size, args.modalities)

@@ -20,7 +20,7 @@ UNTIE_PRESETS = {
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size="tiny", untie="all")
-  config = mamba.mamba_config(args.size)
+  args = common.parse_arg(arg, size="tiny", untie="all", modalities="text+image+audio")
+  config = mamba.mamba_config(args.size, args.modalities)
   config.model.untie = common.parse_untie(args.untie, UNTIE_PRESETS)
   return config

@@ -119,7 +119,7 @@ class GroupedKernel(nn.Module):
     shape = ((self.num_groups,) if grouped else ()) + (in_dim, *self._features())
     axes = ((self.group_axis,) if grouped else ()) + (self.in_axis, *self.out_axes)
     # fan-in is `in_dim` for every group: initialise each group's matrix like a dense layer's.
-    init = _per_group(self.kernel_init) if grouped else self.kernel_init
+    init = per_group_init(self.kernel_init) if grouped else self.kernel_init
     return self.param("kernel", nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
 
 
@@ -167,7 +167,7 @@ def group_rows(per_group: jax.Array, plan: SortPlan, num_rows: int) -> jax.Array
   return jnp.take(per_group, jnp.minimum(row_group, plan.num_groups - 1), axis=0)
 
 
-def _per_group(init: Callable) -> Callable:
+def per_group_init(init: Callable) -> Callable:
   """Apply a dense initialiser to each group's [in, *out] slice, so fan-in excludes the group axis."""
 
   def grouped_init(key, shape, dtype=jnp.float32):

@@ -138,9 +138,9 @@ def test_moma_bad_arguments(arg, match):
 
 
 def test_modalities_argument_sets_model_and_data():
-  from configs import dense, mot
+  from configs import dense, mamba, mom, mot
 
-  for module in (dense, mot):
+  for module in (dense, mot, mamba, mom):
     config = module.get_config("modalities=image+text")
     assert config.model.modalities == ("text", "image")
     assert config.data.modalities == ("text", "image")

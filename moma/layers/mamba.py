@@ -127,7 +127,7 @@ def _symmetric_uniform(bound):
 
 def _per_group(init, num_groups):
   """Per-modality copies of a dense initialiser (each group initialised like the shared weight)."""
-  return init if num_groups == 1 else dispatch._per_group(init)  # pylint: disable=protected-access
+  return init if num_groups == 1 else dispatch.per_group_init(init)
 
 
 class MambaBlock(nn.Module):

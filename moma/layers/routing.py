@@ -116,7 +116,7 @@ def logistic_noise(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 def sharded_param(module: nn.Module, name: str, shape, axes, init=nn.initializers.lecun_normal(),
                   dtype: Any = jnp.float32, per_expert: bool = False) -> jax.Array:
   """A parameter with logical axes; `per_expert` initialises each leading slice like a dense matrix."""
-  init = dispatch._per_group(init) if per_expert else init  # pylint: disable=protected-access
+  init = dispatch.per_group_init(init) if per_expert else init
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 

@@ -137,13 +137,13 @@ def shard_batch(batch, mesh, rules) -> Any:
 
 
 def init_or_restore(config, model, mngr, batch, mesh, rules) -> tuple[TrainState, Any, int]:
-  """(state, its shardings, step): the latest checkpoint in `mngr` resharded onto `mesh`, else a fresh
-  state at step 0, created sharded (each device computes only its shards). `batch` gives shapes."""
+  """(state, its shardings, step): the latest checkpoint in `mngr` (if any) resharded onto `mesh`, else
+  a fresh state at step 0, created sharded (each device computes only its shards). `batch` gives shapes."""
   logical = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0),
                            batch)["params"]
   make = functools.partial(create_state, config, model)
   abstract = sharding.abstract_sharded(make, mesh, rules, batch, logical=logical)
-  state, step = checkpoint.restore_latest(mngr, abstract)
+  state, step = checkpoint.restore_latest(mngr, abstract) if mngr else (None, 0)
   if state is None:
     state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
     return state, state_sh, 0

@@ -76,7 +76,7 @@ def layer_step(cfg, batch):
 
   def loss(p, x, modality, segment, position):
     plan = dispatch.make_plan(modality, num_groups)  # built once per forward, as in the decoder
-    y, _ = block.apply({"params": p}, x, plan, modality, segment, position, None)
+    y = block.apply({"params": p}, x, plan, modality, segment, position, None)
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
   plan = dispatch.make_plan(batch["modality"], num_groups)

@@ -86,6 +86,30 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   return state, step
 
 
+def read_config(workdir: str, field: str) -> dict:
+  """DIR/config.json as a dict; `field` (the config field that named DIR) is in the error if it is absent."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{field}={workdir!r}: no config.json there; name the workdir of a finished run")
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_params(workdir: str, field: str):
+  """The params of DIR's latest checkpoint as host arrays (no target tree: the architecture may differ)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  step = ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None
+  if step is None:
+    raise ValueError(f"{field}={workdir!r} has no checkpoint under {directory}; train that run first")
+  path = os.path.join(directory, str(step), "default")
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    # The whole state is read (this orbax has no placeholder restore), only the params are returned.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree))
+    return ckptr.restore(path, target)["params"]
+
+
 def _jsonable(v):
   if isinstance(v, dict):
     return {k: _jsonable(x) for k, x in v.items()}

@@ -4,10 +4,17 @@ Training = 3 × forward (the backward pass does two matmuls per forward matmul).
 full L × L score and value matmuls, as the masked XLA attention computes them. Embedding lookups and
 elementwise ops (norms, softmax, activations) are left out; they are a few percent at realistic widths.
 Dense and MoT cost the same per token: untying gives each modality its own copy, every token uses one.
+MoMa / MoE (`ffn="moe"`): expert choice at capacity c gives every token c experts on average, whatever its
+modality (c = 1: a dense FFN's FLOPs), token choice top_k; plus the router (and aux router) logits.
+Mixture-of-Depths: a MoD layer processes a `mod.capacity` share of the tokens, whose attention context is
+that share of the sequence (the model FLOPs; batch-wide selection packs the batch's picks into one row and
+computes a larger masked score matrix than this counts).
 """
 
 from typing import Any
 
+from moma.layers import mod as mod_lib
+from moma.layers import moe as moe_lib
 from moma.models import decoder
 
 TRAIN_MULTIPLIER = 3
@@ -17,17 +24,51 @@ def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Forward FLOPs per token, split into "attention_proj", "attention", "ffn", "lm_head"."""
   model = decoder.as_model(model_config)
   spec = model.spec
-  if spec.block != "transformer" or spec.ffn != "dense":
-    raise ValueError(f"flops: config.model.block={spec.block!r} / ffn={spec.ffn!r} not counted yet "
-                     "(have: block='transformer', ffn='dense')")
+  if spec.block != "transformer":
+    raise ValueError(f"flops: config.model.block={spec.block!r} not counted yet (have: 'transformer')")
   d, d_ff, layers, vocab = spec.d_model, spec.d_ff, model.num_layers, model.vocab_size
   heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-  return {
-      "attention_proj": layers * 2 * d * (2 * heads + 2 * kv_heads) * head_dim,  # q, k, v, o
-      "attention": layers * 2 * 2 * seq_len * heads * head_dim,  # scores and weighted values
-      "ffn": layers * 2 * 3 * d * d_ff,  # SwiGLU gate, up, down
-      "lm_head": 2 * d * vocab,
-  }
+  ffn = 2 * 3 * d * d_ff  # SwiGLU gate, up, down
+  if spec.ffn == "moe":
+    ffn = moe_layer(model)["forward_flops"]
+  per_layer = {"attention_proj": 2 * d * (2 * heads + 2 * kv_heads) * head_dim,  # q, k, v, o
+               "attention": 2 * 2 * seq_len * heads * head_dim,  # scores and weighted values
+               "ffn": ffn}
+  out = {k: layers * v for k, v in per_layer.items()}
+  if spec.mod:
+    cfg = model.mod_config
+    n_mod = layers // cfg["every"]  # one MoD layer per group of `every`
+    routed = dict(per_layer, attention=per_layer["attention"] * cfg["capacity"])
+    mod = mod_lib.flops_per_token(d, sum(routed.values()), capacity=cfg["capacity"],
+                                  aux_router=cfg["aux_router"])
+    for k in per_layer:
+      out[k] -= n_mod * (per_layer[k] - cfg["capacity"] * routed[k])
+    out["mod_router"] = n_mod * mod["router_flops"]
+  out["lm_head"] = 2 * d * vocab
+  return out
+
+
+def moe_layer(model_config: Any) -> dict[str, float]:
+  """`moma.layers.moe.flops_per_token` of one MoE layer of config.model: forward FLOPs, active and total
+  parameters (expert weights, router, aux router)."""
+  model = decoder.as_model(model_config)
+  cfg = model.moe_config
+  return moe_lib.flops_per_token(model.d_model, model.d_ff, modalities=model.modalities,
+                                 layout=cfg["layout"], routing=cfg["routing"],
+                                 capacity_factor=cfg["capacity_factor"], top_k=cfg["top_k"],
+                                 aux_router=cfg["aux_router"])
+
+
+def ffn_params(model_config: Any) -> dict[str, float]:
+  """FFN parameters of the whole model: {"active": used per token, "total": stored} (MoE: all experts)."""
+  model = decoder.as_model(model_config)
+  if model.ffn == "moe":
+    layer = moe_layer(model)
+    return {"active": model.num_layers * layer["active_params"],
+            "total": model.num_layers * layer["total_params"]}
+  copies = len(model.modalities) if "ffn" in decoder.parse_untie(model.untie) else 1
+  dense = model.num_layers * 3 * model.d_model * model.d_ff
+  return {"active": dense, "total": copies * dense}
 
 
 def per_token(model_config: Any, seq_len: int) -> dict[str, float]:

@@ -28,13 +28,17 @@ from moma import data
 from moma import flops
 from moma import metrics as metrics_lib
 from moma import sharding
+from moma import upcycle
 
 TrainState = train_state.TrainState
 # Leaf names that never get weight decay: norm scales, biases, embeddings, Mamba's A_log and D.
 NO_DECAY_SUFFIXES = ("scale", "bias", "embedding", "A_log")
 NO_DECAY_NAMES = ("D",)
 # config.train.stage → which parameters train (by their path); the others get zero updates.
-STAGES = {"main": lambda path: True}
+# "aux_routers" (MoMa stage 2): the main model is frozen, only the auxiliary routers learn.
+STAGES = {"main": lambda path: True, "aux_routers": lambda path: "aux_router" in path}
+# config.train.stage → which sown "losses" (by their path) the stage minimises; None: LM loss + all of them.
+STAGE_LOSSES = {"main": None, "aux_routers": lambda path: "aux_router" in path}
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -47,9 +51,15 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both)")
   if config.train.stage not in STAGES:
     raise ValueError(f"config.train.stage={config.train.stage!r} is unknown; choose one of {list(STAGES)}")
-  if config.init.upcycle_from:
-    raise ValueError("config.init.upcycle_from: upcycling is not available yet (MoMa, issue 5); "
-                     "leave it empty to train from scratch")
+  if config.init.upcycle_from and config.init.get("params_from"):
+    raise ValueError("config.init.upcycle_from and config.init.params_from are both set; choose one")
+  if config.train.stage == "aux_routers":
+    model = config.model
+    has_aux = (model.get("ffn") == "moe" and (model.get("moe") or {}).get("aux_router")) or (
+        (model.get("mod") or {}).get("enabled") and model.mod.get("aux_router"))
+    if not has_aux:
+      raise ValueError("config.train.stage='aux_routers' needs config.model.moe.aux_router=True (ffn='moe') "
+                       "or config.model.mod.aux_router=True (mod.enabled)")
   if config.train.batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide evenly over "
                      f"{jax.process_count()} processes")
@@ -138,17 +148,28 @@ def shard_batch(batch, mesh, rules) -> Any:
 
 def init_or_restore(config, model, mngr, batch, mesh, rules) -> tuple[TrainState, Any, int]:
   """(state, its shardings, step): the latest checkpoint in `mngr` (if any) resharded onto `mesh`, else
-  a fresh state at step 0, created sharded (each device computes only its shards). `batch` gives shapes."""
+  a fresh state at step 0, created sharded (each device computes only its shards). `batch` gives shapes.
+
+  A fresh state takes its parameters from `config.init.upcycle_from` (sparse upcycling into the expert
+  layout) or `config.init.params_from` (same architecture, e.g. the aux-router stage) when set; the
+  optimizer state and the schedule start from zero either way.
+  """
   logical = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0),
                            batch)["params"]
   make = functools.partial(create_state, config, model)
   abstract = sharding.abstract_sharded(make, mesh, rules, batch, logical=logical)
   state, step = checkpoint.restore_latest(mngr, abstract) if mngr else (None, 0)
-  if state is None:
-    state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
-    return state, state_sh, 0
-  logging.info("Resumed from %s at step %d", mngr.directory, step)
-  return state, jax.tree.map(lambda a: a.sharding, abstract), step
+  if state is not None:
+    logging.info("Resumed from %s at step %d", mngr.directory, step)
+    return state, jax.tree.map(lambda a: a.sharding, abstract), step
+  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
+  source = config.init.upcycle_from or config.init.get("params_from", "")
+  if source:  # The source's weights are read whole on each host, then placed on the mesh.
+    params = initial_params(config, state.params, source)
+    fresh = TrainState.create(apply_fn=model.apply, params=params, tx=state.tx)
+    leaves = jax.device_put(jax.tree.leaves(fresh), jax.tree.leaves(state_sh))
+    state = jax.tree.unflatten(jax.tree.structure(state), leaves)
+  return state, state_sh, 0
 
 
 def compile_step(step_fn, state, batch, state_sh):
@@ -156,6 +177,41 @@ def compile_step(step_fn, state, batch, state_sh):
   and is donated. Call inside `sharding.activate` so the model's activation constraints apply."""
   jitted = jax.jit(step_fn, out_shardings=(state_sh, None), donate_argnums=0)
   return jitted.lower(state, batch).compile()
+
+
+def initial_params(config, params, source: str):
+  """`params` (fresh) with the weights of `source`'s latest checkpoint: upcycled or copied by path."""
+  field = "upcycle_from" if config.init.upcycle_from else "params_from"
+  src_model = checkpoint.read_config(source, f"config.init.{field}")["model"]
+  for key in ("d_model", "num_layers", "vocab_size"):
+    if src_model.get(key) != config.model[key]:
+      raise ValueError(f"config.init.{field}={source!r} has model.{key}={src_model.get(key)}, this config "
+                       f"{config.model[key]}: the source must have the same {key}")
+  src = checkpoint.restore_params(source, f"config.init.{field}")
+  if field == "params_from":
+    return copy_params(src, params, source)
+  if src_model.get("ffn") == "moe" and src_model["moe"]["layout"] != "1t1i":
+    raise ValueError(f"config.init.upcycle_from={source!r} has moe.layout={src_model['moe']['layout']!r}; "
+                     "upcycle from a dense, MoT or 1t1i run")
+  logging.info("Upcycling %s into layout %s", source, config.model.moe.layout)
+  return upcycle.upcycle(model_module(config).upcycle_source(src), params,
+                         layout=config.model.moe.layout, modalities=config.model.modalities)
+
+
+def copy_params(src, dst, source: str):
+  """`dst` with every leaf that `src` has at the same path (shapes must agree); the rest stay fresh."""
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(src)}
+
+  def take(path, fresh):
+    old = flat.get(jax.tree_util.keystr(path))
+    if old is None:
+      return fresh
+    if np.shape(old) != np.shape(fresh):
+      raise ValueError(f"config.init.params_from={source!r}: {jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(old)} there and {np.shape(fresh)} here; use a run of the same architecture")
+    return jnp.asarray(old, fresh.dtype)
+
+  return jax.tree_util.tree_map_with_path(take, dst)
 
 
 def routing_metrics(sown) -> dict[str, jax.Array]:
@@ -167,18 +223,23 @@ def routing_metrics(sown) -> dict[str, jax.Array]:
   return {k: jnp.mean(jnp.stack(v)) for k, v in by_name.items()}
 
 
-def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic):
-  """Next-token loss + the sum of the sown "losses" (aux losses); metrics incl. routing stats."""
+def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic, stage="main"):
+  """Next-token loss + the sum of the sown "losses" (aux losses); metrics incl. routing stats.
+
+  In a stage with its own losses (`STAGE_LOSSES`), the objective is the sum of those sown losses only.
+  """
   logits, sown = model.apply({"params": params}, batch, deterministic=deterministic,
                              rngs=None if rng is None else {"dropout": rng},
                              mutable=["losses", "metrics"])
   loss, per_modality = loss_fn(logits, batch, modalities)
-  aux_loss = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("losses", {}))), jnp.float32(0))
+  picks = STAGE_LOSSES[stage] or (lambda path: True)
+  aux_loss = sum((jnp.sum(x) for p, x in jax.tree_util.tree_leaves_with_path(sown.get("losses", {}))
+                  if picks(jax.tree_util.keystr(p))), jnp.float32(0))
   out = {"loss": loss, "aux_loss": aux_loss, **per_modality, **routing_metrics(sown.get("metrics", {}))}
-  return loss + aux_loss, out
+  return (aux_loss if STAGE_LOSSES[stage] else loss + aux_loss), out
 
 
-def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed):
+def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed, stage="main"):
   """One optimizer step; a pure function of (state, batch) so it can be jitted per task/shape.
 
   Train-time randomness (e.g. router noise) comes from the "dropout" rng stream, a function of
@@ -187,7 +248,7 @@ def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed):
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
   (_, out), grads = grad_fn(state.params, batch, rng, model=model, loss_fn=loss_fn,
-                            modalities=modalities, deterministic=False)
+                            modalities=modalities, deterministic=False, stage=stage)
   out["grad_norm"] = optax.tree_utils.tree_norm(grads)
   return state.apply_gradients(grads=grads), out
 
@@ -255,8 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Compiled ahead of time so that compilation stays out of the throughput numbers.
   t0 = time.perf_counter()
   with sharding.activate(mesh, rules):
-    step_fn = compile_step(functools.partial(train_step, seed=tcfg.seed, **statics), state, first,
-                           state_sh)
+    step_fn = compile_step(functools.partial(train_step, seed=tcfg.seed, stage=tcfg.stage, **statics),
+                           state, first, state_sh)
   logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
   eval_fn = jax.jit(functools.partial(eval_step, **statics))
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)

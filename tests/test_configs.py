@@ -86,3 +86,23 @@ def test_unknown_model_name():
   config.model.name = "nosuch"
   with pytest.raises(ValueError, match="config.model.name='nosuch'"):
     train.model_module(config)
+
+
+@pytest.mark.parametrize("arg,modalities,layout", [
+    ("experts=4t4i", ("text", "image"), "4t4i"), ("experts=1t1i,routing=topk", ("text", "image"), "1t1i"),
+    ("experts=6t2i,mod=true", ("text", "image"), "6t2i"), ("experts=7t1i", ("text", "image"), "7t1i"),
+    ("experts=8shared", ("text", "image"), "8shared"),
+    ("experts=3t3i2a", ("text", "image", "audio"), "3t3i2a"), ("size=1.4B,mod=true", ("text", "image"), "4t4i")])
+def test_moma_presets_build(arg, modalities, layout):
+  from configs import moma  # pylint: disable=g-import-not-at-top
+  config = train.resolve_config(moma.get_config(arg))
+  model = train.build_model(config)
+  assert tuple(config.data.modalities) == modalities and model.moe_config["layout"] == layout
+  assert model.mod_config["enabled"] == ("mod=true" in arg)
+
+
+@pytest.mark.parametrize("arg,match", [("experts=4t4x", "letter 'x'"), ("routing=hash", "routing='hash'")])
+def test_moma_bad_arguments(arg, match):
+  from configs import moma  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    moma.get_config(arg)

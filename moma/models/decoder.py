@@ -6,8 +6,14 @@ layer; layers are stacked with `nn.scan` so compile time does not grow with dept
 
 Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `norm_placement`).
 `make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
-`mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)`; both
-return y_BLD and may sow into "losses" / "metrics".
+`mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)` (MoE:
+also `segment=`, `deterministic=`); both return y_BLD and may sow into "losses" / "metrics".
+
+MoMa (`ffn="moe"`, `config.model.moe.*`): the FFN is `moma.layers.moe.MoE` under the same name "ffn"; the
+modality plan then always has one group per modality (the experts' groups are read off it).
+Mixture-of-Depths (`config.model.mod.enabled`): the scan step is `mod.every` layers, the last one wrapped in
+`moma.layers.mod.MixtureOfDepths` (params `layers/block_<i>` and `layers/mod/block`). `causal=True`
+(`model.clone(causal=True)`) is the generation path: aux routers replace the batch-level routers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import optax
 from moma import dispatch
 from moma.layers.attention import Attention
 from moma.layers.ffn import SwiGLU
+from moma.layers.mod import MixtureOfDepths
+from moma.layers.moe import MoE
+from moma.layers import routing
 from moma.layers.norms import NORM_KINDS, Norm
 
 UNTIE_COMPONENTS = {
@@ -34,6 +43,12 @@ UNTIE_COMPONENTS = {
 _SORTED_COMPONENTS = ("qkv", "o", "ffn", "in_proj", "x_proj", "dt_proj", "out_proj", "conv")
 NORM_PLACEMENTS = ("pre", "swin")
 DTYPES = ("float32", "bfloat16")
+# config.model.moe.* / config.model.mod.* defaults (configs/moma.py starts from these).
+MOE_DEFAULTS = dict(layout="4t4i", routing="ec", capacity_factor=1.0, token_fractions=None, top_k=2,
+                    gate="softmax", dropless=False, load_balance_weight=0.01, z_loss_weight=1e-3,
+                    router_noise=0.0, aux_router=False, aux_loss_weight=1.0)
+MOD_DEFAULTS = dict(enabled=False, capacity=0.25, every=2, selection="batch", router_noise=0.0,
+                    aux_router=False, aux_loss_weight=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +71,10 @@ class Spec:
   dtype: Any
   param_dtype: Any
   gmm_impl: str
+  modalities: tuple[str, ...] = ()
+  moe: tuple[tuple[str, Any], ...] = ()  # resolved config.model.moe items (ffn="moe")
+  mod: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mod items (MoD enabled)
+  causal: bool = False
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -79,6 +98,9 @@ def make_ffn(spec: Spec, name: str) -> nn.Module:
   if spec.ffn == "dense":
     return SwiGLU(spec.d_ff, spec.num_modalities, spec.untie, spec.dtype, spec.param_dtype,
                   spec.gmm_impl, name=name)
+  if spec.ffn == "moe":
+    return MoE(spec.d_ff, spec.modalities, **dict(spec.moe), causal=spec.causal, dtype=spec.dtype,
+               param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
   raise ValueError(f"config.model.ffn={spec.ffn!r} is not available yet (have: 'dense')")
 
 
@@ -88,7 +110,7 @@ class Block(nn.Module):
   spec: Spec
 
   @nn.compact
-  def __call__(self, x_BLD, plan, modality, segment, position, image_block):
+  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
     s = self.spec
     norm = lambda name: Norm(s.norm, s.groups("norm"), dtype=s.dtype, param_dtype=s.param_dtype,
                              name=name)
@@ -97,13 +119,35 @@ class Block(nn.Module):
     x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, lambda h: mixer(h, plan, **ctx), x_BLD)
     if s.d_ff:
       ffn = make_ffn(s, "ffn")
-      x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan), x_BLD)
-    return x_BLD, None
+      ffn_ctx = dict(segment=segment, deterministic=deterministic) if s.ffn == "moe" else {}
+      x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan, **ffn_ctx), x_BLD)
+    return x_BLD
 
   def _sublayer(self, norm, modality_BL, layer, x_BLD):
     if self.spec.norm_placement == "pre":
       return layer(norm(x_BLD, modality_BL))
     return norm(layer(x_BLD), modality_BL)
+
+
+class ModGroup(nn.Module):
+  """`mod.every` layers: plain blocks `block_<i>`, then a block that only a `mod.capacity` share of the
+  tokens (chosen by a router over the whole batch) goes through (`mod`)."""
+
+  spec: Spec
+
+  @nn.compact
+  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
+    s, mod = self.spec, dict(self.spec.mod)
+    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
+               deterministic=deterministic)
+    for i in range(mod["every"] - 1):
+      x_BLD = Block(s, name=f"block_{i}")(x_BLD, plan, **ctx)
+    # parent=None: the block is adopted by the MoD wrapper (params under layers/mod/block).
+    routed = MixtureOfDepths(Block(s, parent=None), capacity=mod["capacity"], selection=mod["selection"],
+                             router_noise=mod["router_noise"], aux_router=mod["aux_router"],
+                             aux_loss_weight=mod["aux_loss_weight"], causal=s.causal, dtype=s.dtype,
+                             param_dtype=s.param_dtype, name="mod")
+    return routed(x_BLD, plan, **ctx)
 
 
 class Model(nn.Module):
@@ -137,6 +181,7 @@ class Model(nn.Module):
   moe: Any = None
   mamba: Any = None
   mod: Any = None
+  causal: bool = False  # generation: aux routers instead of batch-level routing (MoE "ec", MoD)
 
   def __post_init__(self):
     check_config(self)
@@ -147,27 +192,43 @@ class Model(nn.Module):
     return Spec(len(self.modalities), self.d_model, self.num_heads, self.num_kv_heads or self.num_heads,
                 self.head_dim or self.d_model // self.num_heads, self.d_ff, self.block, self.ffn,
                 parse_untie(self.untie), self.norm, self.norm_placement, self.qk_norm, self.rope_theta,
-                jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl)
+                jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.gmm_impl,
+                tuple(self.modalities), _items(self.moe_config) if self.ffn == "moe" else (),
+                _items(self.mod_config) if self.mod_config["enabled"] else (), self.causal)
+
+  @property
+  def moe_config(self) -> dict[str, Any]:
+    return _resolve("moe", MOE_DEFAULTS, self.moe)
+
+  @property
+  def mod_config(self) -> dict[str, Any]:
+    return _resolve("mod", MOD_DEFAULTS, self.mod)
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
-    del deterministic  # no dropout
+    """`deterministic=False` (training) draws router noise from the "dropout" rng when configured."""
     spec = self.spec
     modality_BL = batch["modality"]
     sorted_untie = set(spec.untie) & set(_SORTED_COMPONENTS)
-    plan = dispatch.make_plan(modality_BL, spec.num_modalities if sorted_untie else 1)
+    # MoE expert groups are read off the plan, so a modality layout needs one group per modality.
+    by_modality = sorted_untie or (spec.ffn == "moe" and not _moe_layout(self).shared)
+    plan = dispatch.make_plan(modality_BL, spec.num_modalities if by_modality else 1)
 
     embed = nn.Embed(self.vocab_size, self.d_model, dtype=spec.dtype, param_dtype=spec.param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                  ("vocab", "embed")), name="embed")
     x_BLD = embed(batch["tokens"])
 
-    block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0, "losses": 0, "metrics": 0},
-                     split_rngs={"params": True}, in_axes=(nn.broadcast,) * 5, length=self.num_layers,
-                     metadata_params={nn.PARTITION_NAME: None})
-    x_BLD, _ = layers(spec, name="layers")(x_BLD, plan, modality_BL, batch["segment"], batch["position"],
-                                           batch.get("image_block"))
+    unit, depth = (ModGroup, self.num_layers // self.mod_config["every"]) if spec.mod else (
+        Block, self.num_layers)
+    # `deterministic` is argument 7 counting self: static under remat.
+    unit = nn.remat(unit, prevent_cse=False, static_argnums=(7,)) if self.remat else unit
+    step = lambda mdl, x, *ctx: (mdl(x, *ctx, deterministic), None)
+    layers = nn.scan(step, variable_axes={"params": 0, "losses": 0, "metrics": 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 5,
+                     length=depth, metadata_params={nn.PARTITION_NAME: None})
+    x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, batch["segment"],
+                      batch["position"], batch.get("image_block"))
     x_BLD = Norm(spec.norm, spec.groups("norm"), dtype=spec.dtype, param_dtype=spec.param_dtype,
                  name="final_norm")(x_BLD, modality_BL)
     if self.tie_embeddings:
@@ -206,6 +267,55 @@ def check_config(cfg: Any) -> None:
   for field, options in choices.items():
     if getattr(cfg, field) not in options:
       raise ValueError(f"config.model.{field}={getattr(cfg, field)!r}: expected one of {options}")
+  if cfg.ffn == "moe":
+    _check_moe(cfg)
+  if cfg.mod_config["enabled"]:
+    _check_mod(cfg)
+
+
+def _resolve(field: str, defaults: Mapping[str, Any], given: Any) -> dict[str, Any]:
+  """config.model.<field> (None, dict or ConfigDict) over `defaults`; unknown keys are an error."""
+  given = dict(given.items()) if given else {}
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"config.model.{field} has unknown keys {unknown}; known: {sorted(defaults)}")
+  return {**defaults, **given}
+
+
+def _items(d: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+  return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(d.items()))
+
+
+def _moe_layout(cfg: Any) -> routing.Layout:
+  try:
+    return routing.parse_layout(cfg.moe_config["layout"], cfg.modalities)
+  except ValueError as e:
+    raise ValueError(f"config.model.{e} (config.model.modalities={tuple(cfg.modalities)})") from None
+
+
+def _check_moe(cfg: Any) -> None:
+  moe, layout = cfg.moe_config, _moe_layout(cfg)
+  if moe["capacity_factor"] <= 0:
+    raise ValueError(f"config.model.moe.capacity_factor={moe['capacity_factor']} must be > 0")
+  if moe["routing"] not in ("ec", "topk"):
+    raise ValueError(f"config.model.moe.routing={moe['routing']!r}: expected 'ec' or 'topk'")
+  if moe["routing"] == "topk" and not 1 <= moe["top_k"] <= min(layout.sizes):
+    raise ValueError(f"config.model.moe.top_k={moe['top_k']} must be in [1, {min(layout.sizes)}], the "
+                     f"smallest expert group of layout {moe['layout']!r}")
+  if cfg.causal and moe["routing"] == "ec" and not moe["aux_router"]:
+    raise ValueError("causal=True with config.model.moe.routing='ec' needs config.model.moe.aux_router=True")
+
+
+def _check_mod(cfg: Any) -> None:
+  mod = cfg.mod_config
+  if not 0 < mod["capacity"] <= 1:
+    raise ValueError(f"config.model.mod.capacity={mod['capacity']} must be in (0, 1]")
+  if mod["every"] < 1 or cfg.num_layers % mod["every"]:
+    raise ValueError(f"config.model.mod.every={mod['every']} must divide num_layers={cfg.num_layers}")
+  if mod["selection"] not in ("batch", "sequence"):
+    raise ValueError(f"config.model.mod.selection={mod['selection']!r}: expected 'batch' or 'sequence'")
+  if cfg.causal and not mod["aux_router"]:
+    raise ValueError("causal=True with config.model.mod.enabled needs config.model.mod.aux_router=True")
 
 
 def as_model(model_config: Any) -> Model:
@@ -241,6 +351,19 @@ def _check_range(batch, key, upper, what):
   if values.size and (values.min() < 0 or values.max() >= upper):
     bad = values.min() if values.min() < 0 else values.max()
     raise ValueError(f"batch[{key!r}] holds {bad}, outside [0, {upper}) set by {what}")
+
+
+def upcycle_source(params: Mapping[str, Any]) -> dict:
+  """A dense / MoT / 1t1i parameter tree with each SwiGLU FFN's weights under the names `moma.upcycle`
+  reads: the fused gate/up kernel `wi` [..., d, 2, F] becomes `wi_gate` / `wi_up`, `wo/kernel` `wo`."""
+  params = nn.meta.unbox(params)
+  if not isinstance(params, Mapping):
+    return params
+  out = {k: upcycle_source(v) for k, v in params.items()}
+  if isinstance(params.get("wi"), Mapping) and "kernel" in params["wi"] and "wo" in params:
+    wi = out.pop("wi")["kernel"]
+    out.update(wi_gate=wi[..., 0, :], wi_up=wi[..., 1, :], wo=out["wo"]["kernel"])
+  return out
 
 
 def target_modality(batch: Mapping[str, jax.Array]) -> jax.Array:

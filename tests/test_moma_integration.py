@@ -1,0 +1,205 @@
+"""MoMa / MoE / MoD inside the decoder and the trainer: FLOPs, gradients, causality, upcycling, stages."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import dense as dense_configs
+from configs import moma as moma_configs
+from moma import checkpoint
+from moma import flops
+from moma import metrics as metrics_lib
+from moma import train
+from moma.models import decoder
+
+MODS = ("text", "image")
+BASE = dict(modalities=MODS, vocab_size=40, d_model=16, num_layers=2, num_heads=2, d_ff=32)
+
+
+def make_batch(b=2, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 40, (b, length))
+  segment = np.ones((b, length), np.int32)
+  segment[:, length // 2:] = 2
+  position = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])[None].repeat(b, 0)
+  return dict(tokens=jnp.asarray(tokens, jnp.int32),
+              modality=jnp.asarray((np.arange(length) // 4 % 2)[None].repeat(b, 0), jnp.int32),
+              segment=jnp.asarray(segment), position=jnp.asarray(position, jnp.int32),
+              targets=jnp.asarray(np.roll(tokens, -1, 1), jnp.int32), loss_mask=jnp.ones((b, length)))
+
+
+def init(model, batch):
+  return jax.jit(model.init)(jax.random.key(0), batch)
+
+
+def apply(model, variables, batch, **kw):
+  return model.apply(variables, batch, mutable=["losses", "metrics"], **kw)[0]
+
+
+@functools.lru_cache
+def _train_step_flops(ffn):
+  cfg = dict(BASE, d_model=32, d_ff=128, num_layers=1, vocab_size=64, ffn=ffn)
+  model = decoder.Model(**cfg)
+  batch = make_batch(4, 64)
+  params = init(model, batch)["params"]
+
+  def loss(p):
+    return decoder.loss_fn(apply(model, {"params": p}, batch), batch, MODS)[0]
+
+  cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+  return (cost if isinstance(cost, dict) else cost[0])["flops"], cfg
+
+
+def test_4t4i_at_capacity_one_costs_the_dense_model():
+  dense_flops, dense_cfg = _train_step_flops("dense")
+  moe_flops, moe_cfg = _train_step_flops("moe")
+  router = 2 * 32 * 8  # forward FLOPs per token of the [d, E] router logits
+  analytic_dense = flops.per_token(dense_cfg, 64)
+  analytic_moe = flops.per_token(moe_cfg, 64)
+  for key in ("total", *MODS):
+    assert analytic_moe[key] - analytic_dense[key] == flops.TRAIN_MULTIPLIER * router
+  tokens = 4 * 64
+  # XLA counts elementwise work too; the matmul FLOPs dominate and differ only by the router.
+  assert abs((moe_flops - dense_flops) / tokens - flops.TRAIN_MULTIPLIER * router) < 0.02 * dense_flops / tokens
+  params = flops.ffn_params(moe_cfg)
+  assert params["active"] == 3 * 32 * 128 + 32 * 8 and params["total"] == 8 * 3 * 32 * 128 + 32 * 8
+
+
+@pytest.mark.parametrize("kw", [dict(ffn="moe"), dict(ffn="moe", moe=dict(routing="topk")),
+                                dict(mod=dict(enabled=True)), dict(ffn="moe", mod=dict(enabled=True))])
+def test_gradients_reach_the_routers_through_the_decoder(kw):
+  model = decoder.Model(**BASE, **kw)
+  batch = make_batch()
+  params = init(model, batch)["params"]
+  loss = lambda p: decoder.loss_fn(apply(model, {"params": p}, batch), batch, MODS)[0]
+  grads = nn.meta.unbox(jax.grad(loss)(params))
+  routers = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)
+             if "'router'" in jax.tree_util.keystr(p)}
+  assert routers and all(float(jnp.abs(g).sum()) > 0 for g in routers.values()), routers.keys()
+
+
+def test_aux_router_generation_path_is_causal():
+  model = decoder.Model(**BASE, ffn="moe", moe=dict(aux_router=True),
+                        mod=dict(enabled=True, aux_router=True, capacity=0.5))
+  batch = make_batch()
+  variables = init(model, batch)
+  causal = model.clone(causal=True)
+  logits = apply(causal, variables, batch)
+  t = 11
+  future = dict(batch, tokens=batch["tokens"].at[:, t:].set(7), modality=batch["modality"].at[:, t:].set(1))
+  np.testing.assert_allclose(logits[:, :t], apply(causal, variables, future)[:, :t], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits[:, t:], apply(causal, variables, future)[:, t:])
+  # The batch-level routing of training does look ahead: the same check would not hold there.
+  with pytest.raises(ValueError, match="moe.aux_router=True"):
+    decoder.Model(**BASE, ffn="moe", causal=True)
+
+
+def test_upcycled_model_first_forward_equals_the_1t1i_model():
+  """Token choice over identical copies: 1t1i top-1 has gate 1; 4t4i top-4 with zero routers has four gates
+  of 1/4 that sum to 1. So the upcycled model computes exactly the 1t1i model's function."""
+  batch = make_batch()
+  src_model = decoder.Model(**BASE, ffn="moe", moe=dict(layout="1t1i", routing="topk", top_k=1, dropless=True))
+  dst_model = decoder.Model(**BASE, ffn="moe", moe=dict(layout="4t4i", routing="topk", top_k=4, dropless=True))
+  src = init(src_model, batch)["params"]
+  fresh = init(dst_model, batch)["params"]
+  from moma import upcycle  # pylint: disable=g-import-not-at-top
+  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(src), fresh, layout="4t4i", modalities=MODS))
+  up["layers"]["ffn"]["router"] = jnp.zeros_like(up["layers"]["ffn"]["router"])
+  np.testing.assert_allclose(apply(dst_model, {"params": up}, batch), apply(src_model, {"params": src}, batch),
+                             rtol=1e-5, atol=1e-5)
+  # A dense (MoT) source: the fused SwiGLU gate/up kernel is split for the experts.
+  mot = decoder.Model(**BASE, untie=("ffn",))
+  mot_params = init(mot, batch)["params"]
+  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(mot_params), fresh, layout="4t4i", modalities=MODS))
+  wi = nn.meta.unbox(mot_params)["layers"]["ffn"]["wi"]["kernel"]  # [layers, modality, d, 2, F]
+  np.testing.assert_array_equal(up["layers"]["ffn"]["wi_up"][:, 5], wi[:, 1, :, 1])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(ffn="moe", modalities=("text", "image", "audio")), "no expert group for modalities \\['audio'\\]"),
+    (dict(ffn="moe", moe=dict(capacity_factor=0.0)), "config.model.moe.capacity_factor"),
+    (dict(ffn="moe", moe=dict(routing="topk", top_k=5)), "config.model.moe.top_k=5"),
+    (dict(ffn="moe", moe=dict(capacity=1.0)), "config.model.moe has unknown keys \\['capacity'\\]"),
+    (dict(mod=dict(enabled=True, capacity=0.0)), "config.model.mod.capacity"),
+    (dict(mod=dict(enabled=True, every=3)), "config.model.mod.every=3"),
+])
+def test_bad_moe_and_mod_configs_name_the_field(kw, match):
+  with pytest.raises(ValueError, match=match):
+    decoder.Model(**{**BASE, **kw})
+
+
+def _config(arg, data_cache_dir, **train):
+  config = moma_configs.get_config(arg)
+  config.data.cache_dir = data_cache_dir
+  config.model.num_layers, config.model.d_model, config.model.d_ff = 2, 32, 64
+  config.train.update(dict(progress_bar=False, batch_size=2, steps=30, log_every=10, eval_every=0,
+                           warmup_steps=2, lr=1e-2), **train)  # seq_len 256: the data's longest document
+  return config
+
+
+def _params(workdir):
+  return checkpoint.restore_params(workdir, "test")
+
+
+@pytest.fixture(scope="module")
+def moma_run(tmp_path_factory, data_cache_dir):
+  workdir = str(tmp_path_factory.mktemp("moma_4t4i"))
+  final = train.train_and_evaluate(_config("experts=4t4i", data_cache_dir), workdir)
+  return workdir, final
+
+
+def test_moma_4t4i_trains_and_logs_routing_metrics(moma_run):
+  workdir, final = moma_run
+  rows = [r for r in metrics_lib.read(workdir) if "loss" in r]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, [r["loss"] for r in rows]
+  for key in ("routing/no_expert/text", "routing/no_expert/image", "routing/expert_load_max/text",
+              "routing/router_entropy", "routing/capacity_overflow"):
+    assert key in final and np.isfinite(final[key]), key
+
+
+def test_aux_router_stage_changes_only_aux_routers(moma_run, data_cache_dir, tmp_path):
+  source, _ = moma_run
+  config = _config("experts=4t4i", data_cache_dir, stage="aux_routers", steps=6, log_every=3)
+  config.model.moe.aux_router = True
+  config.init.params_from = source
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert "routing/aux_router_acc" in final and final["aux_loss"] > 0
+  before = dict(jax.tree_util.tree_leaves_with_path(_params(source)))
+  after = jax.tree_util.tree_leaves_with_path(_params(str(tmp_path)))
+  aux = [p for p, _ in after if "aux_router" in jax.tree_util.keystr(p)]
+  assert aux and len(after) == len(before) + len(aux)
+  for path, value in after:
+    if path not in aux:
+      np.testing.assert_array_equal(value, before[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_aux_router_stage_needs_aux_routers(data_cache_dir):
+  config = _config("experts=4t4i", data_cache_dir, stage="aux_routers")
+  with pytest.raises(ValueError, match="moe.aux_router=True"):
+    train.resolve_config(config)
+
+
+def test_upcycle_from_a_1t1i_run(data_cache_dir, tmp_path):
+  source = str(tmp_path / "1t1i")
+  train.train_and_evaluate(_config("experts=1t1i", data_cache_dir, steps=2, log_every=1), source)
+  config = _config("experts=4t4i", data_cache_dir, steps=1, log_every=1)
+  config.init.upcycle_from = source
+  final = train.train_and_evaluate(config, str(tmp_path / "4t4i"))
+  assert final["step"] == 1 and np.isfinite(final["loss"])
+  bad = _config("experts=4t4i", data_cache_dir)
+  bad.model.d_model = 16
+  bad.init.upcycle_from = source
+  with pytest.raises(ValueError, match="model.d_model=32, this config 16"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  bad.model.d_model = 32
+  bad.init.upcycle_from = str(tmp_path / "nothing")
+  with pytest.raises(ValueError, match="config.init.upcycle_from=.*no config.json"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad2"))
+
+
+def test_dense_config_still_has_no_moe():
+  assert train.build_model(train.resolve_config(dense_configs.get_config())).spec.moe == ()

@@ -98,8 +98,10 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100 if size == "tiny" else 1000, max_to_keep=3, async_save=True))
   c.init = ml_collections.ConfigDict(dict(upcycle_from=""))
-  # Single device for now; moma/sharding.py (issue 7) turns these into a jax Mesh.
-  c.mesh = ml_collections.ConfigDict(dict(shape=(1,), axes=("data",), rules=()))
+  # Device mesh (moma/sharding.py, docs/sharding.md): one device by default; e.g. shape=(-1,) for data
+  # parallelism over all devices, rules=(("modality", None),) to override the logical → mesh axis rules,
+  # distributed=True to call jax.distributed.initialize() (multi-host).
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1,), axes=("data",), rules=(), distributed=False))
   c.data = data.default_config(modalities)
   return c
 

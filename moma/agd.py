@@ -33,6 +33,7 @@ from moma import checkpoint
 from moma import flops
 from moma import metrics as metrics_lib
 from moma import objectives
+from moma import sharding
 from moma import train
 from moma.models import encoder
 
@@ -184,11 +185,12 @@ class StepCache:
   """One compiled step per task, compiled ahead of time on the task's first batch and reused after.
 
   `traces[name]` counts how often a task's step was traced: once, however many steps the task takes
-  (a batch of another shape raises instead of silently recompiling).
+  (a batch of another shape raises instead of silently recompiling). The state keeps `state_sh`.
   """
 
-  def __init__(self, make_step: Callable[[Task], Callable]):
+  def __init__(self, make_step: Callable[[Task], Callable], state_sh=None):
     self._make_step = make_step
+    self._state_sh = state_sh
     self._compiled: dict[str, Any] = {}
     self.traces: collections.Counter = collections.Counter()
 
@@ -202,7 +204,7 @@ class StepCache:
         return step(state, batch)
 
       t0 = time.perf_counter()
-      compiled = jax.jit(traced, donate_argnums=0).lower(state, batch).compile()
+      compiled = train.compile_step(traced, state, batch, self._state_sh)
       logging.info("Compiled the step of task %s in %.1fs", task.name, time.perf_counter() - t0)
       self._compiled[task.name] = compiled
     return compiled(state, batch)
@@ -251,11 +253,11 @@ def summarise(window: list[tuple[str, dict]], counts: dict[str, int]) -> dict[st
   return row
 
 
-def evaluate(config, tasks, sources, eval_fns, params) -> dict[str, float]:
+def evaluate(config, tasks, sources, eval_fns, params, shard=lambda b: b) -> dict[str, float]:
   """Validation metrics of every task: `eval/task/<name>/...` over `train.eval_steps` batches."""
   row = {}
   for task in tasks:
-    rows = [eval_fns[task.name](params, sources[task.name].batch(config.train.seed, i))
+    rows = [eval_fns[task.name](params, shard(sources[task.name].batch(config.train.seed, i)))
             for i in range(config.train.eval_steps)]
     for key, value in summarise([(task.name, r) for r in rows], {}).items():
       if key.startswith(f"task/{task.name}/"):
@@ -288,16 +290,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
   first = tasks[schedule.task_at(0)]
-  init_batch = sources[first.name].batch(tcfg.seed, 0)  # Shapes only; any task's model builds all.
-  create = functools.partial(train.create_state, config, build_model(config, first.objective))
+  mesh, rules = train.make_mesh(config)
+  shard = functools.partial(train.shard_batch, mesh=mesh, rules=rules)
+  init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
   mngr = checkpoint.manager(workdir, config)
-  state, start = checkpoint.restore_latest(mngr, jax.eval_shape(create, init_batch))
-  if state is None:
-    state = jax.jit(create)(init_batch)
-  else:
-    logging.info("Resumed from %s at step %d", workdir, start)
+  state, state_sh, start = train.init_or_restore(config, build_model(config, first.objective), mngr,
+                                                 init_batch, mesh, rules)
 
-  steps = StepCache(functools.partial(task_step, config))
+  steps = StepCache(functools.partial(task_step, config), state_sh)
   eval_fns = {t.name: jax.jit(functools.partial(
       train.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
       loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
@@ -314,8 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t0 = time.perf_counter()
     for step in range(start + 1, tcfg.steps + 1):
       task = tasks[schedule.task_at(step - 1)]
-      batch = sources[task.name].batch(tcfg.seed, step - 1)
-      state, out = steps(task, state, batch)
+      batch = shard(sources[task.name].batch(tcfg.seed, step - 1))
+      with sharding.activate(mesh, rules):  # A task's step compiles on its first use.
+        state, out = steps(task, state, batch)
       counts[task.name] += 1
       window.append((task.name, out))
       if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -331,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window = []
       if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
         eval_sources = eval_sources or _data_sources(config, tasks, "validation")
-        row = evaluate(config, tasks, eval_sources, eval_fns, state.params)
+        with sharding.activate(mesh, rules):
+          row = evaluate(config, tasks, eval_sources, eval_fns, state.params, shard)
         writer.write(step, row)
         final.update(row)
       if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:

@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from moma import sharding
 from moma import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sharding.maybe_initialize_distributed(_CONFIG.value)  # Multi-host runs: before any other jax call.
   # orbax logs every checkpoint phase at INFO; keep the console to the trainer's own lines.
   logging.get_absl_logger().addFilter(
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)

@@ -27,6 +27,7 @@ from moma import checkpoint
 from moma import data
 from moma import flops
 from moma import metrics as metrics_lib
+from moma import sharding
 from moma import upcycle
 
 TrainState = train_state.TrainState
@@ -125,24 +126,57 @@ def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> 
                            tx=make_optimizer(config.train, params))
 
 
-def init_or_restore(config, model, mngr, batch) -> tuple[TrainState, int]:
-  """(state, step): the latest checkpoint in `mngr`, else a fresh state at step 0.
+def make_mesh(config: ml_collections.ConfigDict):
+  """(mesh, rules) of `config.mesh`. A shape without -1 that asks for fewer devices than this single
+  process has (e.g. the default (1,) on an 8-GPU node) uses the first ones, with a warning."""
+  devices = jax.devices()
+  wanted = int(np.prod(config.mesh.shape))
+  if -1 not in tuple(config.mesh.shape) and wanted < len(devices) and jax.process_count() == 1:
+    logging.warning("config.mesh.shape=%s uses %d of %d devices; put -1 on an axis to use them all",
+                    tuple(config.mesh.shape), wanted, len(devices))
+    devices = devices[:wanted]
+  return sharding.mesh_from_config(config.mesh, devices), sharding.rules_from_config(config.mesh)
+
+
+def shard_batch(batch, mesh, rules) -> Any:
+  """`sharding.shard_batch` over a (possibly nested, e.g. AGD's encoder) dict of this process's rows."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat]
+  arrays = sharding.shard_batch(dict(zip(names, (x for _, x in flat))), mesh, rules)
+  return jax.tree.unflatten(treedef, [arrays[n] for n in names])
+
+
+def init_or_restore(config, model, mngr, batch, mesh, rules) -> tuple[TrainState, Any, int]:
+  """(state, its shardings, step): the latest checkpoint in `mngr` (if any) resharded onto `mesh`, else
+  a fresh state at step 0, created sharded (each device computes only its shards). `batch` gives shapes.
 
   A fresh state takes its parameters from `config.init.upcycle_from` (sparse upcycling into the expert
   layout) or `config.init.params_from` (same architecture, e.g. the aux-router stage) when set; the
   optimizer state and the schedule start from zero either way.
   """
-  abstract = jax.eval_shape(functools.partial(create_state, config, model), batch)
-  state, step = checkpoint.restore_latest(mngr, abstract)
+  logical = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0),
+                           batch)["params"]
+  make = functools.partial(create_state, config, model)
+  abstract = sharding.abstract_sharded(make, mesh, rules, batch, logical=logical)
+  state, step = checkpoint.restore_latest(mngr, abstract) if mngr else (None, 0)
   if state is not None:
     logging.info("Resumed from %s at step %d", mngr.directory, step)
-    return state, step
-  state = jax.jit(functools.partial(create_state, config, model))(batch)
+    return state, jax.tree.map(lambda a: a.sharding, abstract), step
+  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
   source = config.init.upcycle_from or config.init.get("params_from", "")
-  if source:
+  if source:  # The source's weights are read whole on each host, then placed on the mesh.
     params = initial_params(config, state.params, source)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=state.tx)
-  return state, 0
+    fresh = TrainState.create(apply_fn=model.apply, params=params, tx=state.tx)
+    leaves = jax.device_put(jax.tree.leaves(fresh), jax.tree.leaves(state_sh))
+    state = jax.tree.unflatten(jax.tree.structure(state), leaves)
+  return state, state_sh, 0
+
+
+def compile_step(step_fn, state, batch, state_sh):
+  """`step_fn(state, batch) -> (state, metrics)` compiled for these shapes; the state keeps `state_sh`
+  and is donated. Call inside `sharding.activate` so the model's activation constraints apply."""
+  jitted = jax.jit(step_fn, out_shardings=(state_sh, None), donate_argnums=0)
+  return jitted.lower(state, batch).compile()
 
 
 def initial_params(config, params, source: str):
@@ -244,13 +278,9 @@ def _mean(rows: list[dict]) -> dict[str, float]:
   return out
 
 
-def evaluate(config, params, eval_fn, validate) -> dict[str, float]:
+def evaluate(config, params, eval_fn, prepare) -> dict[str, float]:
   it = _batches(config, "validation", 0)
-  rows = []
-  for _ in range(config.train.eval_steps):
-    batch = next(it)
-    validate(batch)
-    rows.append(eval_fn(params, batch))
+  rows = [eval_fn(params, prepare(next(it))) for _ in range(config.train.eval_steps)]
   return {f"eval/{k}": v for k, v in _mean(rows).items() if not k.startswith("routing/")}
 
 
@@ -266,14 +296,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   module = model_module(config)
   model = build_model(config)
-  validate = functools.partial(module.validate_batch, model_config=config.model)
+  mesh, rules = make_mesh(config)
+
+  def prepare(host_batch):  # Validated on the host, then this process's rows → global arrays.
+    module.validate_batch(host_batch, model_config=config.model)
+    return shard_batch(host_batch, mesh, rules)
+
   statics = dict(model=model, loss_fn=module.loss_fn, modalities=tuple(config.model.modalities))
   tcfg = config.train
 
   mngr = checkpoint.manager(workdir, config)
-  first = next(_batches(config, "train", 0))  # Shapes only, for init and compilation.
-  validate(first)
-  state, start = init_or_restore(config, model, mngr, first)
+  first = prepare(next(_batches(config, "train", 0)))  # Shapes only, for init and compilation.
+  state, state_sh, start = init_or_restore(config, model, mngr, first, mesh, rules)
   if start >= tcfg.steps:
     mngr.close()
     logging.info("%s is already trained to step %d (train.steps=%d)", workdir, start, tcfg.steps)
@@ -281,8 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Compiled ahead of time so that compilation stays out of the throughput numbers.
   t0 = time.perf_counter()
-  step_fn = jax.jit(functools.partial(train_step, seed=tcfg.seed, stage=tcfg.stage, **statics),
-                    donate_argnums=0).lower(state, first).compile()
+  with sharding.activate(mesh, rules):
+    step_fn = compile_step(functools.partial(train_step, seed=tcfg.seed, stage=tcfg.stage, **statics),
+                           state, first, state_sh)
   logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
   eval_fn = jax.jit(functools.partial(eval_step, **statics))
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
@@ -299,9 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     t0 = time.perf_counter()  # Wall clock of the steps in `window`.
     for step in range(start + 1, tcfg.steps + 1):
-      batch = next(it)
-      validate(batch)
-      state, out = step_fn(state, batch)
+      state, out = step_fn(state, prepare(next(it)))
       window.append(out)
       bar.update(1)
       if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -309,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         row["tokens_per_s"] = tokens_per_step * len(window) / (time.perf_counter() - t0)
         row["flops_per_token"] = flops_per_token
         if peak:
-          row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
+          row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * mesh.size)
         row["lr"] = float(schedule(step - 1))
         writer.write(step, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -317,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final.update(row, step=step)
         window = []
       if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-        row = evaluate(config, state.params, eval_fn, validate)
+        with sharding.activate(mesh, rules):  # Traced on first use: activation constraints apply.
+          row = evaluate(config, state.params, eval_fn, prepare)
         writer.write(step, row)
         final.update(row)
       if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from moma import dispatch
+from moma import sharding
 from moma.layers.attention import Attention
 from moma.layers.ffn import SwiGLU
 from moma.layers import mamba as mamba_layer
@@ -139,7 +140,7 @@ class Block(nn.Module):
       ffn = make_ffn(s, "ffn")
       ffn_ctx = dict(segment=segment, deterministic=deterministic) if s.ffn == "moe" else {}
       x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan, **ffn_ctx), x_BLD)
-    return x_BLD
+    return sharding.constrain(x_BLD, ("batch", "length", "embed"))  # No-op outside sharding.activate.
 
   def _recurrent(self, mixer, h_BLD, plan, segment_BL):
     """A Mamba mixer; with a mutable "cache" collection it also keeps its recurrent state there.
@@ -259,7 +260,7 @@ class Model(nn.Module):
     embed = nn.Embed(self.vocab_size, self.d_model, dtype=spec.dtype, param_dtype=spec.param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                  ("vocab", "embed")), name="embed")
-    x_BLD = embed(batch["tokens"])
+    x_BLD = sharding.constrain(embed(batch["tokens"]), ("batch", "length", "embed"))
 
     unit, depth = (ModGroup, self.num_layers // self.mod_config["every"]) if spec.mod else (
         Block, self.num_layers)
@@ -281,7 +282,7 @@ class Model(nn.Module):
           self.vocab_size, use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
           name="lm_head")(x_BLD)
-    return logits_BLV.astype(jnp.float32)
+    return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def check_config(cfg: Any) -> None:

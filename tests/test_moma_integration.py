@@ -74,9 +74,9 @@ def test_4t4i_at_capacity_one_costs_the_dense_model():
 def test_gradients_reach_the_routers_through_the_decoder(kw):
   model = decoder.Model(**BASE, **kw)
   batch = make_batch()
-  params = init(model, batch)["params"]
   loss = lambda p: decoder.loss_fn(apply(model, {"params": p}, batch), batch, MODS)[0]
-  grads = nn.meta.unbox(jax.grad(loss)(params))
+  # Init and gradient in one compiled function (one compilation per config).
+  grads = nn.meta.unbox(jax.jit(lambda b: jax.grad(loss)(model.init(jax.random.key(0), b)["params"]))(batch))
   routers = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)
              if "'router'" in jax.tree_util.keystr(p)}
   assert routers and all(float(jnp.abs(g).sum()) > 0 for g in routers.values()), routers.keys()
@@ -87,12 +87,13 @@ def test_aux_router_generation_path_is_causal():
                         mod=dict(enabled=True, aux_router=True, capacity=0.5))
   batch = make_batch()
   variables = init(model, batch)
-  causal = model.clone(causal=True)
-  logits = apply(causal, variables, batch)
+  causal = jax.jit(functools.partial(apply, model.clone(causal=True)))  # one compilation, two batches
+  logits = causal(variables, batch)
   t = 11
   future = dict(batch, tokens=batch["tokens"].at[:, t:].set(7), modality=batch["modality"].at[:, t:].set(1))
-  np.testing.assert_allclose(logits[:, :t], apply(causal, variables, future)[:, :t], rtol=1e-5, atol=1e-5)
-  assert not np.allclose(logits[:, t:], apply(causal, variables, future)[:, t:])
+  logits_future = causal(variables, future)
+  np.testing.assert_allclose(logits[:, :t], logits_future[:, :t], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits[:, t:], logits_future[:, t:])
   # The batch-level routing of training does look ahead: the same check would not hold there.
   with pytest.raises(ValueError, match="moe.aux_router=True"):
     decoder.Model(**BASE, ffn="moe", causal=True)
@@ -109,8 +110,8 @@ def test_upcycled_model_first_forward_equals_the_1t1i_model():
   from moma import upcycle  # pylint: disable=g-import-not-at-top
   up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(src), fresh, layout="4t4i", modalities=MODS))
   up["layers"]["ffn"]["router"] = jnp.zeros_like(up["layers"]["ffn"]["router"])
-  np.testing.assert_allclose(apply(dst_model, {"params": up}, batch), apply(src_model, {"params": src}, batch),
-                             rtol=1e-5, atol=1e-5)
+  forward = lambda model, params: jax.jit(functools.partial(apply, model))({"params": params}, batch)
+  np.testing.assert_allclose(forward(dst_model, up), forward(src_model, src), rtol=1e-5, atol=1e-5)
   # A dense (MoT) source: the fused SwiGLU gate/up kernel is split for the experts.
   mot = decoder.Model(**BASE, untie=("ffn",))
   mot_params = init(mot, batch)["params"]
@@ -135,10 +136,14 @@ def test_bad_moe_and_mod_configs_name_the_field(kw, match):
 def _config(arg, data_cache_dir, **train):
   config = moma_configs.get_config(arg)
   config.data.cache_dir = data_cache_dir
-  config.model.num_layers, config.model.d_model, config.model.d_ff = 2, 32, 64
-  config.train.update(dict(progress_bar=False, batch_size=2, steps=30, log_every=10, eval_every=0,
-                           warmup_steps=2, lr=1e-2), **train)  # seq_len 256: the data's longest document
+  # One layer: depth does not matter to what these runs check, and each step costs half.
+  config.model.num_layers, config.model.d_model, config.model.d_ff = 1, 32, 64
+  config.train.update(dict(progress_bar=False, batch_size=2, steps=MAIN_STEPS, log_every=MAIN_STEPS // 3,
+                           eval_every=0, warmup_steps=2, lr=3e-2), **train)  # seq_len 256: the data's longest document
   return config
+
+
+MAIN_STEPS = 12
 
 
 def _params(workdir):
@@ -146,24 +151,44 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def moma_run(tmp_path_factory, data_cache_dir):
-  workdir = str(tmp_path_factory.mktemp("moma_4t4i"))
-  final = train.train_and_evaluate(_config("experts=4t4i", data_cache_dir), workdir)
-  return workdir, final
+def runs(tmp_path_factory, data_cache_dir):
+  """The module's training runs, shared by its tests: a 2-step 1t1i run, and the 4t4i main run upcycled
+  from it (sparse upcycling is the paper's way to start MoMa; fresh routers, reset schedule)."""
+  root = tmp_path_factory.mktemp("moma_runs")
+  source = str(root / "1t1i")
+  train.train_and_evaluate(_config("experts=1t1i", data_cache_dir, steps=2, log_every=1), source)
+  config = _config("experts=4t4i", data_cache_dir)
+  config.init.upcycle_from = source
+  workdir = str(root / "4t4i")
+  final = train.train_and_evaluate(config, workdir)
+  return dict(source=source, workdir=workdir, final=final, root=root)
 
 
-def test_moma_4t4i_trains_and_logs_routing_metrics(moma_run):
-  workdir, final = moma_run
-  rows = [r for r in metrics_lib.read(workdir) if "loss" in r]
+def test_moma_4t4i_upcycled_from_1t1i_trains_and_logs_routing_metrics(runs):
+  rows = [r for r in metrics_lib.read(runs["workdir"]) if "loss" in r]
+  assert rows[0]["step"] == MAIN_STEPS // 3  # the schedule starts over after upcycling
+  assert rows[-1]["step"] == runs["final"]["step"] == MAIN_STEPS and np.isfinite(rows[-1]["loss"])
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, [r["loss"] for r in rows]
   for key in ("routing/no_expert/text", "routing/no_expert/image", "routing/expert_load_max/text",
               "routing/router_entropy", "routing/capacity_overflow"):
-    assert key in final and np.isfinite(final[key]), key
+    assert key in runs["final"] and np.isfinite(runs["final"][key]), key
 
 
-def test_aux_router_stage_changes_only_aux_routers(moma_run, data_cache_dir, tmp_path):
-  source, _ = moma_run
-  config = _config("experts=4t4i", data_cache_dir, stage="aux_routers", steps=6, log_every=3)
+def test_upcycle_from_a_source_that_does_not_fit_is_an_error(runs, data_cache_dir):
+  bad = _config("experts=4t4i", data_cache_dir)
+  bad.model.d_model = 16
+  bad.init.upcycle_from = runs["source"]
+  with pytest.raises(ValueError, match="model.d_model=32, this config 16"):
+    train.train_and_evaluate(bad, str(runs["root"] / "bad"))
+  bad.model.d_model = 32
+  bad.init.upcycle_from = str(runs["root"] / "nothing")
+  with pytest.raises(ValueError, match="config.init.upcycle_from=.*no config.json"):
+    train.train_and_evaluate(bad, str(runs["root"] / "bad2"))
+
+
+def test_aux_router_stage_changes_only_aux_routers(runs, data_cache_dir, tmp_path):
+  source = runs["workdir"]
+  config = _config("experts=4t4i", data_cache_dir, stage="aux_routers", steps=2, log_every=1)
   config.model.moe.aux_router = True
   config.init.params_from = source
   final = train.train_and_evaluate(config, str(tmp_path))
@@ -181,24 +206,6 @@ def test_aux_router_stage_needs_aux_routers(data_cache_dir):
   config = _config("experts=4t4i", data_cache_dir, stage="aux_routers")
   with pytest.raises(ValueError, match="moe.aux_router=True"):
     train.resolve_config(config)
-
-
-def test_upcycle_from_a_1t1i_run(data_cache_dir, tmp_path):
-  source = str(tmp_path / "1t1i")
-  train.train_and_evaluate(_config("experts=1t1i", data_cache_dir, steps=2, log_every=1), source)
-  config = _config("experts=4t4i", data_cache_dir, steps=1, log_every=1)
-  config.init.upcycle_from = source
-  final = train.train_and_evaluate(config, str(tmp_path / "4t4i"))
-  assert final["step"] == 1 and np.isfinite(final["loss"])
-  bad = _config("experts=4t4i", data_cache_dir)
-  bad.model.d_model = 16
-  bad.init.upcycle_from = source
-  with pytest.raises(ValueError, match="model.d_model=32, this config 16"):
-    train.train_and_evaluate(bad, str(tmp_path / "bad"))
-  bad.model.d_model = 32
-  bad.init.upcycle_from = str(tmp_path / "nothing")
-  with pytest.raises(ValueError, match="config.init.upcycle_from=.*no config.json"):
-    train.train_and_evaluate(bad, str(tmp_path / "bad2"))
 
 
 def test_dense_config_still_has_no_moe():

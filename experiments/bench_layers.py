@@ -4,8 +4,9 @@ MoT unties every component (qkv, o, ffn, norm, qk_norm); dense has the same shap
 same matmul FLOPs per token. MoMa 4t4i and the 8-shared MoE (expert choice, capacity factor 1,
 full-size experts) do the dense FFN's expert FLOPs plus a router; Mixture-of-Depths (25% capacity,
 every other layer) does fewer. Those rows print the FLOPs ratio (`moma.flops`) next to the time ratio
-and run on text + image batches of interleaved documents (text runs, 128-token images); their "ffn"
-row times the FFN layer alone, "layer" one decoder block (for MoD: a block behind a MoD router).
+and run on text + image batches of interleaved documents (text runs of 32–320 tokens, 128-token
+images: about a third image tokens); their "ffn" row times the FFN layer alone, "layer" one decoder
+block (for MoD: a block behind a MoD router).
 
 Defaults are a realistic small layer (d_model 256, d_ff = 4 d_model, batch × seq_len = 4096 rows per
 step): with tiny shapes the per-group gather/loop overhead dominates, which is not what users run.
@@ -27,6 +28,7 @@ import numpy as np
 
 from moma import dispatch
 from moma import flops
+from moma.layers import routing
 from moma.models import decoder
 
 UNTIE_ALL = ("qkv", "o", "ffn", "norm", "qk_norm")
@@ -64,7 +66,7 @@ def make_batch(args, num_modalities):
 
 
 def interleaved_batch(args):
-  """Text + image documents: text runs of 32–320 tokens between 128-token images (~40% image)."""
+  """Text + image documents: text runs of 32–320 tokens between 128-token images (~1/3 image tokens)."""
   rng = np.random.default_rng(1)
   rows = []
   for _ in range(args.batch_size):
@@ -111,7 +113,9 @@ def unit_step(cfg, batch, unit="layer"):
   """
   model = decoder.Model(**cfg)
   spec = model.spec
-  moe_by_modality = spec.ffn == "moe" and not decoder._moe_layout(model).shared  # pylint: disable=protected-access
+  # As in the decoder: a modality expert layout reads its groups off a one-group-per-modality plan.
+  moe_by_modality = spec.ffn == "moe" and not routing.parse_layout(model.moe_config["layout"],
+                                                                   model.modalities).shared
   num_groups = spec.num_modalities if spec.untie or moe_by_modality else 1
   x = jax.random.normal(jax.random.key(1), (*batch["tokens"].shape, spec.d_model))
   ctx = (batch["modality"], batch["segment"], batch["position"])

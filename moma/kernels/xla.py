@@ -34,9 +34,13 @@ def _zeros(shape, dtype, *operands):
   """Zeros as varying over manual mesh axes as the operands (under shard_map; plain zeros elsewhere).
 
   `zeros_like` types its result like its argument and a sum joins the types: this uses no API for the
-  varying-axes type itself (jax renamed it between versions).
+  varying-axes type itself (jax renamed it between versions). Outside shard_map the zeros stay plain:
+  under GSPMD `zeros_like` would also copy the operand's sharding, which deadlocked 8-device CPU runs.
   """
-  return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), jnp.zeros(shape, dtype))
+  zeros = jnp.zeros(shape, dtype)
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return zeros
+  return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), zeros)
 
 
 def _for_each_tile(lo, hi, num_rows: int, tiles: Sequence[int], body: Callable, carry):

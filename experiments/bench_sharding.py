@@ -87,8 +87,7 @@ def time_grouped(shape, axes, mode, m=8192, d=128, f=512, groups=4):
        for k, s in (("up", (groups, d, f)), ("down", (groups, f, d)))}
 
   def ffn(rows, plan, w):
-    # impl="reference": the scan-based xla gmm fails inside shard_map (scan-vma), see the report of #7.
-    gmm = functools.partial(kernels.gmm, group_sizes=plan.group_sizes, impl="reference")
+    gmm = functools.partial(kernels.gmm, group_sizes=plan.group_sizes)
     return gmm(jax.nn.gelu(gmm(rows, w["up"])), w["down"])
 
   def loss(x, w):

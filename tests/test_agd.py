@@ -181,6 +181,34 @@ def test_one_trace_per_task_and_one_shared_state(data_cache_dir):
   assert changed["classifier"] and changed["backbone"]["embed"]["embedding"]
 
 
+def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
+  """Issue 8: AGD with MoMa layers (config.model.ffn="moe"): per-modality experts, their sown aux losses
+  (token choice sows them; expert choice has none) and routing metrics, shared by a decoder objective
+  and an encoder one."""
+  from moma.models import decoder
+
+  config = small_config(data_cache_dir, untie="none")
+  config.model.ffn = "moe"
+  config.model.moe = dict(decoder.MOE_DEFAULTS, layout="2t2i1a", routing="topk", top_k=1)
+  config = train.resolve_config(config)
+  tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
+  sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
+  state = jax.jit(lambda b: train.create_state(config, agd.build_model(config, "classification"), b))(
+      sources["digits8"].batch(0, 0))
+  experts = lambda s: jax.tree.map(np.asarray, s.params["backbone"]["layers"]["ffn"])
+  before = experts(state)
+  cache = agd.StepCache(lambda task: agd.task_step(config, task))
+  losses = {name: [] for name in tasks}
+  for step, name in enumerate(["image_gen", "digits8"] * 3):
+    state, out = cache(tasks[name], state, sources[name].batch(0, step))
+    assert np.isfinite(out["loss"]) and out["aux_loss"] > 0 and "routing/router_entropy" in out, (name, out)
+    losses[name].append(float(out["loss"]))
+  assert dict(cache.traces) == {"image_gen": 1, "digits8": 1}
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, experts(state))
+  assert all(jax.tree.leaves(changed)), changed  # every expert weight and router moved
+  assert losses["image_gen"][-1] < losses["image_gen"][0], losses
+
+
 @pytest.fixture(scope="module")
 def short_run(data_cache_dir, tmp_path_factory):
   """5 rounds of round-robin over all six objectives (9 steps a round), logged every round."""

@@ -10,6 +10,9 @@ A tile may run past its group's end (the last, ceil-divided tile) or be clamped 
 a row mask keeps exactly the rows of [tile start, group end), so each row is produced (and, in `tgmm`,
 accumulated) once. Rows past sum(group_sizes) are never visited and stay zero. `tgmm` (the rhs gradient)
 walks each group with bulk tiles and a single remainder window instead of the ladder.
+
+Inside `jax.shard_map` the operands vary over manual mesh axes; a loop carry must have the same
+varying-axes type (vma) in and out, so every zero-initialised carry starts as varying as its operands.
 """
 
 from typing import Callable, Sequence
@@ -25,6 +28,19 @@ from moma.kernels.layout import group_bounds
 # so it uses big bulk tiles plus one remainder window (see tgmm).
 GMM_TILES = (512, 128, 32)
 TGMM_TILES = (1024, 64)  # (bulk tile, remainder window step)
+
+
+def _zeros(shape, dtype, *operands):
+  """Zeros as varying over manual mesh axes as the operands (under shard_map; plain zeros elsewhere).
+
+  `zeros_like` types its result like its argument and a sum joins the types: this uses no API for the
+  varying-axes type itself (jax renamed it between versions). Outside shard_map the zeros stay plain:
+  under GSPMD `zeros_like` would also copy the operand's sharding, which deadlocked 8-device CPU runs.
+  """
+  zeros = jnp.zeros(shape, dtype)
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return zeros
+  return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), zeros)
 
 
 def _for_each_tile(lo, hi, num_rows: int, tiles: Sequence[int], body: Callable, carry):
@@ -65,7 +81,7 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, tiles
 
     return _for_each_tile(starts_G[g], ends_G[g], num_rows, tiles, tile, out_MN)
 
-  out_MN = jnp.zeros((num_rows, n), out_dtype)
+  out_MN = _zeros((num_rows, n), out_dtype, lhs_MK, rhs_GKN, group_sizes_G)
   return lax.fori_loop(0, rhs_GKN.shape[0], group, out_MN)
 
 
@@ -90,6 +106,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, tiles=TGMM_TILES):
   starts_G, ends_G = group_bounds(group_sizes_G, num_rows)
   acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
   contract_rows = (((0,), (0,)), ((), ()))
+  operands = (lhs_MK, dout_MN, group_sizes_G)
 
   def group(g, out_GKN):
     lo, hi = starts_G[g], ends_G[g]
@@ -100,7 +117,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, tiles=TGMM_TILES):
       dy_TN = lax.dynamic_slice_in_dim(dout_MN, start, bulk)
       return acc_KN + lax.dot_general(x_TK, dy_TN, contract_rows, preferred_element_type=acc_dtype)
 
-    acc_KN = lax.fori_loop(0, (hi - lo) // bulk, bulk_tile, jnp.zeros((k, n), acc_dtype))
+    acc_KN = lax.fori_loop(0, (hi - lo) // bulk, bulk_tile, _zeros((k, n), acc_dtype, *operands))
     first = lo + (hi - lo) // bulk * bulk
 
     def remainder(t):
@@ -108,10 +125,10 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, tiles=TGMM_TILES):
                                      _window(dout_MN, first, t, first, hi), contract_rows,
                                      preferred_element_type=acc_dtype)
 
-    branches = [lambda: jnp.zeros((k, n), acc_dtype)] + [remainder(t) for t in windows]
+    branches = [lambda: _zeros((k, n), acc_dtype, *operands)] + [remainder(t) for t in windows]
     which = jnp.searchsorted(jnp.asarray(windows, jnp.int32), hi - first) + (hi > first)
     acc_KN = acc_KN + lax.switch(jnp.minimum(which, len(windows)), branches)
     return lax.dynamic_update_index_in_dim(out_GKN, acc_KN.astype(out_dtype), g, 0)
 
   num_groups = group_sizes_G.shape[0]
-  return lax.fori_loop(0, num_groups, group, jnp.zeros((num_groups, k, n), out_dtype))
+  return lax.fori_loop(0, num_groups, group, _zeros((num_groups, k, n), out_dtype, *operands))

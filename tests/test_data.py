@@ -10,12 +10,9 @@ SEQ = 320
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One build of the embedded datasets per test session (xdist workers share it under a file lock)."""
-  path = tmp_path_factory.getbasetemp().parent / "moma_tfds"
-  for name in data.EMBEDDED:
-    data.prepare(name, str(path))
-  return str(path)
+def cache_dir(data_cache_dir):
+  """The session's one build of the embedded datasets (tests/conftest.py)."""
+  return data_cache_dir
 
 
 def make_config(cache_dir, **overrides):

@@ -1,16 +1,13 @@
 """The real trainer (`train.train_and_evaluate`) on 8 CPU devices (tests/conftest.py): the same losses as
 on one device, checkpoints that move between meshes, and a train state sharded as the rules say.
 
-Runs are shared between tests (module cache) and go through the persistent compilation cache, so the
-resumed run reuses the compiled step of an earlier one. The tiny configs' own schedule (lr warmup from 0
+Runs are shared between tests (module cache). The tiny configs' own schedule (lr warmup from 0
 over 20 steps) keeps the first steps' updates small, so AdamW's normalisation does not turn last-bit
 differences of near-zero gradients into visible loss differences: fp32 losses agree to 1e-5 relative.
 
-Known bug (issue 7, open): with freshly compiled steps the resumed MoT (2,2,2) run deadlocks inside
-XLA:CPU's collectives (two devices of one program wait at different collectives: an all-to-all over the
-`tensor` pair vs a collective-permute over all 8; the process aborts after 40 s). Steps loaded from an
-older persistent compilation cache pass, so the cause is in how the current step is partitioned. The module
-is `slow` (not in the default run) until that is fixed: python -m pytest -q -m slow tests/test_sharding_train.py
+No persistent compilation cache here: multi-device XLA:CPU steps loaded from it (tests/conftest.py's
+`compilation_cache`) deadlocked in their collectives (devices of one program waiting at different
+collectives, abort after 40 s), while the same steps compiled fresh pass.
 """
 
 from unittest import mock
@@ -22,8 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from configs import dense, moma, mom, mot
 from moma import checkpoint, metrics, sharding, train
-
-pytestmark = pytest.mark.slow  # see the module docstring (known XLA:CPU collective deadlock)
 
 STEPS = 4
 # vocab_size comes from the data (537, odd): keep `vocab` whole where a tensor axis would split it; MoT's
@@ -51,11 +46,10 @@ def make_config(kind, mesh, steps, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def run(data_cache_dir, tmp_path_factory, compilation_cache):
+def run(data_cache_dir, tmp_path_factory):
   """run(kind, mesh, steps, workdir name) → (metrics rows by step, {step: saved TrainState's specs}).
 
   Cached per arguments; runs naming the same workdir continue one another (resume)."""
-  del compilation_cache  # Only needed active.
   base, cache = tmp_path_factory.mktemp("runs"), {}
 
   def run_fn(kind, mesh, steps=STEPS, workdir=None):

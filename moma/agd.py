@@ -309,7 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   final: dict[str, float] = {"step": start}
   window: list[tuple[str, dict]] = []
-  eval_sources = None
+  # Opened on the first evaluation only: a run without eval never touches the validation split.
+  eval_sources = functools.cache(lambda: _data_sources(config, tasks, "validation"))
   try:
     t0 = time.perf_counter()
     for step in range(start + 1, tcfg.steps + 1):
@@ -330,14 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d: loss %.4f", step, row["loss"])
         final.update(row, step=step)
         window = []
-      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-        eval_sources = eval_sources or _data_sources(config, tasks, "validation")
-        with sharding.activate(mesh, rules):
-          row = evaluate(config, tasks, eval_sources, eval_fns, state.params, shard)
-        writer.write(step, row)
-        final.update(row)
-      if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
-        checkpoint.save(mngr, step, state)
+      train.eval_and_checkpoint(
+          config, step, state, mngr, writer, final, (mesh, rules),
+          lambda params: evaluate(config, tasks, eval_sources(), eval_fns, params, shard))
       if not window:
         t0 = time.perf_counter()
   finally:

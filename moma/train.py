@@ -258,6 +258,20 @@ def eval_step(params, batch, *, model, loss_fn, modalities):
                           deterministic=True)[1]
 
 
+def eval_and_checkpoint(config, step, state, mngr, writer, final, mesh_rules, evaluate_fn) -> None:
+  """The tail of a training step (this trainer's and AGD's): eval every `train.eval_every` steps and at the
+  last one (`evaluate_fn(params)` → metrics row, traced under the mesh so activation constraints apply),
+  checkpoint every `checkpoint.every_steps` steps and at the last one."""
+  tcfg = config.train
+  if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+    with sharding.activate(*mesh_rules):
+      row = evaluate_fn(state.params)
+    writer.write(step, row)
+    final.update(row)
+  if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
+    checkpoint.save(mngr, step, state)
+
+
 def _batches(config, split: str, start_step: int) -> Iterator[dict]:
   return data.batches(config.data, split=split, batch_size=config.train.batch_size // jax.process_count(),
                       seq_len=config.train.seq_len, seed=config.train.seed, start_step=start_step,
@@ -349,13 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()})
         final.update(row, step=step)
         window = []
-      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-        with sharding.activate(mesh, rules):  # Traced on first use: activation constraints apply.
-          row = evaluate(config, state.params, eval_fn, prepare)
-        writer.write(step, row)
-        final.update(row)
-      if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
-        checkpoint.save(mngr, step, state)
+      eval_and_checkpoint(config, step, state, mngr, writer, final, (mesh, rules),
+                          lambda params: evaluate(config, params, eval_fn, prepare))
       if not window:
         t0 = time.perf_counter()
   finally:  # Also on interruption: let a pending async save finish, flush the metrics.

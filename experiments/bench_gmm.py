@@ -3,9 +3,14 @@
   python -m experiments.bench_gmm                 # the issue's grid: G ∈ {2,3,8,16}, M ∈ {4096,16384}
   python -m experiments.bench_gmm --grid=quick    # G ∈ {3,16}, M=4096, K=512 (a few minutes on 2 cores)
 
-Every impl is timed interleaved with the dense baseline in the same rounds (median over rounds), so the
-ratios hold on a noisy shared machine. speed = t_dense / t_impl (1.0 = dense speed); the xla/ragged_dot
-ratio is t_ragged_dot / t_xla. The last stdout line is a JSON object with every ratio.
+Two baselines share every round with the impls (interleaved, median over rounds, so the ratios hold on a
+noisy shared machine):
+  dense    one [M, K] @ [K, N] matmul of the same FLOPs: speed = t_dense / t_impl (1.0 = dense speed);
+  batched  the same G weights with the M rows split into equal groups, one batched matmul (einsum): what
+           XLA itself does with a [G, K, N] weight and no raggedness. With many small groups the G×
+           larger weight (and, backward, its G× larger gradient) costs memory traffic a dense matmul
+           never pays; speed_vs_batched separates that cost from the impl's own overhead.
+The xla/ragged_dot ratio is t_ragged_dot / t_xla. The last stdout line is a JSON object with every ratio.
 """
 
 import json
@@ -32,11 +37,13 @@ GRIDS = {
 
 
 def _loss_fns(impl, group_sizes):
-  """Forward and forward+backward of (x, w, cotangent): impl None = dense x @ w[K, N], else gmm on w[G, K, N]."""
+  """Forward and forward+backward of (x, w, cotangent) for an impl or a baseline (module docstring)."""
 
   def forward(x, w, ct):
-    if impl is None:
+    if impl == "dense":
       return jnp.dot(x, w, preferred_element_type=ct.dtype)
+    if impl == "batched":  # x: [G, M/G, K], w: [G, K, N]
+      return jnp.einsum("gmk,gkn->gmn", x, w, preferred_element_type=ct.dtype)
     return kernels.gmm(x, w, group_sizes, impl=impl, preferred_element_type=ct.dtype)
 
   def fwd_bwd(x, w, ct):
@@ -47,8 +54,11 @@ def _loss_fns(impl, group_sizes):
 
 
 def _time_round(calls):
+  """One timed call per fn, each right after an untimed one: the timed call finds the allocator warm
+  instead of paying for page faults after the previous fn (the masked reference frees G·M·N floats)."""
   times = {}
   for name, (fn, args) in calls.items():
+    jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times[name] = time.perf_counter() - start
@@ -62,17 +72,24 @@ def bench(num_groups, m, k, n, dtype, impls, rounds):
   ct = jax.random.normal(keys[2], (m, n), jnp.float32)
   sizes = np.random.default_rng(num_groups).multinomial(m, np.ones(num_groups) / num_groups)
   group_sizes = jnp.asarray(sizes, jnp.int32)
+  # batched: rows split into equal groups (M a multiple of G: M // G rows each, timings scaled to M rows).
+  rows = m // num_groups
+  batched_args = (x[:rows * num_groups].reshape(num_groups, rows, k), w,
+                  ct[:rows * num_groups].reshape(num_groups, rows, n))
   results = {}
   for mode in ("fwd", "fwd_bwd"):
     # The dense baseline gets its own [K, N] weight: no [G, K, N] gradient to fill.
-    calls = {name: (_loss_fns(None if name == "dense" else name, group_sizes)[mode == "fwd_bwd"],
-                    (x, w[0] if name == "dense" else w, ct))
-             for name in ["dense", *impls]}
+    args = {"dense": (x, w[0], ct), "batched": batched_args}
+    calls = {name: (_loss_fns(name, group_sizes)[mode == "fwd_bwd"], args.get(name, (x, w, ct)))
+             for name in ["dense", "batched", *impls]}
     _time_round(calls)  # compile + warm up
     rounds_ = [_time_round(calls) for _ in range(rounds)]
     median = {name: float(np.median([r[name] for r in rounds_])) for name in calls}
+    median["batched"] *= m / (rows * num_groups)
+    results[f"{mode}/batched/speed_vs_dense"] = median["dense"] / median["batched"]
     for name in impls:
       results[f"{mode}/{name}/speed_vs_dense"] = median["dense"] / median[name]
+      results[f"{mode}/{name}/speed_vs_batched"] = median["batched"] / median[name]
     if "xla" in impls and "ragged_dot" in impls:
       results[f"{mode}/xla_vs_ragged_dot"] = median["ragged_dot"] / median["xla"]
     results[f"{mode}/dense_ms"] = 1e3 * median["dense"]

@@ -57,7 +57,7 @@ def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, nu
     entry = spec[0] if spec is not None and len(spec) else None
     token_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
   if num_shards == 1:  # no expert axis: each device sorts and computes its own tokens, all groups' weights
-    body = lambda x, g, p: _local(fn, x, g, _vary(p, token_axes), num_groups)
+    body = lambda x, g, p: _local(fn, x, g, p, num_groups)
     return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), jax.tree.map(lambda _: P(), params)),
                          out_specs=P(token_axes))(x_MD, group_M, params)
   if expert_axis not in token_axes:
@@ -66,21 +66,11 @@ def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, nu
   if impl == "auto":
     impl = "ragged" if jax.default_backend() in ("gpu", "tpu") else "all_to_all"
   other_axes = tuple(a for a in token_axes if a != expert_axis)
-  body = lambda x, g, p: _expert_parallel_body(fn, x, g, _vary(p, other_axes), num_groups // num_shards,
+  body = lambda x, g, p: _expert_parallel_body(fn, x, g, p, num_groups // num_shards,
                                                num_shards, expert_axis, impl)
   param_specs = jax.tree.map(lambda _: P(expert_axis), params)
   return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), param_specs),
                        out_specs=P(token_axes))(x_MD, group_M, params)
-
-
-def _vary(params, axes):
-  """Params typed as varying over the token axes they are replicated on (they meet per-device rows in fn).
-
-  Custom-vjp kernels (`moma.kernels.gmm`) return a weight cotangent as varying as the rows; typing the
-  weights the same way up front makes that match, and the transpose of this cast is the psum over `axes`
-  that sums every device's weight gradient.
-  """
-  return jax.lax.pcast(params, axes, to="varying") if axes else params
 
 
 def _local(fn, x_MD, group_M, params, num_groups):

@@ -128,10 +128,10 @@ def test_bad_input_raises_clear_error(args, message):
     kernels.gmm(call["lhs"], call["rhs"], call["group_sizes"], impl=impl)
 
 
-@functools.partial(jax.jit, static_argnames="tiles")
-def _xla_pair(lhs, rhs, dout, group_sizes, tiles):
-  return (xla.gmm(lhs, rhs, group_sizes, jnp.float32, tiles=tiles),
-          xla.tgmm(lhs, dout, group_sizes, jnp.float32, tiles=tiles))
+@functools.partial(jax.jit, static_argnames=("bulk", "step"))
+def _xla_pair(lhs, rhs, dout, group_sizes, bulk, step):
+  return (xla.gmm(lhs, rhs, group_sizes, jnp.float32, bulk=bulk, step=step),
+          xla.tgmm(lhs, dout, group_sizes, jnp.float32, bulk=bulk, step=step))
 
 
 @jax.jit
@@ -140,17 +140,18 @@ def _reference_pair(lhs, rhs, dout, group_sizes):
           reference.tgmm(lhs, dout, group_sizes, jnp.float32))
 
 
-def _check_xla_pair(m, sizes, k, n, tiles):
+def _check_xla_pair(m, sizes, k, n, bulk, step):
   lhs, rhs, group_sizes = _operands(m, sizes, k=k, n=n)
   dout = jax.random.normal(jax.random.key(m), (m, n))
-  for got, want in zip(_xla_pair(lhs, rhs, dout, group_sizes, tiles),
+  for got, want in zip(_xla_pair(lhs, rhs, dout, group_sizes, bulk, step),
                        _reference_pair(lhs, rhs, dout, group_sizes)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_tile_ladder_covers_every_row_once():
-  """Small tiles (16, 4, 2) exercise the bulk, remainder and clamped last tiles on a tiny problem."""
-  _check_xla_pair(37, [5, 0, 19, 1, 9], k=6, n=7, tiles=(16, 4, 2))
+def test_windows_cover_every_row_once():
+  """Bulk 16, step 4 on 37 rows: bulk tiles, end-aligned windows reaching into the previous group, a
+  window clamped at row 0 that runs past its group's end, and an empty group."""
+  _check_xla_pair(37, [5, 0, 19, 1, 9], k=6, n=7, bulk=16, step=4)
 
 
 # Few distinct shapes (4 groups, trailing ones possibly empty) keep jit caches warm; the group sizes, which
@@ -159,8 +160,34 @@ def test_tile_ladder_covers_every_row_once():
 @hypothesis.given(
     m=st.sampled_from([1, 33, 48]),
     raw_sizes=st.lists(st.integers(0, 48), min_size=4, max_size=4),
-    tiles=st.sampled_from([(8, 2), (32, 8, 1), (512, 128, 32)]),
+    bulk_step=st.sampled_from([(8, 2), (32, 8), (4, 1), (1024, 64)]),
 )
-def test_xla_property_any_shape_and_sizes(m, raw_sizes, tiles):
+def test_xla_property_any_shape_and_sizes(m, raw_sizes, bulk_step):
   ends = np.minimum(np.cumsum(raw_sizes), m)  # ragged_dot semantics: sum(group_sizes) ≤ M
-  _check_xla_pair(m, np.diff(ends, prepend=0).tolist(), 7, 6, tiles)
+  _check_xla_pair(m, np.diff(ends, prepend=0).tolist(), 7, 6, *bulk_step)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_inside_shard_map_with_replicated_weights(impl):
+  """Rows sharded over 4 devices, each with its own group sizes, rhs replicated: the custom VJP's d rhs is
+  summed over devices (gmm types rhs as varying like the rows), matching the single-device gradient."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4,), ("rows",), devices=jax.devices()[:4])
+  lhs, rhs, _ = _operands(4 * 24, [1, 2, 3])
+  sizes = jnp.array([[5, 0, 19], [24, 0, 0], [3, 9, 2], [0, 12, 12]], jnp.int32)  # per device, 24 rows each
+
+  def loss(lhs, rhs, sizes, sharded):
+    if not sharded:  # the same computation, device by device
+      outs = [kernels.gmm(lhs[24 * i:24 * (i + 1)], rhs, sizes[i], impl=impl) for i in range(4)]
+      return jnp.sum(jnp.sin(jnp.concatenate(outs)))
+    per_device = lambda x, w, gs: kernels.gmm(x, w, gs[0], impl=impl)
+    out = jax.shard_map(per_device, mesh=mesh, in_specs=(P("rows"), P(), P("rows")), out_specs=P("rows"))(
+        lhs, rhs, sizes)
+    return jnp.sum(jnp.sin(out))
+
+  want = jax.grad(loss, (0, 1))(lhs, rhs, sizes, False)
+  args = (jax.device_put(lhs, NamedSharding(mesh, P("rows"))), jax.device_put(rhs, NamedSharding(mesh, P())),
+          jax.device_put(sizes, NamedSharding(mesh, P("rows"))))
+  got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=3)(*args, True)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,20 @@ def gmm(lhs, rhs, group_sizes, *, impl="auto", preferred_element_type=None, inte
     return reference.gmm(lhs, rhs, group_sizes, out_dtype)
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
-  return _gmm(lhs, rhs, group_sizes, impl, out_dtype, interpret)
+  return _gmm(lhs, _vary_like(rhs, lhs), group_sizes, impl, out_dtype, interpret)
+
+
+def _vary_like(rhs, lhs):
+  """rhs typed as varying over every manual mesh axis lhs varies over (inside shard_map; else rhs).
+
+  The custom VJP returns d rhs as varying as the rows it was summed from; a weight replicated over those
+  axes must enter typed the same way, and autodiff then transposes this cast into the psum that adds every
+  device's share of d rhs. Adding a varying scalar zero joins the types without naming the varying-axes API
+  (renamed between jax versions); XLA drops the `+ 0`.
+  """
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return rhs
+  return rhs + jnp.zeros_like(lhs, rhs.dtype, shape=())
 
 
 def resolve_impl(impl: str) -> str:

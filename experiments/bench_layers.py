@@ -29,6 +29,7 @@ import numpy as np
 from moma import dispatch
 from moma import flops
 from moma.layers import routing
+from moma.models import blocks
 from moma.models import decoder
 
 UNTIE_ALL = ("qkv", "o", "ffn", "norm", "qk_norm")
@@ -120,12 +121,12 @@ def unit_step(cfg, batch, unit="layer"):
   x = jax.random.normal(jax.random.key(1), (*batch["tokens"].shape, spec.d_model))
   ctx = (batch["modality"], batch["segment"], batch["position"])
   if unit == "ffn":
-    module = decoder.make_ffn(spec, "ffn")
+    module = blocks.make_ffn(spec, "ffn")
     kw = dict(segment=batch["segment"]) if spec.ffn == "moe" else {}
     apply = lambda p, x, plan, *ctx: module.apply({"params": p}, x, plan, mutable=["losses", "metrics"],
                                                   **kw)
   else:
-    module = (decoder.ModGroup if spec.mod else decoder.Block)(spec)
+    module = (blocks.ModGroup if spec.mod else blocks.Block)(spec)
     apply = lambda p, x, plan, *ctx: module.apply({"params": p}, x, plan, *ctx, None,
                                                   mutable=["losses", "metrics"])
 

@@ -2,6 +2,10 @@
 
 Projections run on rows sorted by the modality plan (`moma.dispatch`); attention itself is one global
 softmax over the whole packed sequence, whatever the modalities: MoT unties weights, never attention.
+
+Decoding (a mutable "cache" collection, `moma.models.generate`): the first call (prefill) attends as in
+training and stores its rotated keys, values and segment ids in a `max_len` cache; each later call writes
+its tokens after the cached ones and attends over the cache, causally and within its own segment.
 """
 
 from typing import Any, Sequence
@@ -9,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jax import lax
 
 from moma import dispatch
 from moma.layers.norms import Norm
@@ -46,6 +52,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   gmm_impl: str = "auto"
+  max_len: int = 0  # decode cache length (config.model.max_seq_len)
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, modality: jax.Array,
@@ -74,8 +81,11 @@ class Attention(nn.Module):
     q_BLHK = apply_rope(q_BLHK, position, self.rope_theta)
     k_BLHK = apply_rope(k_BLHK, position, self.rope_theta)
 
-    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
-                                            mask=attention_mask(segment, image_block))
+    if self.is_mutable_collection("cache") and not self.is_initializing():
+      k_BSHK, v_BSHK, mask_B1LS = self._cached(k_BLHK, v_BLHK, segment, image_block)
+    else:
+      k_BSHK, v_BSHK, mask_B1LS = k_BLHK, v_BLHK, attention_mask(segment, image_block)
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS)
     out_BLF = out_BLHK.reshape(*lead, self.num_heads * self.head_dim)
 
     out_plan = plan.use_if("o" in self.untie)
@@ -83,6 +93,31 @@ class Attention(nn.Module):
     y_MD = dispatch.grouped_matmul(out_plan.sort(out_BLF), w_o, out_plan, impl=self.gmm_impl,
                                    dtype=self.dtype)
     return out_plan.unsort(y_MD, lead)
+
+  def _cached(self, k_BLHK, v_BLHK, segment_BL, image_block_BL):
+    """(keys, values, mask) to attend over, keeping the decode cache up to date (module docstring)."""
+    b, length = segment_BL.shape
+    if not self.has_variable("cache", "length"):  # prefill: the prompt attends to itself
+      if length > self.max_len:
+        raise ValueError(f"decode: prompt length {length} exceeds max_len {self.max_len} "
+                         "(config.model.max_seq_len)")
+      pad = lambda x: jnp.pad(x, [(0, 0), (0, self.max_len - length)] + [(0, 0)] * (x.ndim - 2))
+      for name, value in (("k_BSHK", k_BLHK), ("v_BSHK", v_BLHK), ("segment_BS", segment_BL)):
+        self.put_variable("cache", name, pad(value))
+      self.put_variable("cache", "length", jnp.int32(length))
+      return k_BLHK, v_BLHK, attention_mask(segment_BL, image_block_BL)
+    start = self.get_variable("cache", "length")
+    cached = {}
+    for name, value in (("k_BSHK", k_BLHK), ("v_BSHK", v_BLHK), ("segment_BS", segment_BL)):
+      cached[name] = lax.dynamic_update_slice_in_dim(self.get_variable("cache", name),
+                                                     value.astype(self.get_variable("cache", name).dtype),
+                                                     start, axis=1)
+      self.put_variable("cache", name, cached[name])
+    self.put_variable("cache", "length", start + length)
+    query_L = start + jnp.arange(length)
+    causal_LS = jnp.arange(self.max_len)[None, :] <= query_L[:, None]
+    same_doc_BLS = cached["segment_BS"][:, None, :] == segment_BL[:, :, None]
+    return cached["k_BSHK"], cached["v_BSHK"], (causal_LS[None] & same_doc_BLS)[:, None]
 
   def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:
     """The weight `name` flattened for `grouped_matmul`: [in, out] tied, [G, in, out] untied."""

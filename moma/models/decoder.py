@@ -2,12 +2,7 @@
 
 MoT is this decoder with `untie` ⊆ {"qkv", "o", "ffn", "norm", "qk_norm"}: those weights get one copy per
 modality; dense is `untie=()`. The modality sort plan is built once per forward pass and handed to every
-layer; layers are stacked with `nn.scan` so compile time does not grow with depth.
-
-Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `norm_placement`).
-`make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
-`mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)` (MoE:
-also `segment=`, `deterministic=`); both return y_BLD and may sow into "losses" / "metrics".
+layer; layers (`moma.models.blocks`) are stacked with `nn.scan` so compile time does not grow with depth.
 
 MoMa (`ffn="moe"`, `config.model.moe.*`): the FFN is `moma.layers.moe.MoE` under the same name "ffn"; the
 modality plan then always has one group per modality (the experts' groups are read off it).
@@ -15,13 +10,12 @@ Mixture-of-Depths (`config.model.mod.enabled`): the scan step is `mod.every` lay
 `moma.layers.mod.MixtureOfDepths` (params `layers/block_<i>` and `layers/mod/block`). `causal=True`
 (`model.clone(causal=True)`) is the generation path: aux routers replace the batch-level routers.
 `block="mamba"` (usually with `d_ff=0`: no FFN sublayer) is Mamba, or Mixture-of-Mamba when `untie` names
-its projections (`config.model.mamba.*`); its recurrent state lives in the "cache" collection for decoding
-(`moma.models.generate`).
+its projections (`config.model.mamba.*`). Decoding state (attention's keys and values, Mamba's recurrent
+state, the document being continued) lives in the "cache" collection (`moma.models.generate`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -32,14 +26,10 @@ import optax
 
 from moma import dispatch
 from moma import sharding
-from moma.layers.attention import Attention
-from moma.layers.ffn import SwiGLU
-from moma.layers import mamba as mamba_layer
 from moma.layers import selective_scan
-from moma.layers.mod import MixtureOfDepths
-from moma.layers.moe import MoE
 from moma.layers import routing
 from moma.layers.norms import NORM_KINDS, Norm
+from moma.models.blocks import Block, ModGroup, Spec
 
 UNTIE_COMPONENTS = {
     "transformer": ("qkv", "o", "ffn", "norm", "qk_norm"),
@@ -59,132 +49,11 @@ MOD_DEFAULTS = dict(enabled=False, capacity=0.25, every=2, selection="batch", ro
                     aux_router=False, aux_loss_weight=1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """The resolved, hashable model settings the blocks read (built from `Model`'s fields)."""
-
-  num_modalities: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  d_ff: int
-  block: str
-  ffn: str
-  untie: tuple[str, ...]
-  norm: str
-  norm_placement: str
-  qk_norm: bool
-  rope_theta: float
-  dtype: Any
-  param_dtype: Any
-  gmm_impl: str
-  modalities: tuple[str, ...] = ()
-  moe: tuple[tuple[str, Any], ...] = ()  # resolved config.model.moe items (ffn="moe")
-  mod: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mod items (MoD enabled)
-  causal: bool = False
-  num_layers: int = 1
-  max_seq_len: int = 0
-  mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
-
-  def groups(self, component: str) -> int:
-    return self.num_modalities if component in self.untie else 1
-
-
 def parse_untie(untie: str | Sequence[str]) -> tuple[str, ...]:
   """"qkv,o" or ("qkv", "o") → ("qkv", "o")."""
   if isinstance(untie, str):
     untie = [u for u in untie.replace(" ", "").split(",") if u]
   return tuple(untie)
-
-
-def make_mixer(spec: Spec, name: str) -> nn.Module:
-  if spec.block == "transformer":
-    return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
-                     spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl, name=name)
-  if spec.block == "mamba":
-    return mamba_layer.MambaBlock(
-        spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,
-        untie=tuple(c for c in spec.untie if c in mamba_layer.UNTIE_COMPONENTS),
-        num_layers=spec.num_layers, max_len=spec.max_seq_len, dtype=spec.dtype,
-        param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.block={spec.block!r} is not available (have: 'transformer', 'mamba')")
-
-
-def make_ffn(spec: Spec, name: str) -> nn.Module:
-  if spec.ffn == "dense":
-    return SwiGLU(spec.d_ff, spec.num_modalities, spec.untie, spec.dtype, spec.param_dtype,
-                  spec.gmm_impl, name=name)
-  if spec.ffn == "moe":
-    return MoE(spec.d_ff, spec.modalities, **dict(spec.moe), causal=spec.causal, dtype=spec.dtype,
-               param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.ffn={spec.ffn!r} is not available yet (have: 'dense')")
-
-
-class Block(nn.Module):
-  """One layer: mixer sublayer then FFN sublayer, each `x + f(norm(x))` (pre) or `x + norm(f(x))` (swin)."""
-
-  spec: Spec
-
-  @nn.compact
-  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
-    s = self.spec
-    norm = lambda name: Norm(s.norm, s.groups("norm"), dtype=s.dtype, param_dtype=s.param_dtype,
-                             name=name)
-    mixer = make_mixer(s, "mixer")
-    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block)
-    mix = ((lambda h: self._recurrent(mixer, h, plan, segment)) if s.block == "mamba"
-           else (lambda h: mixer(h, plan, **ctx)))
-    x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, mix, x_BLD)
-    if s.d_ff:
-      ffn = make_ffn(s, "ffn")
-      ffn_ctx = dict(segment=segment, deterministic=deterministic) if s.ffn == "moe" else {}
-      x_BLD = x_BLD + self._sublayer(norm("ffn_norm"), modality, lambda h: ffn(h, plan, **ffn_ctx), x_BLD)
-    return sharding.constrain(x_BLD, ("batch", "length", "embed"))  # No-op outside sharding.activate.
-
-  def _recurrent(self, mixer, h_BLD, plan, segment_BL):
-    """A Mamba mixer; with a mutable "cache" collection it also keeps its recurrent state there.
-
-    No cache yet: prefill (documents reset the state; the cache continues the last one). A cache: continue
-    it token by token (decoding). Without a mutable "cache" (training, init): the plain forward.
-    """
-    if self.is_initializing() or not self.is_mutable_collection("cache"):
-      return mixer(h_BLD, plan, segment_BL=segment_BL)
-    fields = ("conv_BKD", "ssm_BDN", "length")
-    if self.has_variable("cache", "length"):
-      cache = mamba_layer.MambaCache(*(self.get_variable("cache", f) for f in fields))
-      y_BLD, cache = mixer(h_BLD, plan, cache=cache, return_cache=True)
-    else:
-      y_BLD, cache = mixer(h_BLD, plan, segment_BL=segment_BL, return_cache=True)
-    for f in fields:
-      self.put_variable("cache", f, getattr(cache, f))
-    return y_BLD
-
-  def _sublayer(self, norm, modality_BL, layer, x_BLD):
-    if self.spec.norm_placement == "pre":
-      return layer(norm(x_BLD, modality_BL))
-    return norm(layer(x_BLD), modality_BL)
-
-
-class ModGroup(nn.Module):
-  """`mod.every` layers: plain blocks `block_<i>`, then a block that only a `mod.capacity` share of the
-  tokens (chosen by a router over the whole batch) goes through (`mod`)."""
-
-  spec: Spec
-
-  @nn.compact
-  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
-    s, mod = self.spec, dict(self.spec.mod)
-    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
-               deterministic=deterministic)
-    for i in range(mod["every"] - 1):
-      x_BLD = Block(s, name=f"block_{i}")(x_BLD, plan, **ctx)
-    # parent=None: the block is adopted by the MoD wrapper (params under layers/mod/block).
-    routed = MixtureOfDepths(Block(s, parent=None), capacity=mod["capacity"], selection=mod["selection"],
-                             router_noise=mod["router_noise"], aux_router=mod["aux_router"],
-                             aux_loss_weight=mod["aux_loss_weight"], causal=s.causal, dtype=s.dtype,
-                             param_dtype=s.param_dtype, name="mod")
-    return routed(x_BLD, plan, **ctx)
 
 
 class Model(nn.Module):
@@ -256,6 +125,10 @@ class Model(nn.Module):
     # MoE expert groups are read off the plan, so a modality layout needs one group per modality.
     by_modality = sorted_untie or (spec.ffn == "moe" and not _moe_layout(self).shared)
     plan = dispatch.make_plan(modality_BL, spec.num_modalities if by_modality else 1)
+
+    if self.is_mutable_collection("cache") and not self.is_initializing() and not self.has_variable(
+        "cache", "document_B"):  # prefill: decoded tokens continue each row's last document
+      self.put_variable("cache", "document_B", batch["segment"][:, -1])
 
     embed = nn.Embed(self.vocab_size, self.d_model, dtype=spec.dtype, param_dtype=spec.param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),

@@ -1,15 +1,18 @@
-"""Recurrent decoding for the Mamba / Mixture-of-Mamba decoder: prefill, one-token steps, sampling.
+"""Cached decoding for every decoder (dense, MoT, MoMa, MoD, Mamba, MoM): prefill, one-token steps, sampling.
 
-The decoder keeps each layer's recurrent state (`moma.layers.mamba.MambaCache`: the last d_conv - 1 pre-conv
-inputs and the float32 SSM state) in the Flax "cache" collection, stacked over layers by `nn.scan`:
+The decoder keeps each layer's decoding state in the Flax "cache" collection, stacked over layers by
+`nn.scan`: attention its rotated keys, values and segment ids (`max_seq_len` slots), Mamba its recurrent
+state (`moma.layers.mamba.MambaCache`: the last d_conv - 1 pre-conv inputs and the float32 SSM state).
 
   logits_BPV, cache = prefill(model, variables, prompt_batch)
   logits_B1V, cache = decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1)
   tokens_BT, modality_BT = generate(model, variables, prompt_batch, num_new_tokens, rng=key)
 
-A step costs O(1) in the sequence length (no attention over the past). Prompts of different lengths are
-left-padded with `segment` 0: a document start resets the state, so padding does not leak into the prompt.
-The transformer decoder has no KV cache yet (`block="transformer"` is refused).
+Decoded tokens continue each row's last prompt document. A Mamba step costs O(1) in the sequence length;
+an attention step attends over the `max_seq_len` cache slots (masked past the tokens so far). Prompts of
+different lengths are left-padded with `segment` 0, which no later token attends to (attention) and which a
+document start wipes (Mamba). Batch-level routing (MoE expert choice, MoD) would let later tokens change
+earlier ones, so decoding runs `model.clone(causal=True)`: the auxiliary routers decide per token.
 """
 
 from __future__ import annotations
@@ -23,10 +26,20 @@ import jax.numpy as jnp
 from moma.layers import mamba as mamba_layer
 
 
-def _check_block(model) -> None:
-  if model.block != "mamba":
-    raise ValueError(f"decoding: config.model.block={model.block!r} has no decode cache yet "
-                     "(recurrent decoding exists for block='mamba')")
+def _causal(model):
+  """The model decoding runs: per-token (aux router) routing where the model routes over the batch."""
+  routed = model.ffn == "moe" or model.mod_config["enabled"]
+  return model.clone(causal=True) if routed and not model.causal else model
+
+
+def _cache_length(cache) -> int:
+  """Tokens already in a concrete cache (0 when traced: `generate` checks its static lengths instead)."""
+  lengths = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+             if getattr(path[-1], "key", None) == "length"]
+  try:
+    return max((int(jnp.max(n)) for n in lengths), default=0)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return 0
 
 
 def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,23 +48,18 @@ def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
   """(logits_BPV, cache) for a prompt batch (DESIGN.md dict); the cache continues each row's last document."""
-  _check_block(model)
-  logits_BPV, mutated = model.apply(_params(variables), batch, mutable=["cache"])
+  logits_BPV, mutated = _causal(model).apply(_params(variables), batch, mutable=["cache"])
   return logits_BPV, mutated["cache"]
 
 
 def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1) -> tuple[jax.Array, Any]:
-  """Feeds one token per row: (logits_B1V, next cache). Past max_seq_len raises when the cache is concrete
-  (inside jit, `generate` checks its static lengths once instead)."""
-  _check_block(model)
-  try:
-    done = int(jnp.max(cache["layers"]["length"]))
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
-    done = 0
-  mamba_layer.check_decode_length(done, tokens_B1.shape[1], model.max_seq_len)
-  batch = dict(tokens=tokens_B1, modality=modality_B1, segment=jnp.ones_like(tokens_B1),
-               position=position_B1)
-  logits_B1V, mutated = model.apply({**_params(variables), "cache": cache}, batch, mutable=["cache"])
+  """Feeds the next token(s) of each row's document: (logits_B1V, next cache). Past max_seq_len raises
+  when the cache is concrete (inside jit, `generate` checks its static lengths once instead)."""
+  mamba_layer.check_decode_length(_cache_length(cache), tokens_B1.shape[1], model.max_seq_len)
+  segment_B1 = jnp.broadcast_to(cache["document_B"][:, None], tokens_B1.shape)
+  batch = dict(tokens=tokens_B1, modality=modality_B1, segment=segment_B1, position=position_B1)
+  logits_B1V, mutated = _causal(model).apply({**_params(variables), "cache": cache}, batch,
+                                             mutable=["cache"])
   return logits_B1V, mutated["cache"]
 
 
@@ -65,7 +73,6 @@ def generate(model, variables, prompt_batch: Mapping[str, jax.Array], num_new_to
   codes take their modality's weights; None keeps each row's last prompt modality. The decode loop is one
   `lax.scan`; the compiled program is kept per (model, num_new_tokens) for the last few models.
   """
-  _check_block(model)
   prompt_len = prompt_batch["tokens"].shape[1]
   if num_new_tokens <= 0:
     raise ValueError(f"generate: num_new_tokens={num_new_tokens} must be > 0")

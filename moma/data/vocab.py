@@ -70,12 +70,16 @@ class Vocab:
     return codes.astype(np.int32) + self.image_offset
 
   def decode_image(self, tokens, shape=None) -> np.ndarray:
-    """Image tokens → uint8 image of `shape` (default: square, one channel); other ids are skipped."""
+    """Image tokens → uint8 image of `shape`; other ids are skipped.
+
+    Default shape: the smallest square holding the codes, one channel; a sampled image whose code count
+    is not a square is padded with black there (a given `shape` must match the count exactly).
+    """
     tokens = np.asarray(tokens).reshape(-1)
     codes = tokens[(tokens >= self.image_offset) & (tokens < self.audio_offset)] - self.image_offset
     if shape is None:
-      side = int(round(np.sqrt(codes.size)))
-      shape = (side, side)
+      side = int(np.ceil(np.sqrt(codes.size)))
+      shape, codes = (side, side), np.pad(codes, (0, side * side - codes.size))
     pixels = np.rint(codes * (255.0 / (self.image_codes - 1)))
     return pixels.astype(np.uint8).reshape(shape)
 

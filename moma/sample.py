@@ -1,0 +1,106 @@
+"""Sample from a trained run: `python -m moma.sample --workdir=runs/quickstart --prompt="a handwritten "`.
+
+Reads the run's config.json and latest checkpoint, encodes the prompt as the start of a document (BOS,
+text bytes, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
+decodes `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample, images
+as ASCII art:
+
+  python -m moma.sample --workdir=runs/quickstart --prompt="the digit seven, written by hand." --then=image
+  python -m moma.sample --workdir=runs/quickstart --prompt="The " --num_samples=4 --temperature=0.8
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moma import checkpoint
+from moma import data
+from moma import train
+from moma.models import generate
+
+MARKERS = {"text": (), "image": (data.BOI,), "audio": (data.BOA,)}
+_ASCII_RAMP = " .:-=+*#%@"
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a trained decoder (moma.main).")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text that starts the document.")
+_THEN = flags.DEFINE_enum("then", "text", list(MARKERS), "What follows the prompt: more text, or an image "
+                          "or audio part (the prompt is then its caption).")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 80, "Tokens to generate per sample.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples (decoded together as one batch).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load(workdir: str):
+  """(config, model, variables) of the run in `workdir` (its config.json and latest checkpoint)."""
+  config = ml_collections.ConfigDict(checkpoint.read_config(workdir, "--workdir"))
+  if config.model.get("name", "decoder") != "decoder":
+    raise ValueError(f"--workdir={workdir!r} holds a config.model.name={config.model.name!r} run; sampling "
+                     "needs a decoder LM (configs/dense.py, mot.py, moma.py, mamba.py, mom.py)")
+  return config, train.build_model(config), {"params": checkpoint.restore_params(workdir, "--workdir")}
+
+
+def prompt_batch(config, prompt: str, then: str, num_samples: int) -> dict[str, jax.Array]:
+  """The prompt as the first tokens of one document, repeated over `num_samples` rows (DESIGN.md dict)."""
+  if then != "text" and then not in config.data.modalities:
+    raise ValueError(f"--then={then!r}: this run's data has modalities {tuple(config.data.modalities)}")
+  if then == "image" and config.data.image_form == "patches":
+    raise ValueError("--then='image': this run models images as continuous patches (data.image_form="
+                     "'patches'), which are denoised, not sampled token by token; use a discrete-image run")
+  vocab = data.vocabulary(config.data)
+  tokens = np.concatenate([[data.BOS], vocab.encode_text(prompt), MARKERS[then]]).astype(np.int32)
+  rows = lambda x: jnp.asarray(np.broadcast_to(x, (num_samples, len(tokens))), jnp.int32)
+  return dict(tokens=rows(tokens), modality=rows(vocab.modality_table()[tokens]),
+              segment=rows(np.ones_like(tokens)), position=rows(np.arange(len(tokens))))
+
+
+def sample(workdir: str, prompt: str = "", then: str = "text", num_tokens: int = 80, num_samples: int = 2,
+           temperature: float = 1.0, seed: int = 0) -> list[list[tuple[str, object]]]:
+  """Each sample's document as `moma.data.decode_document` parts ([("text", str), ("image", uint8), …]),
+  prompt included and cut at the first EOS."""
+  config, model, variables = load(workdir)
+  batch = prompt_batch(config, prompt, then, num_samples)
+  table = jnp.asarray(data.vocabulary(config.data).modality_table())
+  rng = None if temperature == 0 else jax.random.key(seed)
+  tokens_BT, _ = generate.generate(model, variables, batch, num_tokens, rng=rng,
+                                   temperature=temperature or 1.0, modality_table=table)
+  documents = []
+  for row in np.concatenate([np.asarray(batch["tokens"]), np.asarray(tokens_BT)], axis=1):
+    ends = np.flatnonzero(row == data.EOS)
+    documents.append(data.decode_document(row[:ends[0]] if ends.size else row, config.data))
+  return documents
+
+
+def ascii_image(image: np.ndarray) -> str:
+  """A uint8 image [H, W] (or [H, W, C], averaged) as lines of characters, darkest to brightest."""
+  image = np.asarray(image, np.float32)
+  if image.ndim == 3:
+    image = image.mean(-1)
+  levels = np.round(image / 255.0 * (len(_ASCII_RAMP) - 1)).astype(int)
+  return "\n".join("".join(_ASCII_RAMP[v] * 2 for v in row) for row in levels)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  documents = sample(_WORKDIR.value, _PROMPT.value, _THEN.value, _NUM_TOKENS.value, _NUM_SAMPLES.value,
+                     _TEMPERATURE.value, _SEED.value)
+  for i, parts in enumerate(documents):
+    print(f"--- sample {i}")
+    for kind, value in parts:
+      if kind == "text":
+        print(value)
+      elif kind == "image":
+        print(ascii_image(value))
+      else:
+        print(f"[audio: {value.size} samples]")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -90,8 +90,11 @@ def test_quickstart(kernel_env, data_cache_dir, tmp_path):
 
 
 def test_routing(kernel_env, data_cache_dir, tmp_path):
-  nb = execute("routing.ipynb", workdir=str(tmp_path / "routing"), data_cache_dir=data_cache_dir)
-  assert len(_outputs(nb, mime="image/png")) >= 3  # load heatmaps, token map, MoD skips
+  workdir = tmp_path / "routing"
+  nb = execute("routing.ipynb", steps=4, workdir=str(workdir), data_cache_dir=data_cache_dir)
+  assert len(_outputs(nb, mime="image/png")) >= 3  # training curves, expert heatmaps, MoD skips
+  stats = json.loads((workdir / "routing_stats.json").read_text())
+  assert {"trained/mod/skip/image", "initial/layer0/no_expert/audio"} <= set(stats)
 
 
 @pytest.mark.slow  # trains two runs (~1 min on 2 busy cores); the training path is covered by quickstart

@@ -82,6 +82,7 @@ class MixtureOfDepths(nn.Module):
         self.sow("losses", "mod_aux_router_bce", self.aux_loss_weight * bce)
         self.sow("metrics", "mod_aux_router_acc", acc)
     self.sow("metrics", "mod_skip_frac", 1 - (sel_M & valid_M).sum() / jnp.maximum(valid_M.sum(), 1))
+    self.sow("intermediates", "processed", sel_M)  # bool [B·L]: the token went through the block
     return y
 
   def _routed(self, x_BLD, plan, r_M, valid_M, deterministic, kwargs):

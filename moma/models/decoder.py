@@ -140,7 +140,8 @@ class Model(nn.Module):
     # `deterministic` is argument 7 counting self: static under remat.
     unit = nn.remat(unit, prevent_cse=False, static_argnums=(7,)) if self.remat else unit
     step = lambda mdl, x, *ctx: (mdl(x, *ctx, deterministic), None)
-    layers = nn.scan(step, variable_axes={"params": 0, "losses": 0, "metrics": 0, "cache": 0},
+    stacked = ("params", "losses", "metrics", "cache", "intermediates")  # per layer, stacked on axis 0
+    layers = nn.scan(step, variable_axes=dict.fromkeys(stacked, 0),
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 5,
                      length=depth, metadata_params={nn.PARTITION_NAME: None})
     x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, batch["segment"],

@@ -29,6 +29,7 @@ _IMPLS = flags.DEFINE_list("impls", ["xla", "ragged_dot", "reference"], "gmm imp
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds (median).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Operand dtype.")
 _N = flags.DEFINE_integer("n", 2048, "Output features N.")
+_ROWS = flags.DEFINE_list("m", [], "Keep only these M values of the grid (e.g. --m=4096); empty: all.")
 
 GRIDS = {
     "issue": [(g, m, k) for m in (4096, 16384) for k in (512, 1024) for g in (2, 3, 8, 16)],
@@ -101,6 +102,8 @@ def main(argv):
   dtype = jnp.dtype(_DTYPE.value)
   summary = {"backend": jax.default_backend(), "dtype": dtype.name, "n": _N.value, "results": {}}
   for num_groups, m, k in GRIDS[_GRID.value]:
+    if _ROWS.value and str(m) not in _ROWS.value:
+      continue
     res = bench(num_groups, m, k, _N.value, dtype, _IMPLS.value, _ROUNDS.value)
     name = f"G{num_groups}_M{m}_K{k}"
     summary["results"][name] = {key: round(v, 3) for key, v in res.items()}

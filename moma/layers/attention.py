@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-
 from jax import lax
+import jax.numpy as jnp
+import numpy as np
 
 from moma import dispatch
 from moma.layers.norms import Norm
@@ -39,6 +39,51 @@ def attention_mask(segment_BL: jax.Array, image_block_BL: jax.Array | None = Non
   return allowed_BLL[:, None]
 
 
+def banded_attention(q_BLHK, k_BLHK, v_BLHK, segment_BL, image_block_BL=None, *, span: int,
+                     chunk: int = 128) -> jax.Array:
+  """`dot_product_attention` with the `attention_mask(segment, image_block)` mask, for sequences where no
+  query sees a key more than `span` positions away (a packed row of documents each ≤ span long).
+
+  Queries go in chunks of `chunk`; each chunk attends to the keys of the chunks within `span` of it, so the
+  cost is L·(span + chunk) instead of L². Mixture-of-Depths packs the batch's selected tokens into one row
+  of c·B·L tokens whose documents come from rows of L tokens: full attention there would cost B× more.
+  Padding (segment 0) queries see only the padding within reach: their outputs are for discarding.
+  """
+  b, length = segment_BL.shape
+  n = -(-length // chunk)
+  before = -(-span // chunk)
+  after = before if image_block_BL is not None else 0  # an image block also sees its later positions
+  width = (before + 1 + after) * chunk
+  if width >= length:  # nothing to save: every key is in reach anyway
+    return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
+                                        mask=attention_mask(segment_BL, image_block_BL))
+
+  def windows(x_BL, fill):  # [B, L, ...] → [B, n, width, ...]: chunk i sees chunks i - before … i + after
+    pad = [(0, 0), (before * chunk, n * chunk - length + after * chunk)] + [(0, 0)] * (x_BL.ndim - 2)
+    x = jnp.pad(x_BL, pad, constant_values=fill)
+    parts = [x[:, j * chunk:(j + n) * chunk].reshape(b, n, chunk, *x.shape[2:])
+             for j in range(before + 1 + after)]
+    return jnp.concatenate(parts, axis=2)
+
+  def chunks(x_BL, fill):  # [B, L, ...] → [B, n, chunk, ...]
+    pad = [(0, 0), (0, n * chunk - length)] + [(0, 0)] * (x_BL.ndim - 2)
+    return jnp.pad(x_BL, pad, constant_values=fill).reshape(b, n, chunk, *x_BL.shape[2:])
+
+  query_nC = np.arange(n * chunk).reshape(n, chunk)
+  key_nS = (np.arange(n)[:, None] - before) * chunk + np.arange(width)[None, :]
+  allowed_BnCS = jnp.asarray(key_nS[:, None, :] <= query_nC[:, :, None])[None]  # causal
+  if image_block_BL is not None:
+    ib_q, ib_k = chunks(image_block_BL, 0)[..., None], windows(image_block_BL, 0)[:, :, None, :]
+    allowed_BnCS = allowed_BnCS | ((ib_q == ib_k) & (ib_q > 0))
+  # Padding ids: -1 for the padded positions, so they only see each other (no empty softmax row).
+  same_doc_BnCS = chunks(segment_BL, -1)[..., None] == windows(segment_BL, -1)[:, :, None, :]
+  mask = (allowed_BnCS & same_doc_BnCS).reshape(b * n, 1, chunk, width)
+  flat = lambda x: x.reshape(b * n, *x.shape[2:])
+  out = jax.nn.dot_product_attention(flat(chunks(q_BLHK, 0)), flat(windows(k_BLHK, 0)),
+                                     flat(windows(v_BLHK, 0)), mask=mask)
+  return out.reshape(b, n * chunk, *out.shape[2:])[:, :length]
+
+
 class Attention(nn.Module):
   """x_BLD → y_BLD. `untie` ⊆ {"qkv", "o", "qk_norm"} picks which weights are per modality."""
 
@@ -56,8 +101,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, modality: jax.Array,
-               segment: jax.Array, position: jax.Array,
-               image_block: jax.Array | None = None) -> jax.Array:
+               segment: jax.Array, position: jax.Array, image_block: jax.Array | None = None,
+               attention_span: int | None = None) -> jax.Array:
+    """attention_span: no query sees a key farther than this (see `banded_attention`); None: unknown."""
     lead = x_BLD.shape[:-1]
     d_model = x_BLD.shape[-1]
     heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -83,9 +129,12 @@ class Attention(nn.Module):
 
     if self.is_mutable_collection("cache") and not self.is_initializing():
       k_BSHK, v_BSHK, mask_B1LS = self._cached(k_BLHK, v_BLHK, segment, image_block)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS)
+    elif attention_span is not None:
+      out_BLHK = banded_attention(q_BLHK, k_BLHK, v_BLHK, segment, image_block, span=attention_span)
     else:
-      k_BSHK, v_BSHK, mask_B1LS = k_BLHK, v_BLHK, attention_mask(segment, image_block)
-    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS)
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK,
+                                              mask=attention_mask(segment, image_block))
     out_BLF = out_BLHK.reshape(*lead, self.num_heads * self.head_dim)
 
     out_plan = plan.use_if("o" in self.untie)

@@ -9,7 +9,10 @@ Selection (static shapes):
 * "batch" (the MoMa paper's): the batch-wide top ceil(capacity·B·L) tokens, packed in token order into one
   row [1, K]. Per-token kwargs ([B, L, ...] arrays: segment, position, image_block) are gathered with them;
   the ids named in `row_unique` are made unique per batch row, so a block that masks attention by segment
-  (the packed-batch convention) never mixes rows. Positions are kept, so RoPE and causality hold.
+  (the packed-batch convention) never mixes rows. Positions are kept, so RoPE and causality hold. With
+  `block_attends`, the block also gets `attention_span=L`: a document of the packed row spans at most L
+  tokens, so its attention can be banded (`moma.layers.attention.banded_attention`, c·B·L·(L + 128) scores
+  instead of (c·B·L)²).
 * "sequence": the top ceil(capacity·L) tokens of each row, kept as [B, k].
 The block's modality plan is rebuilt for the selected tokens.
 
@@ -39,6 +42,7 @@ class MixtureOfDepths(nn.Module):
   capacity: float = 0.25
   selection: str = "batch"  # "batch" | "sequence"
   row_unique: Sequence[str] = ("segment", "image_block")
+  block_attends: bool = False  # the block takes `attention_span=` (a decoder Block): see "batch" above
   router_noise: float = 0.0
   aux_router: bool = False
   aux_loss_weight: float = 1.0
@@ -92,6 +96,8 @@ class MixtureOfDepths(nn.Module):
       _, idx = jax.lax.top_k(score_M[None], math.ceil(self.capacity * b * length))  # [1, K]
       kwargs = {k: _unique_per_row(v) if k in self.row_unique and _per_token(v, b, length) else v
                 for k, v in kwargs.items()}
+      if self.block_attends:  # a document of the packed row spans ≤ L tokens: banded attention
+        kwargs["attention_span"] = length
     else:
       _, idx = jax.lax.top_k(score_M.reshape(b, length), math.ceil(self.capacity * length))
       idx = idx + length * jnp.arange(b)[:, None]  # flat token index, [B, k]

@@ -87,12 +87,15 @@ class Block(nn.Module):
   spec: Spec
 
   @nn.compact
-  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
+  def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True,
+               attention_span=None):
+    """attention_span: how far apart a query and its keys can be (MoD's packed rows; see Attention)."""
     s = self.spec
     norm = lambda name: Norm(s.norm, s.groups("norm"), dtype=s.dtype, param_dtype=s.param_dtype,
                              name=name)
     mixer = make_mixer(s, "mixer")
-    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block)
+    ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
+               attention_span=attention_span)
     mix = ((lambda h: self._recurrent(mixer, h, plan, segment)) if s.block == "mamba"
            else (lambda h: mixer(h, plan, **ctx)))
     x_BLD = x_BLD + self._sublayer(norm("mixer_norm"), modality, mix, x_BLD)
@@ -141,6 +144,7 @@ class ModGroup(nn.Module):
       x_BLD = Block(s, name=f"block_{i}")(x_BLD, plan, **ctx)
     # parent=None: the block is adopted by the MoD wrapper (params under layers/mod/block).
     routed = MixtureOfDepths(Block(s, parent=None), capacity=mod["capacity"], selection=mod["selection"],
+                             block_attends=s.block == "transformer",
                              router_noise=mod["router_noise"], aux_router=mod["aux_router"],
                              aux_loss_weight=mod["aux_loss_weight"], causal=s.causal, dtype=s.dtype,
                              param_dtype=s.param_dtype, name="mod")

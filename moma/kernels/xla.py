@@ -1,7 +1,7 @@
 """Static-shape grouped matmul for XLA (the fast path on CPU).
 
 Rows are already sorted into contiguous groups. Each group is walked in as few dots as possible: a loop
-of bulk tiles, then one window over the remainder (a multiple of the window step), so each dot is one
+of bulk tiles, then one window just covering the remainder (`_for_each_window`), so each dot is one
 dense `[T, K] @ [K, N]` against that group's weight matrix, sliced once per group. On XLA:CPU every dot
 pays a fixed cost (packing its [K, N] operand), so one right-sized window beats a ladder of small tiles:
 at G=16, M=4096 the forward went from 0.72 to 0.79 of dense speed (BENCHMARKS.md).
@@ -25,8 +25,9 @@ from jax import lax
 
 from moma.kernels.layout import group_bounds
 
-# Tuned on a 2-core x86 CPU (experiments/bench_gmm.py): big bulk tiles run at dense matmul speed; the
-# window step bounds the wasted rows per group (< step) and the window sizes to compile (BULK / STEP).
+# Tuned on a 2-core x86 CPU (experiments/bench_gmm.py): big bulk tiles run at dense matmul speed. Windows
+# are multiples of WINDOW_STEP up to half the bulk, then of twice that: fewer than 64 wasted rows per small
+# group, under 1/8 of a large one, and 12 window sizes to compile (each adds ~40 ms per call site).
 BULK_ROWS = 1024
 WINDOW_STEP = 64
 
@@ -51,7 +52,8 @@ def _for_each_window(lo, hi, num_rows: int, body: Callable, carry, *, bulk=BULK_
   it marks the rows of [bulk end, hi), the rows this window adds.
   """
   bulk, step = min(bulk, num_rows), min(step, num_rows)
-  windows = sorted({min(t, num_rows) for t in range(step, bulk + step, step)})
+  sizes = [*range(step, bulk // 2 + 1, step), *range(bulk // 2 + 2 * step, bulk + 2 * step, 2 * step)]
+  windows = sorted({min(t, bulk) for t in sizes} | {bulk})
 
   def bulk_tile(j, carry):
     return body(lo + j * bulk, bulk, None, carry)

@@ -85,7 +85,7 @@ def test_quickstart(kernel_env, data_cache_dir, tmp_path):
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
   assert {"loss/text", "loss/image", "loss/audio"} <= set(rows[-1]) | set(rows[-2])
-  assert len(_outputs(nb, mime="image/png")) >= 3  # losses, modality layout, decoded media
+  assert len(_outputs(nb, mime="image/png")) >= 4  # losses, modality layout, decoded media, samples
   assert len(_outputs(nb, mime="text/html")) >= 1  # an audio player
 
 

@@ -51,6 +51,14 @@ def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
   assert lengths and all((np.asarray(n) == L).all() for n in lengths)
 
 
+def test_bfloat16_cache_decodes_like_the_full_forward():
+  m = Compiled(**dict(MOT, dtype="bfloat16"))
+  batch = make_batch(seed=4, l=L)
+  decoded, cache = _decode(m, batch, 8)
+  assert cache["layers"]["mixer"]["k_BSHK"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(decoded, m.apply(m.variables, batch), rtol=2e-2, atol=2e-2)
+
+
 def test_decoded_tokens_never_see_earlier_documents_or_padding():
   """A prompt whose first document (or left padding) changes decodes to the same logits."""
   m = Compiled(**MOT)

@@ -96,7 +96,9 @@ def test_prompt_longer_than_the_cache_is_refused():
     generate.generate(m.model, m.variables, make_batch(seed=3, l=L), 5)
 
 
-def test_expert_choice_without_aux_routers_is_refused():
-  m = Compiled(**dict(MOMA, moe=dict(MOMA["moe"], aux_router=False)))
-  with pytest.raises(ValueError, match="config.model.moe.aux_router=True"):
+@pytest.mark.parametrize("name,field", [("moma_ec", "moe"), ("mot_mod", "mod")])
+def test_batch_routing_without_aux_routers_is_refused(name, field):
+  config = dict(MODELS[name], **{field: dict(MODELS[name][field], aux_router=False)})
+  m = Compiled(**config)
+  with pytest.raises(ValueError, match=f"config.model.{field}.aux_router=True, trained by the aux_routers"):
     generate.prefill(m.model, m.variables, make_batch(seed=3, l=L))

@@ -28,6 +28,13 @@ from moma.layers import mamba as mamba_layer
 
 def _causal(model):
   """The model decoding runs: per-token (aux router) routing where the model routes over the batch."""
+  needs_aux = {"moe": model.ffn == "moe" and model.moe_config["routing"] == "ec",
+               "mod": model.mod_config["enabled"]}
+  for field, batch_routed in needs_aux.items():
+    if batch_routed and not getattr(model, f"{field}_config")["aux_router"]:
+      raise ValueError(f"decoding: this model routes over the whole batch (config.model.{field}), so it "
+                       f"decodes with aux routers: config.model.{field}.aux_router=True, trained by the "
+                       "aux_routers stage (configs/moma.py)")
   routed = model.ffn == "moe" or model.mod_config["enabled"]
   return model.clone(causal=True) if routed and not model.causal else model
 

@@ -26,8 +26,9 @@ from jax import lax
 from moma.kernels.layout import group_bounds
 
 # Tuned on a 2-core x86 CPU (experiments/bench_gmm.py): big bulk tiles run at dense matmul speed. Windows
-# are multiples of WINDOW_STEP up to half the bulk, then of twice that: fewer than 64 wasted rows per small
-# group, under 1/8 of a large one, and 12 window sizes to compile (each adds ~40 ms per call site).
+# are multiples of WINDOW_STEP up to half the bulk, then of twice that: fewer than 64 wasted rows when a
+# group's remainder is ≤ 512 rows, fewer than 128 (< 1/4 of it) above, and 12 window sizes to compile
+# (each adds ~40 ms per call site).
 BULK_ROWS = 1024
 WINDOW_STEP = 64
 

@@ -1,12 +1,15 @@
-"""The decoder (dense and MoT) trains identically on 8-device meshes and on one device."""
+"""The decoder (dense and MoT) trains, and decodes, identically on 8-device meshes and on one device."""
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from moma import sharding
 from moma.models import decoder
+from moma.models import generate
 from tests import sharding_model as lib
 
 MODALITIES = ("text", "image", "audio")
@@ -49,3 +52,21 @@ def test_decoder_on_mesh_matches_single_device(kind, shape, axes, rules):
     # scanned layers: leading layer axis unsharded, then (modality, embed, mlp) per the rules.
     assert params["layers"]["ffn"]["wo"]["kernel"].sharding.spec == P(None, None, "tensor", "fsdp")
   assert params["embed"]["embedding"].sharding.spec == (P("tensor", "fsdp") if "tensor" in axes else P(None, None))
+
+
+def test_cached_generation_on_mesh_matches_single_device():
+  """Greedy decoding with MoT params sharded over (data, fsdp, tensor) and the prompt over the batch axes
+  gives the single-device tokens (the KV cache follows the activations' sharding)."""
+  model = decoder.Model(**TINY, untie=UNTIE["mot"], max_seq_len=16)
+  host = {k: v for k, v in make_batch().items() if k in ("tokens", "modality", "segment", "position")}
+  table = jax.numpy.arange(TINY["vocab_size"], dtype=jax.numpy.int32) % len(MODALITIES)
+  cfg = lib.mesh_config((2, 2, 2), ("data", "fsdp", "tensor"))
+  mesh, rules = sharding.mesh_from_config(cfg, jax.devices()[:8]), sharding.rules_from_config(cfg)
+  prompt = sharding.shard_batch(host, mesh, rules)
+  variables, _ = sharding.init_sharded(model.init, mesh, rules, jax.random.key(0), prompt)
+  with sharding.activate(mesh, rules):
+    tokens, _ = generate.generate(model, variables, prompt, 6, modality_table=table)
+  assert variables["params"]["layers"]["ffn"]["wo"]["kernel"].sharding.spec == P(None, None, "tensor", "fsdp")
+  single = jax.device_get(variables)
+  want, _ = generate.generate(model, single, host, 6, modality_table=table)
+  np.testing.assert_array_equal(jax.device_get(tokens), want)

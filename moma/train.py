@@ -49,6 +49,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if tuple(config.data.modalities) != tuple(config.model.modalities):
     raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
                      f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both)")
+  if config.data.get("image_form") == "patches":
+    # The decoder reads token ids only: patches rows would train on IMG placeholders, silently.
+    raise ValueError("config.data.image_form='patches' (Transfusion: continuous patches, diffusion loss) has "
+                     "no model that reads batch['patches'] yet; use config.data.image_form='discrete'")
   if config.train.stage not in STAGES:
     raise ValueError(f"config.train.stage={config.train.stage!r} is unknown; choose one of {list(STAGES)}")
   if config.init.upcycle_from and config.init.get("params_from"):

@@ -183,3 +183,9 @@ def test_validate_batch_names_the_field(key, value, field):
   batch[key][0, 3] = value
   with pytest.raises(ValueError, match=field):
     decoder.validate_batch(batch, model)
+
+
+def test_validate_batch_refuses_continuous_patches():
+  batch = dict(make_batch(), patches=np.zeros((2, 12, 4), np.float32))
+  with pytest.raises(ValueError, match="data.image_form='discrete'"):
+    decoder.validate_batch(batch, decoder.Model(**BASE))

@@ -261,6 +261,9 @@ def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
   for key in ("tokens", "modality", "segment", "position"):
     if key not in batch:
       raise ValueError(f"batch is missing {key!r} (see DESIGN.md, Batch)")
+  if "patches" in batch:
+    raise ValueError("batch['patches'] (data.image_form='patches') is not read by this decoder, which models "
+                     "discrete image tokens; use data.image_form='discrete'")
   shape = np.shape(batch["tokens"])
   for key in ("modality", "segment", "position", "targets", "loss_mask", "image_block"):
     if key in batch and np.shape(batch[key]) != shape:

@@ -65,9 +65,8 @@ def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, nu
                      f"{token_axes}); map 'batch' to include it in config.mesh.rules")
   if impl == "auto":
     impl = "ragged" if jax.default_backend() in ("gpu", "tpu") else "all_to_all"
-  other_axes = tuple(a for a in token_axes if a != expert_axis)
-  body = lambda x, g, p: _expert_parallel_body(fn, x, g, p, num_groups // num_shards,
-                                               num_shards, expert_axis, impl)
+  body = lambda x, g, p: _expert_parallel_body(fn, x, g, p, num_groups // num_shards, num_shards,
+                                               expert_axis, impl)
   param_specs = jax.tree.map(lambda _: P(expert_axis), params)
   return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), param_specs),
                        out_specs=P(token_axes))(x_MD, group_M, params)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma.kernels import layout
 from moma.kernels import reference
 
 IMPLS = ("auto", "xla", "ragged_dot", "pallas_gpu", "pallas_tpu", "reference")
@@ -59,7 +60,7 @@ def _vary_like(rhs, lhs):
   """
   if not jax.sharding.get_abstract_mesh().manual_axes:
     return rhs
-  return rhs + jnp.zeros_like(lhs, rhs.dtype, shape=())
+  return rhs + layout.varying_zeros((), rhs.dtype, lhs)
 
 
 def resolve_impl(impl: str) -> str:

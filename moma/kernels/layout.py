@@ -1,4 +1,4 @@
-"""Row layout helpers shared by the kernels: group bounds, tile choice, padding to whole tiles."""
+"""Helpers shared by the kernels: group bounds, tile choice, padding to whole tiles, varying zeros."""
 
 import jax
 import jax.numpy as jnp
@@ -27,3 +27,16 @@ def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
   return jnp.pad(x, widths)
+
+
+def varying_zeros(shape, dtype, *operands):
+  """Zeros as varying over manual mesh axes as the operands (under shard_map; plain zeros elsewhere).
+
+  `zeros_like` types its result like its argument and a sum joins the types: this uses no API for the
+  varying-axes type itself (jax renamed it between versions). Outside shard_map the zeros stay plain:
+  under GSPMD `zeros_like` would also copy the operand's sharding, which deadlocked 8-device CPU runs.
+  """
+  zeros = jnp.zeros(shape, dtype)
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return zeros
+  return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), zeros)

@@ -14,16 +14,16 @@ of [bulk end, group end), so each row is produced (and, in `tgmm`, accumulated) 
 traced: no host sync, no padded copy of the rows. Rows past sum(group_sizes) are never visited (zero).
 
 Inside `jax.shard_map` the operands vary over manual mesh axes; a loop carry must have the same
-varying-axes type (vma) in and out, so every zero-initialised carry starts as varying as its operands.
+varying-axes type (vma) in and out, so every zero-initialised carry starts as varying as its operands
+(`layout.varying_zeros`).
 """
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moma.kernels.layout import group_bounds
+from moma.kernels.layout import group_bounds, varying_zeros
 
 # Tuned on a 2-core x86 CPU (experiments/bench_gmm.py): big bulk tiles run at dense matmul speed. Windows
 # are multiples of WINDOW_STEP up to half the bulk, then of twice that: fewer than 64 wasted rows when a
@@ -31,19 +31,6 @@ from moma.kernels.layout import group_bounds
 # (each adds ~40 ms per call site).
 BULK_ROWS = 1024
 WINDOW_STEP = 64
-
-
-def _zeros(shape, dtype, *operands):
-  """Zeros as varying over manual mesh axes as the operands (under shard_map; plain zeros elsewhere).
-
-  `zeros_like` types its result like its argument and a sum joins the types: this uses no API for the
-  varying-axes type itself (jax renamed it between versions). Outside shard_map the zeros stay plain:
-  under GSPMD `zeros_like` would also copy the operand's sharding, which deadlocked 8-device CPU runs.
-  """
-  zeros = jnp.zeros(shape, dtype)
-  if not jax.sharding.get_abstract_mesh().manual_axes:
-    return zeros
-  return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), zeros)
 
 
 def _for_each_window(lo, hi, num_rows: int, body: Callable, carry, *, bulk=BULK_ROWS, step=WINDOW_STEP):
@@ -94,7 +81,7 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, bulk=
 
     return _for_each_window(starts_G[g], ends_G[g], num_rows, tile, out_MN, bulk=bulk, step=step)
 
-  out_MN = _zeros((num_rows, n), out_dtype, lhs_MK, rhs_GKN, group_sizes_G)
+  out_MN = varying_zeros((num_rows, n), out_dtype, lhs_MK, rhs_GKN, group_sizes_G)
   return lax.fori_loop(0, rhs_GKN.shape[0], group, out_MN)
 
 
@@ -116,9 +103,9 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, bulk=BULK_ROWS, step=WIND
     return acc_KN + lax.dot_general(x_TK, dy_TN, contract_rows, preferred_element_type=acc_dtype)
 
   def group(g, out_GKN):
-    acc_KN = _for_each_window(starts_G[g], ends_G[g], num_rows, tile, _zeros((k, n), acc_dtype, *operands),
-                              bulk=bulk, step=step)
+    zeros_KN = varying_zeros((k, n), acc_dtype, *operands)
+    acc_KN = _for_each_window(starts_G[g], ends_G[g], num_rows, tile, zeros_KN, bulk=bulk, step=step)
     return lax.dynamic_update_index_in_dim(out_GKN, acc_KN.astype(out_dtype), g, 0)
 
   num_groups = group_sizes_G.shape[0]
-  return lax.fori_loop(0, num_groups, group, _zeros((num_groups, k, n), out_dtype, *operands))
+  return lax.fori_loop(0, num_groups, group, varying_zeros((num_groups, k, n), out_dtype, *operands))

@@ -21,21 +21,23 @@ from moma.layers.norms import Norm
 from moma.layers.rope import apply_rope
 
 
+def _allowed(query_pos, key_pos, query_segment, key_segment, query_image=None, key_image=None):
+  """Broadcast [..., queries, keys] mask: causal inside a document, both ways inside one image block."""
+  allowed = key_pos <= query_pos
+  if query_image is not None:
+    allowed = allowed | ((query_image == key_image) & (query_image > 0))
+  return allowed & (query_segment == key_segment)
+
+
 def attention_mask(segment_BL: jax.Array, image_block_BL: jax.Array | None = None) -> jax.Array:
   """Boolean [B, 1, L, L]: causal inside a packed document; bidirectional inside one image block.
 
   Padding (segment 0) attends causally to padding only, so no row of the softmax is empty.
   `image_block_BL` (Transfusion): positions with the same non-zero id see each other both ways.
   """
-  length = segment_BL.shape[1]
-  idx = jnp.arange(length)
-  causal_LL = idx[:, None] >= idx[None, :]
-  same_doc_BLL = segment_BL[:, :, None] == segment_BL[:, None, :]
-  allowed_BLL = causal_LL[None] & same_doc_BLL
-  if image_block_BL is not None:
-    same_image_BLL = (image_block_BL[:, :, None] == image_block_BL[:, None, :]) & (
-        image_block_BL[:, :, None] > 0)
-    allowed_BLL = allowed_BLL | (same_image_BLL & same_doc_BLL)
+  idx = jnp.arange(segment_BL.shape[1])
+  images = () if image_block_BL is None else (image_block_BL[:, :, None], image_block_BL[:, None, :])
+  allowed_BLL = _allowed(idx[:, None], idx[None, :], segment_BL[:, :, None], segment_BL[:, None, :], *images)
   return allowed_BLL[:, None]
 
 
@@ -71,13 +73,11 @@ def banded_attention(q_BLHK, k_BLHK, v_BLHK, segment_BL, image_block_BL=None, *,
 
   query_nC = np.arange(n * chunk).reshape(n, chunk)
   key_nS = (np.arange(n)[:, None] - before) * chunk + np.arange(width)[None, :]
-  allowed_BnCS = jnp.asarray(key_nS[:, None, :] <= query_nC[:, :, None])[None]  # causal
-  if image_block_BL is not None:
-    ib_q, ib_k = chunks(image_block_BL, 0)[..., None], windows(image_block_BL, 0)[:, :, None, :]
-    allowed_BnCS = allowed_BnCS | ((ib_q == ib_k) & (ib_q > 0))
+  images = () if image_block_BL is None else (chunks(image_block_BL, 0)[..., None],
+                                               windows(image_block_BL, 0)[:, :, None, :])
   # Padding ids: -1 for the padded positions, so they only see each other (no empty softmax row).
-  same_doc_BnCS = chunks(segment_BL, -1)[..., None] == windows(segment_BL, -1)[:, :, None, :]
-  mask = (allowed_BnCS & same_doc_BnCS).reshape(b * n, 1, chunk, width)
+  mask = _allowed(query_nC[:, :, None], key_nS[:, None, :], chunks(segment_BL, -1)[..., None],
+                  windows(segment_BL, -1)[:, :, None, :], *images).reshape(b * n, 1, chunk, width)
   flat = lambda x: x.reshape(b * n, *x.shape[2:])
   out = jax.nn.dot_product_attention(flat(chunks(q_BLHK, 0)), flat(windows(k_BLHK, 0)),
                                      flat(windows(v_BLHK, 0)), mask=mask)
@@ -158,15 +158,14 @@ class Attention(nn.Module):
     start = self.get_variable("cache", "length")
     cached = {}
     for name, value in (("k_BSHK", k_BLHK), ("v_BSHK", v_BLHK), ("segment_BS", segment_BL)):
-      cached[name] = lax.dynamic_update_slice_in_dim(self.get_variable("cache", name),
-                                                     value.astype(self.get_variable("cache", name).dtype),
-                                                     start, axis=1)
+      old = self.get_variable("cache", name)
+      cached[name] = lax.dynamic_update_slice_in_dim(old, value.astype(old.dtype), start, axis=1)
       self.put_variable("cache", name, cached[name])
     self.put_variable("cache", "length", start + length)
     query_L = start + jnp.arange(length)
-    causal_LS = jnp.arange(self.max_len)[None, :] <= query_L[:, None]
-    same_doc_BLS = cached["segment_BS"][:, None, :] == segment_BL[:, :, None]
-    return cached["k_BSHK"], cached["v_BSHK"], (causal_LS[None] & same_doc_BLS)[:, None]
+    mask_BLS = _allowed(query_L[:, None], jnp.arange(self.max_len)[None, :], segment_BL[:, :, None],
+                        cached["segment_BS"][:, None, :])
+    return cached["k_BSHK"], cached["v_BSHK"], mask_BLS[:, None]
 
   def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:
     """The weight `name` flattened for `grouped_matmul`: [in, out] tied, [G, in, out] untied."""

@@ -8,7 +8,7 @@ import pytest
 
 from moma.models import generate
 from tests.test_decoder import make_batch
-from tests.test_mamba_decoder import Compiled
+from tests.test_mamba_decoder import Compiled, decode_in_steps
 
 L = 12  # make_batch: documents at [0, 6) and [6, 12) of each row
 TRANSFORMER = dict(block="transformer", d_ff=32, mamba=None)
@@ -24,17 +24,6 @@ def compiled(request):
   return Compiled(**MODELS[request.param])
 
 
-def _decode(m, batch, split, chunk=1):
-  """Logits of prefill(batch[:, :split]) then decode steps of `chunk` tokens, concatenated [B, L, V]."""
-  logits, cache = m.prefill(m.variables, {k: v[:, :split] for k, v in batch.items()})
-  pieces = [logits]
-  for t in range(split, batch["tokens"].shape[1], chunk):
-    logits, cache = m.step(m.variables, cache, *(batch[k][:, t:t + chunk]
-                                                 for k in ("tokens", "modality", "position")))
-    pieces.append(logits)
-  return jnp.concatenate(pieces, 1), cache
-
-
 @pytest.mark.parametrize("split,chunk", [(8, 1), (3, 1), (4, 2)])
 def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
   """Decoding continues the last prompt document (split 8: the second; split 3: the first, with chunked
@@ -45,7 +34,7 @@ def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
     batch = dict(batch, segment=jnp.ones_like(batch["segment"]),
                  position=jnp.broadcast_to(jnp.arange(L), batch["tokens"].shape))
   full = jax.jit(generate._causal(m.model).apply)(m.variables, batch)
-  decoded, cache = _decode(m, batch, split, chunk)
+  decoded, cache = decode_in_steps(m, batch, split, chunk)
   np.testing.assert_allclose(decoded, full, rtol=2e-5, atol=2e-5)
   lengths = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if path[-1].key == "length"]
   assert lengths and all((np.asarray(n) == L).all() for n in lengths)
@@ -54,7 +43,7 @@ def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
 def test_bfloat16_cache_decodes_like_the_full_forward():
   m = Compiled(**dict(MOT, dtype="bfloat16"))
   batch = make_batch(seed=4, l=L)
-  decoded, cache = _decode(m, batch, 8)
+  decoded, cache = decode_in_steps(m, batch, 8)
   assert cache["layers"]["mixer"]["k_BSHK"].dtype == jnp.bfloat16
   np.testing.assert_allclose(decoded, m.apply(m.variables, batch), rtol=2e-2, atol=2e-2)
 
@@ -65,11 +54,11 @@ def test_decoded_tokens_never_see_earlier_documents_or_padding():
   batch = make_batch(seed=2, l=L)
   other_first_doc = dict(batch, tokens=batch["tokens"].at[:, :6].set(7),
                          modality=batch["modality"].at[:, :6].set(2))
-  a, _ = _decode(m, batch, 8)
-  b, _ = _decode(m, other_first_doc, 8)
+  a, _ = decode_in_steps(m, batch, 8)
+  b, _ = decode_in_steps(m, other_first_doc, 8)
   np.testing.assert_allclose(a[:, 6:], b[:, 6:], rtol=1e-5, atol=1e-5)
   as_padding = dict(other_first_doc, segment=batch["segment"].at[:, :6].set(0))
-  c, _ = _decode(m, as_padding, 8)
+  c, _ = decode_in_steps(m, as_padding, 8)
   np.testing.assert_allclose(a[:, 6:], c[:, 6:], rtol=1e-5, atol=1e-5)
 
 

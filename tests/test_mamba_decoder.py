@@ -46,6 +46,18 @@ class Compiled:
     self.step = jax.jit(lambda v, c, t, m, p: generate.decode_step(self.model, v, c, t, m, p))
 
 
+def decode_in_steps(m, batch, split, chunk=1):
+  """Logits of prefill(batch[:, :split]) then decode steps of `chunk` tokens, concatenated [B, L, V]; and
+  the final cache."""
+  logits, cache = m.prefill(m.variables, {k: v[:, :split] for k, v in batch.items()})
+  pieces = [logits]
+  for t in range(split, batch["tokens"].shape[1], chunk):
+    logits, cache = m.step(m.variables, cache, *(batch[k][:, t:t + chunk]
+                                                 for k in ("tokens", "modality", "position")))
+    pieces.append(logits)
+  return jnp.concatenate(pieces, 1), cache
+
+
 @pytest.fixture(scope="module")
 def mamba_model():
   return Compiled()
@@ -61,16 +73,10 @@ def test_prefill_then_decode_steps_equal_full_forward(which, request):
   m = request.getfixturevalue(which)
   batch = single_document(make_batch(seed=1, l=L))  # modality changes from token to token
   full_BLV = m.apply(m.variables, batch)
-  split = 5
-  logits, cache = m.prefill(m.variables, {k: v[:, :split] for k, v in batch.items()})
+  decoded_BLV, cache = decode_in_steps(m, batch, split=5)
   assert cache["layers"]["ssm_BDN"].shape == (2, 2, 32, 4)  # [layers, batch, d_inner, d_state]
   assert cache["layers"]["ssm_BDN"].dtype == jnp.float32
-  pieces = [logits]
-  for t in range(split, L):
-    logits, cache = m.step(m.variables, cache, *(batch[k][:, t:t + 1] for k in ("tokens", "modality",
-                                                                                "position")))
-    pieces.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full_BLV, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(decoded_BLV, full_BLV, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(cache["layers"]["length"], [L, L])
 
 

@@ -81,7 +81,9 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       d_model=s["d_model"], num_layers=s["num_layers"], num_heads=s["num_heads"],
       num_kv_heads=s["num_heads"], head_dim=0, d_ff=s["d_ff"],
       block="transformer", ffn="dense", untie=(),
-      norm="rms", norm_placement="pre", qk_norm=size == "7B", rope_theta=10_000.0,
+      # LLaMA / Chameleon norms: eps 1e-5; Chameleon-7B's QK-norm is a LayerNorm with bias per head.
+      norm="rms", norm_eps=1e-5, norm_placement="pre", qk_norm=size == "7B", qk_norm_kind="layer",
+      rope_theta=10_000.0,
       max_seq_len=s["seq_len"], tie_embeddings=False,
       dtype="float32" if size == "tiny" else "bfloat16", param_dtype="float32",
       remat=size not in ("tiny", "S"), gmm_impl="auto",

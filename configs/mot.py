@@ -1,7 +1,8 @@
 """Mixture-of-Transformers: the dense decoder with per-modality weights for the untied components.
 
 `configs/mot.py:size=tiny,untie=all,modalities=text+image+audio` (defaults). `untie=` takes a preset (all, attn, ffn, ffn_norm, none)
-or components joined by '+', e.g. `untie=ffn+qkv+norm` for the MoT ablation over what to untie.
+or components joined by '+', e.g. `untie=ffn+qkv+norm` for the MoT ablation over what to untie. `all` unties
+every weight the model has: `qk_norm` only on presets with QK-norm (7B).
 """
 
 from configs import common
@@ -18,5 +19,8 @@ UNTIE_PRESETS = {
 def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", untie="all", modalities="text+image+audio")
   config = common.base_config(args.size, common.parse_modalities(args.modalities))
-  config.model.untie = common.parse_untie(args.untie, UNTIE_PRESETS)
+  untie = common.parse_untie(args.untie, UNTIE_PRESETS)
+  if args.untie == "all" and not config.model.qk_norm:
+    untie = tuple(c for c in untie if c != "qk_norm")
+  config.model.untie = untie
   return config

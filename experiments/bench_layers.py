@@ -131,11 +131,11 @@ def unit_step(cfg, batch, unit="layer"):
                                                   mutable=["losses", "metrics"])
 
   def loss(p, x, modality, segment, position):
-    plan = dispatch.make_plan(modality, num_groups)  # built once per forward, as in the decoder
+    plan = dispatch.partition(modality, num_groups)  # built once per forward, as in the decoder
     y, state = apply(p, x, plan, modality, segment, position)
     return jnp.sum(y.astype(jnp.float32) ** 2) + sum_losses(state)
 
-  plan = dispatch.make_plan(batch["modality"], num_groups)
+  plan = dispatch.partition(batch["modality"], num_groups)
   init = (lambda k: module.init(k, x, plan, **kw)) if unit == "ffn" else (
       lambda k: module.init(k, x, plan, *ctx, None))
   params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]

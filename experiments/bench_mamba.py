@@ -87,7 +87,7 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
     block = mamba.MambaBlock(d_model, num_modalities=num_modalities, untie=untie)
 
     def loss_fn(params, x, modality, block=block):
-      plan = dispatch.make_plan(modality, num_modalities)  # built once per pass, as in the decoder
+      plan = dispatch.partition(modality, num_modalities)  # built once per pass, as in the decoder
       return jnp.mean((block.apply({"params": params}, x, plan) - target) ** 2)
 
     @jax.jit
@@ -96,7 +96,7 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    params = block.init(jax.random.key(1), x, dispatch.make_plan(modality, num_modalities))["params"]
+    params = block.init(jax.random.key(1), x, dispatch.partition(modality, num_modalities))["params"]
     calls[name] = (train_step, (params, tx.init(params), x, modality))
   out = interleaved_medians(calls, reps)
   for name, seconds in out.items():

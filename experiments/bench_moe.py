@@ -32,12 +32,12 @@ class DenseSwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x, plan, *, deterministic=True):
     del plan, deterministic
-    one = dispatch.make_plan(jnp.zeros(x.shape[:-1], jnp.int32), 1)
-    rows = one.sort(x)
+    one = dispatch.partition(jnp.zeros(x.shape[:-1], jnp.int32), 1)
+    rows = one.dispatch(x)
     gate = dispatch.GroupedDense(self.d_ff, name="wi_gate")(rows, one)
     h = nn.silu(gate) * dispatch.GroupedDense(self.d_ff, name="wi_up")(rows, one)
     y = dispatch.GroupedDense(x.shape[-1], in_axis="mlp", out_axes=("embed",), name="wo")(h, one)
-    y = one.unsort(y, x.shape[:-1])
+    y = one.combine(y, x.shape[:-1])
     return x + y if self.residual else y
 
 
@@ -83,7 +83,7 @@ def main():
   x = jax.random.normal(jax.random.key(1), (a.batch, a.length, a.d_model))
   # Half text, half image, interleaved in runs like a mixed-modal document.
   modality = (jnp.arange(a.length) // 32 % 2)[None].repeat(a.batch, 0)
-  plan = dispatch.make_plan(modality, 2)
+  plan = dispatch.partition(modality, 2)
   variants = {
       "dense": DenseSwiGLU(a.d_ff),
       "moma_4t4i_ec": moe.MoE(a.d_ff, mods, "4t4i"),

@@ -1,13 +1,13 @@
-"""Train-step time of the real trainer step (`moma.train`) on device meshes vs one device, same global batch.
+"""Trainer step time and communication on device meshes: sparse models against dense, same global batch.
 
-  python -m experiments.bench_sharding [--untie=none|all|ffn+qkv] [--steps=10]
+  python -m experiments.bench_sharding [--kinds=dense,mot,moma] [--steps=10]
 
 The state is created sharded and the step compiled exactly as `train.train_and_evaluate` does
 (`train.init_or_restore`, `train.shard_batch`, `train.compile_step` inside `sharding.activate`). On CPU the
-8 "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=8) share the host cores, so the ratio measures
-partitioning + collective overhead, not speed-up. Second part: one grouped (per-modality) FFN, fwd + bwd,
-with the global GSPMD sort plan vs `moma.expert_parallel.grouped` (per-device sort, and expert parallelism
-on an `expert` axis). Last stdout line: a JSON object.
+8 "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=8) share the host cores, so the times measure
+partitioning + collective overhead, not speed-up; the ratios that matter are each sparse model's step time
+over the dense model's on the same mesh (goal ≤ 1.3×) and the bytes its collectives move per device
+(`moma.sharding.collective_bytes` of the compiled step). Last stdout line: a JSON object.
 """
 
 import os
@@ -16,29 +16,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
-import math
 import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import mot
-from moma import dispatch, expert_parallel, kernels, sharding, train
+from configs import dense, moma, mot
+from moma import sharding, train
 from moma.models import decoder
 
-UNTIE = flags.DEFINE_string("untie", "none", "configs/mot.py untie= preset or components joined by '+'")
+KINDS = flags.DEFINE_list("kinds", ["dense", "mot", "moma"], "models to time: dense, mot, moma")
 STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after one compile + warm-up step)")
-MESHES = (((1,), ("data",)), ((8,), ("data",)), ((2, 2, 2), ("data", "fsdp", "tensor")),
-          ((2, 4), ("data", "expert")))
+MESHES = (((1,), ("data",), ()), ((8,), ("data",), ()), ((2, 2, 2), ("data", "fsdp", "tensor"), ()),
+          ((2, 4), ("data", "expert"), (("modality", None),)))
 
 
-def bench_config(untie: str) -> ml_collections.ConfigDict:
-  config = mot.get_config(f"size=tiny,untie={untie}")
+def bench_config(kind: str) -> ml_collections.ConfigDict:
+  """The tiny preset widened to d_model 128 (MoMa: 4t4i expert choice over text + image + audio is 3t3i2a)."""
+  config = {"dense": dense, "mot": mot, "moma": moma}[kind].get_config(
+      "size=tiny" + (",experts=3t3i2a" if kind == "moma" else ""))
   config.model.update(vocab_size=256, d_model=128, d_ff=512)
-  config.mesh.rules = (("modality", None),)  # 3 modalities do not divide an expert axis of 4.
   return config
 
 
@@ -51,10 +50,10 @@ def host_batch(modalities, b=16, l=64, vocab=256, seed=0):
           "loss_mask": np.ones((b, l), np.float32)}
 
 
-def time_mesh(config, shape, axes):
-  """Seconds per trainer step and the last loss on a `shape` mesh (the first prod(shape) devices)."""
+def time_mesh(config, shape, axes, rules):
+  """(seconds per trainer step, collective bytes per device) on a `shape` mesh."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.mesh.shape, config.mesh.axes = shape, axes
+  config.mesh.shape, config.mesh.axes, config.mesh.rules = shape, axes, rules
   mesh, rules = train.make_mesh(config)
   model = train.build_model(config)
   modalities = tuple(config.model.modalities)
@@ -70,63 +69,26 @@ def time_mesh(config, shape, axes):
   for _ in range(STEPS.value):
     state, out = step(state, batch)
   jax.block_until_ready(out)
-  return (time.perf_counter() - start) / STEPS.value, float(out["loss"])
-
-
-def time_grouped(shape, axes, mode, m=8192, d=128, f=512, groups=4):
-  """Forward + backward of one grouped (per-modality) matmul pair: global GSPMD sort plan vs per-device."""
-  cfg = ml_collections.ConfigDict({"shape": shape, "axes": axes, "rules": ()})
-  mesh = sharding.mesh_from_config(cfg, jax.devices()[:math.prod(shape)])
-  rules = sharding.rules_from_config(cfg)
-  rng = np.random.default_rng(0)
-  tok = sharding.batch_sharding(mesh, rules, 1)
-  w_spec = jax.sharding.PartitionSpec("expert" if "expert" in axes else None)
-  x = jax.device_put(rng.standard_normal((m, d), np.float32), jax.sharding.NamedSharding(mesh, tok.spec))
-  ids = jax.device_put(rng.integers(0, groups, (m,), dtype=np.int32), tok)
-  w = {k: jax.device_put(rng.standard_normal(s, np.float32) / 30, jax.sharding.NamedSharding(mesh, w_spec))
-       for k, s in (("up", (groups, d, f)), ("down", (groups, f, d)))}
-
-  def ffn(rows, plan, w):
-    gmm = functools.partial(kernels.gmm, group_sizes=plan.group_sizes)
-    return gmm(jax.nn.gelu(gmm(rows, w["up"])), w["down"])
-
-  def loss(x, w):
-    if mode == "gspmd":
-      plan = dispatch.make_plan(ids, groups)
-      y = plan.unsort(ffn(plan.sort(x), plan, w), (m,))
-    else:
-      y = expert_parallel.grouped(ffn, x, ids, w, num_groups=groups)
-    return jnp.sum(y * y)
-
-  with sharding.activate(mesh, rules):
-    step = jax.jit(jax.grad(loss, (0, 1)))
-    jax.block_until_ready(step(x, w))
-    start = time.perf_counter()
-    for _ in range(STEPS.value):
-      out = step(x, w)
-    jax.block_until_ready(out)
-  return (time.perf_counter() - start) / STEPS.value
+  return (time.perf_counter() - start) / STEPS.value, sum(sharding.collective_bytes(step.as_text()).values())
 
 
 def main(_):
-  config = bench_config(UNTIE.value)
-  results = {}
-  for shape, axes in MESHES:
-    name = "x".join(map(str, shape)) + ":" + ",".join(axes)
-    results[name], loss = time_mesh(config, shape, axes)
-    print(f"{name:28s} {1e3 * results[name]:8.1f} ms/step  loss {loss:.6f}")
-  base = results["1:data"]
-  ratios = {k: v / base for k, v in results.items()}
-  for k, r in ratios.items():
-    print(f"{k:28s} {r:6.2f}x the one-device step time")
-  grouped = {}
-  for shape, axes in (((1,), ("data",)), ((8,), ("data",)), ((2, 4), ("data", "expert"))):
-    for mode in ("gspmd", "grouped"):
-      key = "x".join(map(str, shape)) + ":" + ",".join(axes) + ":" + mode
-      grouped[key] = time_grouped(shape, axes, mode)
-      print(f"grouped FFN fwd+bwd {key:34s} {1e3 * grouped[key]:8.1f} ms")
-  print(json.dumps({"untie": tuple(config.model.untie), "backend": jax.default_backend(), "step_s": results,
-                    "ratio_vs_one_device": ratios, "grouped_ffn_s": grouped}))
+  times, comm = {}, {}
+  for kind in KINDS.value:
+    config = bench_config(kind)
+    for shape, axes, rules in MESHES:
+      name = "x".join(map(str, shape)) + ":" + ",".join(axes)
+      times[f"{kind}@{name}"], comm[f"{kind}@{name}"] = time_mesh(config, shape, axes, rules)
+      print(f"{kind:6s} {name:24s} {1e3 * times[f'{kind}@{name}']:8.1f} ms/step "
+            f"{comm[f'{kind}@{name}'] / 1e6:8.2f} MB collectives per device")
+  ratios = {}
+  for key, t in times.items():
+    kind, name = key.split("@")
+    if kind != "dense" and f"dense@{name}" in times:
+      ratios[key] = t / times[f"dense@{name}"]
+      print(f"{kind} / dense on {name:24s} {ratios[key]:6.2f}x step time")
+  print(json.dumps({"backend": jax.default_backend(), "step_s": times, "collective_bytes": comm,
+                    "ratio_vs_dense": ratios}))
 
 
 if __name__ == "__main__":

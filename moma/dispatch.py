@@ -1,14 +1,23 @@
-"""The one dispatch mechanism: group ids → sort plan → grouped matmul → unsort.
+"""The one dispatch mechanism: per-token decisions → a `Plan` → rows grouped by weight → grouped matmul → back.
 
-MoT and Mixture-of-Mamba group tokens by modality, MoMa by expert inside a modality, plain MoE by expert.
-The modality ids are the same in every layer, so the decoder builds one `SortPlan` per forward pass and
-hands it to every layer. With one group the plan is the identity: no gather, no sort, a plain dense matmul.
+Every sparse layer asks, per token, which weights it uses, and answers with a `Plan`:
 
-Layout convention: a layer calls `rows = plan.sort(x_BLD)` once, runs any number of `GroupedDense` on the
-sorted rows (e.g. gate, up and down projections of an FFN) and calls `plan.unsort(rows, x_BLD.shape[:-1])`
-once at the end. A layer that fuses several weights into one matmul (attention's q and kv) creates them
-with `GroupedKernel` and calls `grouped_matmul` on their concatenation. Sort and unsort differentiate
-into each other (a gather, never a scatter-add).
+* `partition(group_ids)`: MoT / Mixture-of-Mamba modality groups (a permutation; the decoder builds it once
+  per forward pass and hands it to every layer);
+* `token_choice(expert_ids_MK)`: top-k MoE, rows = tokens·k sorted by expert (id E = dropped);
+* `expert_choice(...)`: expert-choice MoMa, each expert takes a static number of rows;
+* `selection(index_K)`: Mixture-of-Depths, the rows are the selected tokens.
+
+`plan.dispatch(x) → rows` and `plan.combine(rows, weights) → x` are gathers in both directions (custom
+VJPs: each one's gradient is the other's gather, never a scatter-add); `plan.group_sizes` feed
+`moma.kernels.gmm` through `grouped_matmul` / `grouped_swiglu`, which also carry the weights.
+
+**Mesh-aware.** Under `moma.sharding.activate`, plans are built, and rows dispatched and combined, inside
+`jax.shard_map` over the batch mesh axes (`on_shards`): each device plans over its own tokens, so a plan's
+arrays are the concatenation of per-device plans with per-device indices, and nothing about them crosses
+devices. Other mesh axes (`tensor`) stay automatic (GSPMD) inside. When a layer's group axis (`modality` or
+`expert`) is sharded over a batch mesh axis, each group's weights live on their devices and rows travel
+there and back (`moma.expert_parallel`). With no mesh, all of this is the plain single-device computation.
 """
 
 from __future__ import annotations
@@ -19,86 +28,324 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from moma import expert_parallel
 from moma import kernels
 
 
-@flax.struct.dataclass
-class SortPlan:
-  """How the rows of a flattened [M, ...] activation are grouped.
+# ------------------------------------------------------------------------------------------------- meshes
 
-  group_sizes: int32 [G], rows per group in group order (sums to M).
-  perm: int32 [M], sorted row r holds token perm[r] (None when G == 1: the identity).
-  inv_perm: int32 [M], token t sits at sorted row inv_perm[t] (None when G == 1).
+
+def batch_axes() -> tuple[str, ...]:
+  """Mesh axes the batch is split over under the active mesh and rules (() without a mesh, or already
+  inside a shard_map over them)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return ()
+  return tuple(a for a in _mesh_axes("batch") if mesh.shape[a] > 1)
+
+
+def _mesh_axes(logical: str) -> tuple[str, ...]:
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes((logical,))
+  entry = spec[0] if spec is not None and len(spec) else None
+  axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def num_shards() -> int:
+  """How many ways `on_shards` splits the tokens (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  n = 1
+  for a in batch_axes():
+    n *= mesh.shape[a]
+  return n
+
+
+def on_shards(fn: Callable, tokens: Sequence[Any], weights: Sequence[Any] = (),
+              weight_specs: Sequence[Any] | None = None):
+  """fn(*tokens, *weights) run by every device on its own rows of `tokens` (pytrees of arrays whose leading
+  axis is split over the batch mesh axes); its outputs are split the same way. `weights` are whole on every
+  device unless `weight_specs` says otherwise (PartitionSpecs over batch mesh axes, e.g. P("expert")).
+  Without a mesh, or when a leading axis does not split evenly, it is fn(*tokens, *weights)."""
+  axes, n = batch_axes(), num_shards()
+  leading = [x.shape[0] for x in jax.tree.leaves(tokens)]
+  if n == 1 or any(m % n for m in leading):
+    return fn(*tokens, *weights)
+  token_specs = jax.tree.map(lambda _: P(axes), tuple(tokens))
+  if weight_specs is None:
+    weight_specs = jax.tree.map(lambda _: P(), tuple(weights))
+  return jax.shard_map(fn, in_specs=(*token_specs, *weight_specs), out_specs=P(axes),
+                       axis_names=set(axes))(*tokens, *weights)
+
+
+# -------------------------------------------------------------------------------------------------- plans
+
+
+@flax.struct.dataclass
+class Plan:
+  """How tokens become rows and back. M tokens, K choices per token, R rows, G groups (all per device).
+
+  slot_of_row: int32 [R], row r holds token slot // K's choice slot % K; slot ≥ M·K: a padding row.
+  row_of_slot: int32 [M, K], the row holding each choice; ≥ R: none (it contributes zero).
+  group_sizes: int32 [G], rows per group in group order; rows past their sum are padding.
+  group_of_token: int32 [M], each token's group (partition plans only; None elsewhere).
+  Both index arrays are None for the identity plan (one group, rows = tokens).
   """
 
+  slot_of_row: jax.Array | None
+  row_of_slot: jax.Array | None
   group_sizes: jax.Array
-  perm: jax.Array | None
-  inv_perm: jax.Array | None
   num_groups: int = flax.struct.field(pytree_node=False)
+  group_of_token: jax.Array | None = None
 
-  def sort(self, x: jax.Array) -> jax.Array:
-    """[..., D] in token order → [M, D] rows sorted by group (stable inside a group)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if self.perm is None else _permute_rows(rows, self.perm, self.inv_perm)
+  @property
+  def is_identity(self) -> bool:
+    return self.slot_of_row is None
 
-  def unsort(self, rows: jax.Array, lead_shape: Sequence[int]) -> jax.Array:
-    """[M, ...] sorted rows → token order with leading dims `lead_shape` (e.g. (B, L))."""
-    if self.inv_perm is not None:
-      rows = _permute_rows(rows, self.inv_perm, self.perm)
-    return rows.reshape(*lead_shape, *rows.shape[1:])
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    """[..., D] tokens → [R, D] rows (padding rows are zero; integer ids too, without a gradient)."""
+    x_MD = x.reshape(-1, x.shape[-1])
+    if self.is_identity:
+      return x_MD
+    gather = _dispatch if jnp.issubdtype(x.dtype, jnp.inexact) else _gather_rows
+    return on_shards(lambda p, x: gather(x, p.slot_of_row, p.row_of_slot), (self, x_MD))
 
-  def use_if(self, untied: bool) -> SortPlan:
-    """This plan for a layer whose weights are untied, else the identity plan (plain dense, no sort)."""
-    if untied or self.num_groups == 1:
-      return self
-    return SortPlan(jnp.sum(self.group_sizes, keepdims=True), None, None, 1)
+  def combine(self, rows_RD: jax.Array, lead_shape: Sequence[int],
+              weights_MK: jax.Array | None = None) -> jax.Array:
+    """[R, ...] rows → tokens with leading dims `lead_shape`: sum over each token's K rows, weighted."""
+    if self.is_identity:
+      return rows_RD.reshape(*lead_shape, *rows_RD.shape[1:])
+    flat_RF = rows_RD.reshape(rows_RD.shape[0], -1)
+
+    def local(p, rows, *w):
+      y_MKF = _combine(rows, p.row_of_slot, p.slot_of_row)
+      if not w:
+        return y_MKF.sum(1)
+      return jnp.einsum("mk,mkf->mf", w[0].astype(y_MKF.dtype), y_MKF)
+
+    args = (self, flat_RF) + (() if weights_MK is None else (weights_MK,))
+    return on_shards(local, args).reshape(*lead_shape, *rows_RD.shape[1:])
+
+  def use_if(self, untied: bool) -> Plan:
+    """This plan for a layer whose weights are untied, else the identity (plain dense, no sort)."""
+    return self if untied or self.num_groups == 1 else identity_plan()
+
+
+def row_groups(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
+  """int32 [R]: the group of each of `num_rows` rows (G past the last group). Per device: call it locally."""
+  ends_G = jnp.cumsum(group_sizes_G)
+  # A count, not searchsorted (which fails on varying values under a partly manual shard_map, jax 0.10).
+  return jnp.sum(jnp.arange(num_rows, dtype=jnp.int32)[:, None] >= ends_G[None, :], axis=1, dtype=jnp.int32)
+
+
+def identity_plan() -> Plan:
+  return Plan(None, None, jnp.zeros((0,), jnp.int32), 1)
+
+
+def partition(group_ids: jax.Array, num_groups: int) -> Plan:
+  """Rows = tokens sorted by group id (stable); ids of any shape, values in [0, num_groups)."""
+  if num_groups == 1:
+    return identity_plan()
+  ids_M = group_ids.reshape(-1).astype(jnp.int32)
+  plan = on_shards(lambda ids: _sorted_plan(ids[:, None], num_groups, num_groups), (ids_M,))
+  return plan.replace(group_of_token=ids_M)
+
+
+def token_choice(expert_ids_MK: jax.Array, num_experts: int) -> Plan:
+  """Rows = (token, choice) pairs sorted by expert; id `num_experts` marks a dropped choice (no row)."""
+  return on_shards(lambda ids: _sorted_plan(ids, num_experts + 1, num_experts),
+                   (expert_ids_MK.astype(jnp.int32),))
+
+
+def _sorted_plan(ids_MK: jax.Array, num_ids: int, num_groups: int) -> Plan:
+  """Slots sorted by id; ids ≥ num_groups get no row (their rows sort last and are padding)."""
+  m, k = ids_MK.shape
+  flat = ids_MK.reshape(-1)
+  perm = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(m * k, dtype=jnp.int32), unique_indices=True)
+  sizes = jnp.bincount(flat, length=num_ids).astype(jnp.int32)[:num_groups]
+  if num_ids > num_groups:
+    real = jnp.arange(m * k) < sizes.sum()
+    perm, inv = jnp.where(real, perm, m * k), jnp.where(flat < num_groups, inv, m * k)
+  return Plan(perm, inv.reshape(m, k), sizes, num_groups)
+
+
+def expert_choice(picks: Sequence[tuple[jax.Array, jax.Array]], *, slice_tokens: int,
+                  expert_slot: Sequence[int], slots: int) -> Plan:
+  """Rows = every expert's picks, expert-major: expert e owns the [n, C] rows of its picks in n slices.
+
+  picks: one (top_NEC, valid_NEC) per block of experts with one capacity C: top is the token (index inside
+  its routing slice of `slice_tokens` tokens) that expert e picked c-th in slice n; valid says the pick is
+  real (a filler pick outside the expert's group gets a padding row). expert_slot[e]: the choice slot (of
+  `slots`) expert e fills in `row_of_slot`, i.e. its index inside its group.
+  """
+
+  def local(*flat):
+    tops, valids = flat[0::2], flat[1::2]
+    n = tops[0].shape[0]
+    num_slots = n * slice_tokens * slots
+    slot_of_row, sizes, first = [], [], 0
+    for top, valid in zip(tops, valids):
+      e, c = top.shape[1:]
+      token = top + slice_tokens * jnp.arange(n, dtype=jnp.int32)[:, None, None]
+      slot = token * slots + jnp.asarray(expert_slot[first:first + e], jnp.int32)[None, :, None]
+      slot_of_row.append(jnp.where(valid, slot, num_slots).transpose(1, 0, 2).reshape(-1))
+      sizes.append(jnp.full((e,), n * c, jnp.int32))
+      first += e
+    slot_of_row = jnp.concatenate(slot_of_row)
+    rows = jnp.arange(slot_of_row.shape[0], dtype=jnp.int32)
+    row_of_slot = jnp.full((num_slots,), rows.shape[0], jnp.int32).at[slot_of_row].set(rows, mode="drop")
+    return Plan(slot_of_row, row_of_slot.reshape(-1, slots), jnp.concatenate(sizes), first)
+
+  return on_shards(local, tuple(a for top, valid in picks for a in (top.astype(jnp.int32), valid)))
+
+
+def selection(index_NK: jax.Array, *, slice_tokens: int) -> Plan:
+  """Rows = the tokens `index_NK` picks (index inside each of n slices of `slice_tokens`), in that order."""
+
+  def local(index):
+    n, k = index.shape
+    token = (index + slice_tokens * jnp.arange(n, dtype=jnp.int32)[:, None]).reshape(-1)
+    row_of_slot = jnp.full((n * slice_tokens,), n * k, jnp.int32).at[token].set(
+        jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
+    return Plan(token, row_of_slot[:, None], jnp.full((1,), n * k, jnp.int32), 1)
+
+  return on_shards(local, (index_NK.astype(jnp.int32),))
+
+
+# ------------------------------------------------------------------------------ gathers, both directions
+
+
+def _gather_rows(x_MD, slot_of_row_R, row_of_slot_MK):
+  """rows[r] = x[slot_of_row[r] // K] (zero for padding rows)."""
+  k = row_of_slot_MK.shape[1]
+  return jnp.take(x_MD, slot_of_row_R // k, axis=0, mode="fill", fill_value=0)
+
+
+_dispatch = jax.custom_vjp(_gather_rows)
+
+
+def _dispatch_fwd(x_MD, slot_of_row_R, row_of_slot_MK):
+  return _dispatch(x_MD, slot_of_row_R, row_of_slot_MK), (slot_of_row_R, row_of_slot_MK)
+
+
+def _dispatch_bwd(residuals, ct_RD):
+  slot_of_row_R, row_of_slot_MK = residuals  # d x[m] = Σ_k ct[row_of_slot[m, k]]: a gather
+  return _combine(ct_RD, row_of_slot_MK, slot_of_row_R).sum(1), None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 @jax.custom_vjp
-def _permute_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-  """x[index] along axis 0 for a permutation `index` with inverse `inverse`.
+def _combine(rows_RD, row_of_slot_MK, slot_of_row_R):
+  """[M, K, D]: the row of each (token, choice) (zero where there is none)."""
+  return jnp.take(rows_RD, row_of_slot_MK, axis=0, mode="fill", fill_value=0)
 
-  Its gradient is the inverse permutation's gather, ct[inverse], not the scatter-add that autodiff of a
-  gather gives (scatters are slow on CPU and serialise on accelerators).
+
+def _combine_fwd(rows_RD, row_of_slot_MK, slot_of_row_R):
+  return _combine(rows_RD, row_of_slot_MK, slot_of_row_R), (row_of_slot_MK, slot_of_row_R)
+
+
+def _combine_bwd(residuals, ct_MKD):
+  row_of_slot_MK, slot_of_row_R = residuals  # d rows[r] = ct[slot_of_row[r]]: a gather
+  ct = ct_MKD.reshape(-1, ct_MKD.shape[-1])
+  return jnp.take(ct, slot_of_row_R, axis=0, mode="fill", fill_value=0), None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ------------------------------------------------------------------------------------ grouped weights
+
+
+def grouped_matmul(rows_RK: jax.Array, kernel: jax.Array, plan: Plan, *, impl: str = "auto",
+                   dtype: Any = jnp.float32, group_axis: str = "modality") -> jax.Array:
+  """rows [R, K] of `plan` → [R, N]: a dense dot for a [K, N] kernel, `gmm` for a [G, K, N] one."""
+  x, w = rows_RK.astype(dtype), kernel.astype(dtype)
+  if w.ndim == 2:
+    return jnp.dot(x, w, preferred_element_type=dtype)
+  if w.shape[0] != plan.num_groups:
+    raise ValueError(f"grouped_matmul: kernel has {w.shape[0]} groups, plan has {plan.num_groups}")
+  fn = lambda rows, sizes, w: kernels.gmm(rows, w, sizes, impl=impl, preferred_element_type=dtype)
+  return run_grouped(fn, x, plan, w, group_axis=group_axis)
+
+
+def grouped_swiglu(rows_RD: jax.Array, plan: Plan, wi: jax.Array | tuple[jax.Array, jax.Array],
+                   wo: jax.Array, *, impl: str = "auto", dtype: Any = jnp.float32, group_axis: str = "modality",
+                   equal_groups: bool = False) -> jax.Array:
+  """down(silu(gate(x)) · up(x)) over rows grouped by `plan`: the MoT FFN and every MoE expert.
+
+  wi: gate and up fused, [(G,) D, 2, F] (one matmul), or a (gate, up) pair of [(G,) D, F]; wo: [(G,) F, D].
+  `equal_groups`: every group has the same static size (expert choice): batched matmuls, not `gmm`.
   """
-  return x.at[index].get(mode="promise_in_bounds", unique_indices=True)
+  x, wo = rows_RD.astype(dtype), wo.astype(dtype)
+  wi = tuple(w.astype(dtype) for w in wi) if isinstance(wi, tuple) else wi.astype(dtype)
+  if wo.ndim == 2:
+    w_in = wi if not isinstance(wi, tuple) else jnp.stack(wi, axis=-2)
+    h = jnp.einsum("rd,dtf->rtf", x, w_in, preferred_element_type=dtype)
+    return jnp.dot(nn.silu(h[:, 0]) * h[:, 1], wo, preferred_element_type=dtype)
+
+  def fn(rows, sizes, wo, *wi):
+    g = wo.shape[0]
+    if equal_groups:
+      x_GCD = rows.reshape(g, -1, rows.shape[-1])
+      mm = lambda a, w: jnp.einsum("gcd,gdf->gcf", a, w, preferred_element_type=dtype)
+    else:
+      x_GCD = rows
+      mm = lambda a, w: kernels.gmm(a, w, sizes, impl=impl, preferred_element_type=dtype)
+    if len(wi) == 1:  # fused [G, D, 2, F]: one matmul for gate and up
+      h = mm(x_GCD, wi[0].reshape(g, wi[0].shape[1], -1))
+      f = wi[0].shape[-1]
+      gate, up = h[..., :f], h[..., f:]
+    else:
+      gate, up = mm(x_GCD, wi[0]), mm(x_GCD, wi[1])
+    return mm(nn.silu(gate) * up, wo).reshape(rows.shape[0], -1)
+
+  weights = (wo, *(wi if isinstance(wi, tuple) else (wi,)))
+  return run_grouped(fn, x, plan, *weights, group_axis=group_axis, equal_groups=equal_groups)
 
 
-def _permute_rows_fwd(x, index, inverse):
-  return _permute_rows(x, index, inverse), (index, inverse)
+def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Array, group_axis: str,
+                equal_groups: bool = False) -> jax.Array:
+  """fn(rows, group_sizes, *weights) per device, where weights' leading axis holds the G groups.
 
+  When `group_axis` is split over a batch mesh axis, each device holds only its groups: rows travel to
+  the devices holding their group and back (`moma.expert_parallel.exchange`)."""
+  axes = batch_axes()
+  expert_axes = tuple(a for a in _mesh_axes(group_axis) if a in axes)
+  if not expert_axes:
+    return on_shards(fn, (rows_RD, plan.group_sizes), weights)
+  if len(expert_axes) > 1:
+    raise ValueError(f"logical axis {group_axis!r} maps to several batch mesh axes {expert_axes}; map it to "
+                     "one (config.mesh.rules)")
+  (axis,) = expert_axes
+  mesh = jax.sharding.get_abstract_mesh()
+  if plan.num_groups % mesh.shape[axis]:
+    raise ValueError(f"{plan.num_groups} groups ({group_axis!r}) do not divide over mesh axis {axis!r} of "
+                     f"size {mesh.shape[axis]}: change config.mesh.shape, or keep them whole with "
+                     f"config.mesh.rules=(({group_axis!r}, None),)")
 
-def _permute_rows_bwd(residuals, ct):
-  index, inverse = residuals
-  return _permute_rows(ct, inverse, index), None, None
+  def local(rows, sizes, *w):
+    return expert_parallel.exchange(fn, rows, row_groups(sizes, rows.shape[0]), w,
+                                    num_groups=plan.num_groups, axis=axis, equal_groups=equal_groups)
 
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
-
-
-def make_plan(group_ids: jax.Array, num_groups: int) -> SortPlan:
-  """Sort plan for integer group ids of any shape (values in [0, num_groups)); jit-able, no host sync."""
-  ids = group_ids.reshape(-1).astype(jnp.int32)
-  if num_groups == 1:
-    return SortPlan(jnp.array([ids.shape[0]], jnp.int32), None, None, 1)
-  perm = jnp.argsort(ids, stable=True).astype(jnp.int32)
-  inv_perm = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
-  group_sizes = jnp.bincount(ids, length=num_groups).astype(jnp.int32)
-  return SortPlan(group_sizes, perm, inv_perm, num_groups)
+  return on_shards(local, (rows_RD, plan.group_sizes), weights,
+                   weight_specs=tuple(P(axis) for _ in weights))
 
 
 class GroupedKernel(nn.Module):
   """The weight of a grouped linear layer: [in, *features] for one group, [G, in, *features] otherwise.
 
-  Annotated with logical axes (group_axis, in_axis, *out_axes) so the mesh rules decide its sharding. Used
-  alone when a layer fuses several weights into one `grouped_matmul` (attention's q and kv).
+  Annotated with logical axes (group_axis, in_axis, *out_axes) so the mesh rules decide its sharding.
   """
 
   features: int | Sequence[int]
   num_groups: int = 1
   in_axis: str = "embed"
-  out_axes: Sequence[str] = ("mlp",)
+  out_axes: Sequence[str | None] = ("mlp",)
   group_axis: str = "modality"
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -124,20 +371,20 @@ class GroupedKernel(nn.Module):
 
 
 class GroupedDense(GroupedKernel):
-  """y[r] = x[r] @ W[group(r)] over rows sorted by `plan`; a plain dense layer when num_groups == 1."""
+  """y[r] = x[r] @ W[group(r)] over the rows of `plan`; a plain dense layer when num_groups == 1."""
 
   use_bias: bool = False
   dtype: Any = jnp.float32
   gmm_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, rows: jax.Array, plan: SortPlan) -> jax.Array:
+  def __call__(self, rows: jax.Array, plan: Plan) -> jax.Array:
     features = self._features()
     if plan.num_groups != self.num_groups and self.num_groups != 1:
       raise ValueError(f"GroupedDense: plan has {plan.num_groups} groups, layer has {self.num_groups}")
     kernel = self._kernel(rows.shape[-1])
     kernel = kernel.reshape(*kernel.shape[:-len(features)], -1)  # [(G,) in, N]
-    y = grouped_matmul(rows, kernel, plan, impl=self.gmm_impl, dtype=self.dtype)
+    y = grouped_matmul(rows, kernel, plan, impl=self.gmm_impl, dtype=self.dtype, group_axis=self.group_axis)
     y = y.reshape(*y.shape[:-1], *features)
     if self.use_bias:
       grouped = self.num_groups > 1
@@ -145,26 +392,16 @@ class GroupedDense(GroupedKernel):
       baxes = ((self.group_axis,) if grouped else ()) + tuple(self.out_axes)
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, baxes), bshape,
                         self.param_dtype).astype(self.dtype)
-      y = y + (group_rows(bias, plan, y.shape[0]) if grouped else bias)
+      y = add_per_group(y, bias, plan) if grouped else y + bias
     return y
 
 
-def grouped_matmul(rows_MK: jax.Array, kernel: jax.Array, plan: SortPlan, *, impl: str = "auto",
-                   dtype: Any = jnp.float32) -> jax.Array:
-  """rows [M, K] sorted by `plan` → [M, N]: a dense dot for a [K, N] kernel, `gmm` for a [G, K, N] one."""
-  x, w = rows_MK.astype(dtype), kernel.astype(dtype)
-  if w.ndim == 2:
-    return jnp.dot(x, w, preferred_element_type=dtype)
-  if w.shape[0] != plan.num_groups:
-    raise ValueError(f"grouped_matmul: kernel has {w.shape[0]} groups, plan has {plan.num_groups}")
-  return kernels.gmm(x, w, plan.group_sizes, impl=impl, preferred_element_type=dtype)
-
-
-def group_rows(per_group: jax.Array, plan: SortPlan, num_rows: int) -> jax.Array:
-  """Broadcast a per-group array [G, ...] to the sorted rows [M, ...] (row r gets its group's entry)."""
-  ends = jnp.cumsum(plan.group_sizes)
-  row_group = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
-  return jnp.take(per_group, jnp.minimum(row_group, plan.num_groups - 1), axis=0)
+def add_per_group(y_RF: jax.Array, per_group_GF: jax.Array, plan: Plan) -> jax.Array:
+  """y[r] + per_group[group(r)] for the rows of `plan` (e.g. a per-group bias; padding rows get the last)."""
+  def local(sizes, y, per_group):
+    groups_R = jnp.minimum(row_groups(sizes, y.shape[0]), plan.num_groups - 1)
+    return y + jnp.take(per_group, groups_R, axis=0)
+  return on_shards(local, (plan.group_sizes, y_RF), (per_group_GF,))
 
 
 def per_group_init(init: Callable) -> Callable:

@@ -1,100 +1,68 @@
-"""Expert parallelism: send each token row to the device that holds its group's weights, and back.
+"""Expert parallelism: rows travel to the device holding their group's weights, and back.
 
-Plain GSPMD is already correct for grouped weights sharded over the `expert` mesh axis, but it moves whole
-activations (it all-gathers the tokens that a global sort plan needs). `grouped(fn, x_MD, group_M, params)`
-instead runs inside `jax.shard_map`: every device sorts its own tokens by group, ships each block to the
-device owning those groups, runs `fn` on the rows it received (its local groups only), and ships the results
-back. Per device and direction this moves only its own token rows.
+Called by `moma.dispatch.run_grouped` inside `shard_map` when a layer's group axis (`expert`, or `modality`
+for MoT) is split over a batch mesh axis: every device holds G / E of the groups' weights and T rows of its
+own tokens, sorted by group (padding rows, group G, last). `exchange` ships each block of rows to the device
+owning those groups, runs `fn` there on the rows it received (its local groups only), and ships the results
+back. Per device and direction this moves only its own rows, whatever the global batch.
 
-Two transports with one buffer layout (row slot `src * T + j` holds row j sent by device `src`, T = local
-tokens, unused slots are padding sorted past the last group, where gmm yields zeros):
-
-* "all_to_all": dense `lax.all_to_all` of [E, T, D] blocks (static capacity T per peer, so nothing is ever
-  dropped); runs on every backend, XLA:CPU included (which lacks ragged_all_to_all, jax issue 34755);
-* "ragged": `lax.ragged_all_to_all`, sending only the real rows (GPU/TPU).
-
-"auto" picks "ragged" on GPU/TPU and "all_to_all" elsewhere. Both equal the single-device computation.
+Transports:
+* equal static groups (expert choice: every expert owns T / G rows on every device): one exact
+  `all_to_all` of [E, T / E, D] blocks, no padding;
+* ragged groups, "all_to_all": a dense `all_to_all` of [E, T, D] blocks (capacity T per peer, so nothing is
+  dropped; unused slots are padding sorted past the last group, where gmm gives zeros); runs everywhere,
+  XLA:CPU included (which lacks ragged_all_to_all, jax issue 34755);
+* ragged groups, "ragged": `lax.ragged_all_to_all`, sending only the real rows (GPU/TPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from moma import dispatch
-
-GroupFn = Callable[[jax.Array, dispatch.SortPlan, Any], jax.Array]
+# fn(rows, group_sizes, *weights) → [rows, F], for this device's groups.
+GroupFn = Callable[..., jax.Array]
 
 
-def grouped(fn: GroupFn, x_MD: jax.Array, group_M: jax.Array, params: Any, *, num_groups: int,
-            expert_axis: str = "expert", token_axes: tuple[str, ...] | None = None,
-            impl: str = "auto") -> jax.Array:
-  """y[m] = fn(rows of group g(m), plan, params)[m], with params' leading axis (the G groups) sharded.
-
-  fn(rows_RD, plan, params) gets rows sorted by group under `plan` (rows past sum(plan.group_sizes) are
-  padding; `moma.kernels.gmm` gives zeros there) and params holding this device's groups only; it returns
-  [R, F]. x_MD is sharded over `token_axes` (default: the mesh axes of the logical `batch` axis under the
-  active `nn.logical_axis_rules`), which must include `expert_axis`. Without a mesh this is the plain
-  single-device computation; on a mesh without an expert axis every device sorts only its own tokens (a
-  GSPMD sort plan over the global batch would gather all tokens on every device).
-  """
+def exchange(fn: GroupFn, rows_TD: jax.Array, group_T: jax.Array, weights: Sequence[jax.Array], *,
+             num_groups: int, axis: str, equal_groups: bool = False, impl: str = "auto") -> jax.Array:
+  """fn over rows grouped by `group_T` (sorted; G = padding), each group computed where its weights are."""
   if impl not in ("auto", "all_to_all", "ragged"):
     raise ValueError(f"expert_parallel impl={impl!r} must be 'auto', 'all_to_all' or 'ragged'")
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return _local(fn, x_MD, group_M, params, num_groups)
-  num_shards = mesh.shape[expert_axis] if expert_axis in mesh.axis_names else 1
-  if num_groups % num_shards:
-    raise ValueError(f"expert parallelism: {num_groups} groups are not divisible by mesh axis "
-                     f"{expert_axis!r} (size {num_shards}); change config.mesh.shape")
-  if token_axes is None:
-    spec = nn.logical_to_mesh_axes(("batch",))
-    entry = spec[0] if spec is not None and len(spec) else None
-    token_axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  if num_shards == 1:  # no expert axis: each device sorts and computes its own tokens, all groups' weights
-    body = lambda x, g, p: _local(fn, x, g, p, num_groups)
-    return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), jax.tree.map(lambda _: P(), params)),
-                         out_specs=P(token_axes))(x_MD, group_M, params)
-  if expert_axis not in token_axes:
-    raise ValueError(f"expert parallelism: tokens must be sharded over {expert_axis!r} too (got token axes "
-                     f"{token_axes}); map 'batch' to include it in config.mesh.rules")
+  num_shards = jax.lax.axis_size(axis)
+  local_groups = num_groups // num_shards
+  if equal_groups:
+    return _exchange_equal(fn, rows_TD, weights, local_groups, num_shards, axis)
   if impl == "auto":
     impl = "ragged" if jax.default_backend() in ("gpu", "tpu") else "all_to_all"
-  body = lambda x, g, p: _expert_parallel_body(fn, x, g, p, num_groups // num_shards, num_shards,
-                                               expert_axis, impl)
-  param_specs = jax.tree.map(lambda _: P(expert_axis), params)
-  return jax.shard_map(body, in_specs=(P(token_axes), P(token_axes), param_specs),
-                       out_specs=P(token_axes))(x_MD, group_M, params)
-
-
-def _local(fn, x_MD, group_M, params, num_groups):
-  plan = dispatch.make_plan(group_M, num_groups)
-  return plan.unsort(fn(plan.sort(x_MD), plan, params), x_MD.shape[:1])
-
-
-def _expert_parallel_body(fn, x_TD, group_T, params, local_groups, num_shards, axis, impl):
-  """Per device: T local tokens → rows for this device's `local_groups` groups → fn → back to token order."""
-  t = x_TD.shape[0]
-  order_T = jnp.argsort(group_T, stable=True)  # group-sorted, hence destination-contiguous
-  group_sorted_T = group_T[order_T]
-  dest_counts_E = jnp.bincount(group_sorted_T // local_groups, length=num_shards).astype(jnp.int32)
+  t = rows_TD.shape[0]
+  dest_counts_E = jnp.bincount(group_T // local_groups, length=num_shards).astype(jnp.int32)  # padding: none
   dest_starts_E = jnp.cumsum(dest_counts_E) - dest_counts_E
   transport = _ragged if impl == "ragged" else _dense
   send = lambda rows: transport(rows, dest_starts_E, dest_counts_E, t, num_shards, axis, forward=True)
-  recv_RD = send(x_TD[order_T])
-  local_R = send((group_sorted_T % local_groups)[:, None])[:, 0]
-  slot_valid_R = _slot_valid(dest_counts_E, t, num_shards, axis)
-  local_R = jnp.where(slot_valid_R, local_R, local_groups)  # padding slots sort past the last group
-  plan = dispatch.make_plan(local_R, local_groups + 1)
-  plan = dispatch.SortPlan(plan.group_sizes[:local_groups], plan.perm, plan.inv_perm, local_groups)
-  y_RF = plan.unsort(fn(plan.sort(recv_RD), plan, params), (num_shards * t,))
-  y_sorted_TF = transport(y_RF, dest_starts_E, dest_counts_E, t, num_shards, axis, forward=False)
-  return jnp.zeros_like(y_sorted_TF).at[order_T].set(y_sorted_TF)
+  recv_RD = send(rows_TD)
+  local_R = send((group_T % local_groups)[:, None])[:, 0]
+  local_R = jnp.where(_slot_valid(dest_counts_E, t, num_shards, axis), local_R, local_groups)
+  order_R = jnp.argsort(local_R, stable=True)
+  inverse_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0], dtype=order_R.dtype))
+  sizes_G = jnp.bincount(local_R, length=local_groups).astype(jnp.int32)
+  y_RF = jnp.take(fn(jnp.take(recv_RD, order_R, axis=0), sizes_G, *weights), inverse_R, axis=0)
+  return transport(y_RF, dest_starts_E, dest_counts_E, t, num_shards, axis, forward=False)
+
+
+def _exchange_equal(fn, rows_TD, weights, local_groups, num_shards, axis):
+  """Every group owns T / G rows here, so device e's groups are the rows' e-th block of T / E."""
+  t, d = rows_TD.shape
+  blocks = jax.lax.all_to_all(rows_TD.reshape(num_shards, t // num_shards, d), axis, 0, 0, tiled=True)
+  # [source, local group, C] → [local group, source, C]: each local group's rows from every device.
+  by_group = blocks.reshape(num_shards, local_groups, -1, d).transpose(1, 0, 2, 3)
+  sizes_G = jnp.full((local_groups,), by_group.shape[1] * by_group.shape[2], jnp.int32)
+  y = fn(by_group.reshape(t, d), sizes_G, *weights)
+  f = y.shape[-1]
+  y = y.reshape(local_groups, num_shards, -1, f).transpose(1, 0, 2, 3).reshape(num_shards, t // num_shards, f)
+  return jax.lax.all_to_all(y, axis, 0, 0, tiled=True).reshape(t, f)
 
 
 def _slot_valid(dest_counts_E, t, num_shards, axis):

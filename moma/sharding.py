@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -272,3 +273,26 @@ def maybe_initialize_distributed(config=None) -> bool:
     kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
   jax.distributed.initialize(**kwargs)
   return True
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce|all-gather|all-to-all|ragged-all-to-all|reduce-scatter|"
+                         r"collective-permute)(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each kind of collective produces in an optimized HLO module (`compiled.as_text()`), per device.
+
+  A structural fact of a compiled step: with data parallelism it must not grow with the global batch.
+  """
+  total: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    size = 0
+    for dtype, dims in _ARRAY.findall(match.group(1)):
+      bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
+      size += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    total[match.group(2)] = total.get(match.group(2), 0) + size
+  return total

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from moma import dispatch, expert_parallel, kernels, sharding
+from moma import dispatch, kernels, sharding
 
 
 class TinyLM(nn.Module):
@@ -22,7 +22,6 @@ class TinyLM(nn.Module):
   d_ff: int = 32
   num_heads: int = 4
   num_groups: int = 4  # modalities (untied weights, `modality` axis)
-  expert_parallel: bool = False  # FFN through moma.expert_parallel (all_to_all) instead of GSPMD
 
   @nn.compact
   def __call__(self, batch):
@@ -31,11 +30,11 @@ class TinyLM(nn.Module):
     embed = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                  ("vocab", "embed")), (self.vocab, self.d_model))
     x = sharding.constrain(jnp.take(embed, tokens, axis=0), ("batch", "length", "embed"))
-    plan = dispatch.make_plan(modality, self.num_groups)
+    plan = dispatch.partition(modality, self.num_groups)
     lead = tokens.shape
     # attention: per-modality q/k/v projections, shared causal softmax attention, plain output projection.
-    rows = plan.sort(nn.RMSNorm(scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))(x))
-    qkv = [plan.unsort(dispatch.GroupedDense((self.num_heads, head_dim), self.num_groups,
+    rows = plan.dispatch(nn.RMSNorm(scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))(x))
+    qkv = [plan.combine(dispatch.GroupedDense((self.num_heads, head_dim), self.num_groups,
                                              out_axes=("heads", "kv"), name=n)(rows, plan), lead)
            for n in ("q", "k", "v")]
     q, k, v = (sharding.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
@@ -48,17 +47,15 @@ class TinyLM(nn.Module):
                      (self.num_heads, head_dim, self.d_model))
     x = x + jnp.einsum("blhk,hkd->bld", attn, w_o)
     x = sharding.constrain(x, ("batch", "length", "embed"))
-    # FFN: per-modality up / down projections, via GSPMD on the global sort plan or expert-parallel.
+    # FFN: per-modality up / down projections over the plan's rows; expert-parallel when the rules put the
+    # modality axis on `expert` (the default rules), each device's own rows otherwise.
     init = nn.initializers.lecun_normal(batch_axis=(0,))
     w = {"up": self.param("up", nn.with_logical_partitioning(init, ("modality", "embed", "mlp")),
                           (self.num_groups, self.d_model, self.d_ff)),
          "down": self.param("down", nn.with_logical_partitioning(init, ("modality", "mlp", "embed")),
                             (self.num_groups, self.d_ff, self.d_model))}
-    if self.expert_parallel:
-      y = expert_parallel.grouped(_ffn, x.reshape(-1, self.d_model), modality.reshape(-1), w,
-                                  num_groups=self.num_groups).reshape(x.shape)
-    else:
-      y = plan.unsort(_ffn(plan.sort(x), plan, w), lead)
+    rows = dispatch.run_grouped(_ffn, plan.dispatch(x), plan, w["up"], w["down"], group_axis="modality")
+    y = plan.combine(rows, lead)
     x = sharding.constrain(x + y, ("batch", "length", "embed"))
     w_out = self.param("unembed", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                ("embed", "vocab")), (self.d_model, self.vocab))
@@ -66,9 +63,8 @@ class TinyLM(nn.Module):
     return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
-def _ffn(rows, plan, w):
-  h = nn.gelu(kernels.gmm(rows, w["up"], plan.group_sizes))
-  return kernels.gmm(h, w["down"], plan.group_sizes)
+def _ffn(rows, group_sizes, up, down):
+  return kernels.gmm(nn.gelu(kernels.gmm(rows, up, group_sizes)), down, group_sizes)
 
 
 def make_batch(batch_size=8, length=8, vocab=32, num_groups=4, seed=0):

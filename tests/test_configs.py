@@ -56,11 +56,14 @@ def test_paper_sizes():
   assert (m.num_layers, m.d_model, m.d_ff, m.num_heads) == (24, 2048, 8192, 16)
   m = dense.get_config("size=7B").model
   assert (m.num_layers, m.d_model, m.d_ff, m.num_heads, m.qk_norm) == (32, 4096, 11008, 32, True)
+  assert (m.qk_norm_kind, m.norm_eps, m.tie_embeddings) == ("layer", 1e-5, False)  # Chameleon-7B
 
 
 def test_untie_presets_and_components():
   assert dense.get_config().model.untie == ()
-  assert mot.get_config().model.untie == ("qkv", "o", "ffn", "norm", "qk_norm")
+  # "all" unties what the model has: QK-norm only where the preset has one (7B).
+  assert mot.get_config().model.untie == ("qkv", "o", "ffn", "norm")
+  assert mot.get_config("size=7B").model.untie == ("qkv", "o", "ffn", "norm", "qk_norm")
   assert mot.get_config("untie=ffn+qkv").model.untie == ("ffn", "qkv")
   assert mot.get_config("size=tiny,untie=attn").model.untie == ("qkv", "o")
   assert mot.get_config("untie=none").model.untie == ()

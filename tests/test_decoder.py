@@ -167,6 +167,9 @@ def test_one_train_step_lowers_loss(untie):
     (dict(norm_placement="post"), "norm_placement"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(block="rnn"), "block"),
+    (dict(untie=("qkv", "qk_norm"), qk_norm=False), "qk_norm=False"),
+    (dict(qk_norm=True, qk_norm_kind="batch"), "qk_norm_kind"),
+    (dict(norm_eps=0.0), "norm_eps"),
 ])
 def test_bad_config_names_the_field(override, field):
   with pytest.raises(ValueError, match=field):

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moma import expert_parallel, kernels, sharding
+from moma import dispatch, expert_parallel, kernels, sharding
 
 NUM_GROUPS, D, F = 8, 6, 5
 
 
-def loss(x_MD, w_GDF, group_M, impl="auto", gmm_impl="auto"):
-  grouped_linear = lambda rows, plan, w_GDF: kernels.gmm(rows, w_GDF, plan.group_sizes, impl=gmm_impl)
-  y = expert_parallel.grouped(grouped_linear, x_MD, group_M, w_GDF, num_groups=NUM_GROUPS, impl=impl)
+def loss(x_MD, w_GDF, group_M, gmm_impl="auto"):
+  plan = dispatch.partition(group_M, NUM_GROUPS)
+  linear = lambda rows, sizes, w: kernels.gmm(rows, w, sizes, impl=gmm_impl)
+  y = plan.combine(dispatch.run_grouped(linear, plan.dispatch(x_MD), plan, w_GDF, group_axis="expert"),
+                   x_MD.shape[:1])
   return jnp.sum(jnp.sin(y)), y
 
 
@@ -46,46 +48,39 @@ def mesh_and_args(shape, axes, skew=False):
 
 @pytest.mark.parametrize("shape,axes,skew,gmm_impl", [((2, 4), ("data", "expert"), False, "auto"),
                                                       ((2, 4), ("data", "expert"), False, "reference"),
-                                                      ((8,), ("expert",), False, "auto"),
                                                       ((8,), ("expert",), True, "auto"),
                                                       ((8,), ("data",), False, "auto")])
 def test_all_to_all_matches_single_device(shape, axes, skew, gmm_impl):
-  """The default gmm (custom-vjp loops) and the plain-autodiff reference both type-check under shard_map."""
-  mesh, args = mesh_and_args(shape, axes, skew)
-  y_ref, (gx_ref, gw_ref) = expected(*args)
-  with sharding.activate(*mesh):
-    (_, y), (gx, gw) = jax.jit(jax.value_and_grad(
-        lambda x, w, g: loss(x, w, g, "all_to_all", gmm_impl), (0, 1), has_aux=True))(*args)
-    hlo = jax.jit(lambda x, w, g: loss(x, w, g, "all_to_all", gmm_impl)[1]).lower(*args).compile().as_text()
-  # Rows move to their experts (or stay, without an expert axis); no token is gathered anywhere.
-  assert ("all-to-all" in hlo) == ("expert" in axes) and "all-gather" not in hlo
+  (mesh, rules), (x, w, group) = mesh_and_args(shape, axes, skew)
+  with sharding.activate(mesh, rules):
+    fn = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, group, gmm_impl), (0, 1), has_aux=True))
+    (_, y), (gx, gw) = fn(x, w)
+    hlo = fn.lower(x, w).compile().as_text()
+  y_ref, (gx_ref, gw_ref) = expected(*inputs(skew=skew))
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
+  assert ("all-to-all" in hlo) == ("expert" in axes)
 
 
 def test_without_mesh_is_the_plain_computation():
-  x, w, group = inputs()
-  np.testing.assert_allclose(loss(x, w, group)[1], expected(x, w, group)[0], rtol=1e-5, atol=1e-5)
+  _, y = loss(*inputs())
+  np.testing.assert_allclose(y, expected(*inputs())[0], rtol=1e-5, atol=1e-5)
+
+
+def test_groups_that_do_not_divide_the_expert_axis_name_the_fix():
+  (mesh, rules), (x, _, group) = mesh_and_args((2, 4), ("data", "expert"))
+  w = jnp.ones((NUM_GROUPS, D, F))
+  plan = dispatch.partition(jnp.zeros((32,), jnp.int32), 3)
+  with sharding.activate(mesh, rules), pytest.raises(ValueError, match="config.mesh"):
+    jax.jit(lambda x: dispatch.run_grouped(lambda r, s, w: r, x, plan, w[:3], group_axis="expert"))(x)
 
 
 def test_ragged_transport_lowers_on_cpu():
-  """XLA:CPU cannot compile ragged_all_to_all (jax issue 34755), but the program must trace and lower."""
-  mesh, args = mesh_and_args((2, 4), ("data", "expert"))
-  with sharding.activate(*mesh):
-    text = jax.jit(jax.grad(lambda x, w, g: loss(x, w, g, "ragged")[0], (0, 1))).lower(*args).as_text()
-  assert text.count("ragged_all_to_all") >= 4  # two forward, two transposed
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("skew", [False, True])
-def test_ragged_matches_all_to_all_on_accelerator(skew):
-  n = min(len(jax.devices()), NUM_GROUPS)
-  mesh, args = mesh_and_args((n,), ("expert",), skew)
-  with sharding.activate(*mesh):
-    run = lambda impl: jax.jit(jax.value_and_grad(lambda x, w, g: loss(x, w, g, impl), (0, 1), has_aux=True))(
-        *args)
-    (_, y_dense), g_dense = run("all_to_all")
-    (_, y_ragged), g_ragged = run("ragged")
-  np.testing.assert_allclose(y_ragged, y_dense, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_ragged, g_dense)
+  """The GPU/TPU transport traces and lowers here (XLA:CPU cannot run it: jax issue 34755)."""
+  (mesh, rules), (x, w, group) = mesh_and_args((8,), ("expert",))
+  body = lambda x, g, w: expert_parallel.exchange(
+      lambda r, s, w: kernels.gmm(r, w, s), x, jnp.sort(g), (w,), num_groups=NUM_GROUPS, axis="expert",
+      impl="ragged")
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(P("expert"), P("expert"), P("expert")), out_specs=P("expert"))
+  assert "ragged-all-to-all" in jax.jit(fn).lower(x, group, w).as_text(dialect="hlo")

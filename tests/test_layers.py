@@ -19,7 +19,7 @@ B, L, D, G = 2, 10, 16, 3
 def inputs():
   x = jax.random.normal(jax.random.key(0), (B, L, D))
   modality = jax.random.randint(jax.random.key(1), (B, L), 0, G)
-  return x, modality, dispatch.make_plan(modality, G)
+  return x, modality, dispatch.partition(modality, G)
 
 
 def unboxed_init(module, *args, **kwargs):
@@ -57,9 +57,13 @@ def reference_attention(params, x, modality, segment, position, heads, kv_heads,
   q = jnp.einsum("bld,bldhk->blhk", x, p["q"]["kernel"][modality])
   kv = jnp.einsum("bld,bldchk->blchk", x, p["kv"]["kernel"][modality])
   k, v = kv[:, :, 0], kv[:, :, 1]
-  if qk_norm:
+  if qk_norm == "rms":
     rms = lambda t, s: t / jnp.sqrt(jnp.mean(t**2, -1, keepdims=True) + 1e-6) * s[modality][:, :, None]
     q, k = rms(q, p["q_norm"]["scale"]), rms(k, p["k_norm"]["scale"])
+  elif qk_norm == "layer":  # Chameleon: LayerNorm with bias over each head's channels, eps 1e-5
+    ln = lambda t, n: ((t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + 1e-5)
+                       * n["scale"][modality][:, :, None] + n["bias"][modality][:, :, None])
+    q, k = ln(q, p["q_norm"]), ln(k, p["k_norm"])
   q, k = apply_rope(q, position, 1e4), apply_rope(k, position, 1e4)
   k, v = jnp.repeat(k, heads // kv_heads, axis=2), jnp.repeat(v, heads // kv_heads, axis=2)
   logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
@@ -68,14 +72,17 @@ def reference_attention(params, x, modality, segment, position, heads, kv_heads,
   return jnp.einsum("blf,blfd->bld", out, p["o"]["kernel"][modality])
 
 
-@pytest.mark.parametrize("kv_heads,qk_norm", [(4, False), (2, True)])
+@pytest.mark.parametrize("kv_heads,qk_norm", [(4, False), (2, "rms"), (2, "layer")])
 def test_untied_attention_matches_per_token_reference(inputs, kv_heads, qk_norm):
   x, modality, plan = inputs
   segment = jnp.array([[1] * 6 + [2] * 4, [1] * 10])
   position = jnp.array([list(range(6)) + list(range(4)), list(range(10))])
-  attn = Attention(4, kv_heads, 4, num_modalities=G, untie=("qkv", "o", "qk_norm"), qk_norm=qk_norm)
+  attn = Attention(4, kv_heads, 4, num_modalities=G, untie=("qkv", "o", "qk_norm"), qk_norm=bool(qk_norm),
+                   qk_norm_kind=qk_norm or "rms", norm_eps=1e-5 if qk_norm == "layer" else 1e-6)
   kw = dict(modality=modality, segment=segment, position=position)
   params = unboxed_init(attn, x, plan, **kw)["params"]
+  if qk_norm == "layer":  # non-trivial scale and bias
+    params = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(jax.random.key(9), w.shape), params)
   y = jax.jit(attn.apply)({"params": params}, x, plan, **kw)
   ref = reference_attention(params, x, modality, segment, position, 4, kv_heads, qk_norm)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
@@ -97,7 +104,7 @@ def test_tied_layer_ignores_plan_and_keeps_dense_weights(inputs):
   ffn = SwiGLU(24, num_modalities=G, untie=())
   kernel = nn.meta.unbox(ffn.init(jax.random.key(0), x, plan))["params"]["wi"]["kernel"]
   assert kernel.shape == (D, 2, 24)
-  assert plan.use_if(False).perm is None and plan.use_if(True) is plan
+  assert plan.use_if(False).is_identity and plan.use_if(True) is plan
 
 
 def _packed_row(seed, length, span, image_blocks):

@@ -28,18 +28,18 @@ def data():
 
 
 def init(m, x, modality, seed=2):
-  return jax.jit(m.init)(jax.random.key(seed), x, dispatch.make_plan(modality, G))
+  return jax.jit(m.init)(jax.random.key(seed), x, dispatch.partition(modality, G))
 
 
 def param_shapes(m, x, modality):
   """{path: shape} without running anything (trace only)."""
-  tree = jax.eval_shape(m.init, jax.random.key(0), x, dispatch.make_plan(modality, G))["params"]
+  tree = jax.eval_shape(m.init, jax.random.key(0), x, dispatch.partition(modality, G))["params"]
   return {"/".join(k.key for k in path): leaf.shape
           for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]}
 
 
 def apply(m, method="__call__"):
-  return jax.jit(lambda v, x, mod, **kw: m.apply(v, x, dispatch.make_plan(mod, G), method=method, **kw))
+  return jax.jit(lambda v, x, mod, **kw: m.apply(v, x, dispatch.partition(mod, G), method=method, **kw))
 
 
 @jax.jit
@@ -61,7 +61,7 @@ def test_prefill_then_steps_equals_full_forward(data, untie, impl):
   y, cache = apply(m, "prefill")(v, x[:, :split], modality[:, :split])
   assert cache.conv_BKD.shape == (2, 3, 2 * D_MODEL)
   assert cache.ssm_BDN.shape == (2, 2 * D_MODEL, 4) and cache.ssm_BDN.dtype == jnp.float32
-  step = jax.jit(lambda v, x, mod, c: m.apply(v, x, dispatch.make_plan(mod, G), c, method="step"))
+  step = jax.jit(lambda v, x, mod, c: m.apply(v, x, dispatch.partition(mod, G), c, method="step"))
   ys = [y]
   for t in range(split, L):
     y, cache = step(v, x[:, t:t + 1], modality[:, t:t + 1], cache)
@@ -81,7 +81,7 @@ def test_mom_with_equal_weights_per_modality_is_mamba(data):
   v = randomize(dense.init(jax.random.key(2), x, None))
   y_dense = jax.jit(dense.apply)(v, x, None)
   mom = block(untie=ALL)
-  shapes = nn.meta.unbox(jax.eval_shape(mom.init, jax.random.key(0), x, dispatch.make_plan(modality, G)))
+  shapes = nn.meta.unbox(jax.eval_shape(mom.init, jax.random.key(0), x, dispatch.partition(modality, G)))
   tiled = jax.tree.map(lambda p, s: jnp.broadcast_to(p, s.shape), v, shapes)
   y_mom = apply(mom)(tiled, x, modality)
   np.testing.assert_allclose(y_mom, y_dense, rtol=1e-5, atol=1e-5)
@@ -183,7 +183,7 @@ def test_decoding_past_max_len_raises(data):
   v = init(m, x, modality)
   _, cache = apply(m, "prefill")(v, x, modality)
   with pytest.raises(ValueError, match="max_len"):
-    m.apply(v, x[:, :1], dispatch.make_plan(modality[:, :1], G), cache, method="step")
+    m.apply(v, x[:, :1], dispatch.partition(modality[:, :1], G), cache, method="step")
   with pytest.raises(ValueError, match="max_len"):
     mamba.check_decode_length(L - 2, 3, L)
   mamba.check_decode_length(L - 2, 2, L)

@@ -30,7 +30,7 @@ def _batch(b=2, length=16):
   x = jax.random.normal(jax.random.key(0), (b, length, D))
   segment = jnp.ones((b, length), jnp.int32).at[:, length // 2:].set(2)
   modality = jax.random.randint(jax.random.key(1), (b, length), 0, 2)
-  return x, segment, dispatch.make_plan(modality, 2)
+  return x, segment, dispatch.partition(modality, 2)
 
 
 def _apply(layer, x, plan, variables=None, **kw):
@@ -123,7 +123,7 @@ def test_packed_batch_attention_is_banded_and_exact():
   segment = jnp.asarray(np.repeat(np.arange(1, 5), 16)[None].repeat(b, 0), jnp.int32)  # 4 docs per row
   position = jnp.broadcast_to(jnp.arange(length) % 16, (b, length))
   modality = jax.random.randint(jax.random.key(1), (b, length), 0, 2)
-  plan = dispatch.make_plan(modality, 2)
+  plan = dispatch.partition(modality, 2)
   ctx = dict(modality=modality, segment=segment, position=position)
   make = lambda attends: mod.MixtureOfDepths(blocks.Block(model.spec), capacity=0.75, block_attends=attends)
   variables = make(False).init(jax.random.key(2), x, plan, **ctx)

@@ -23,7 +23,7 @@ def _batch(b=2, length=16, seed=0, num_modalities=2):
   # One shape for (almost) every test: eagerly applied layers then share their compiled ops.
   x = jax.random.normal(jax.random.key(seed), (b, length, D))
   modality = jax.random.randint(jax.random.key(seed + 1), (b, length), 0, num_modalities)
-  return x, modality, dispatch.make_plan(modality, num_modalities)
+  return x, modality, dispatch.partition(modality, num_modalities)
 
 
 def _run(layer, x, plan, variables=None, **kw):
@@ -72,8 +72,8 @@ def test_bad_config_errors(kw, match):
 
 def test_plan_without_modalities_is_an_error():
   x, modality, _ = _batch()
-  with pytest.raises(ValueError, match="make_plan"):
-    moe.MoE(F, MODS, "4t4i").init(jax.random.key(0), x, dispatch.make_plan(modality, 1))
+  with pytest.raises(ValueError, match="dispatch.partition"):
+    moe.MoE(F, MODS, "4t4i").init(jax.random.key(0), x, dispatch.partition(modality, 1))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(layout="6t2i"), dict(routing="topk"),
@@ -131,10 +131,10 @@ def test_1t1i_full_capacity_equals_untied_swiglu():
   layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
   variables, y, _ = _run(layer, x, plan)
   p = _params(variables)
-  rows = plan.sort(x)
+  rows = plan.dispatch(x)
   dense = lambda n, k, r: dispatch.GroupedDense(n, num_groups=2).apply({"params": {"kernel": k}}, r, plan)
   h = nn.silu(dense(F, p["wi_gate"], rows)) * dense(F, p["wi_up"], rows)
-  ffn = plan.unsort(dense(D, p["wo"], h), modality.shape)
+  ffn = plan.combine(dense(D, p["wo"], h), modality.shape)
   gate = jnp.take_along_axis(jax.nn.sigmoid(x @ p["router"]), modality[..., None], axis=-1)
   np.testing.assert_allclose(y, gate * ffn, rtol=1e-5, atol=1e-5)
 
@@ -183,7 +183,7 @@ def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
   t = 9
   x2 = x.at[:, t:].set(jax.random.normal(jax.random.key(5), x[:, t:].shape))
   m2 = modality.at[:, t:].set(1 - modality[:, t:])
-  _, y2, _ = _run(layer, x2, dispatch.make_plan(m2, 2), variables)
+  _, y2, _ = _run(layer, x2, dispatch.partition(m2, 2), variables)
   np.testing.assert_allclose(y[:, :t], y2[:, :t], rtol=1e-6, atol=1e-6)
   # Training mode: the aux BCE only trains the aux router (stop-gradient inputs and targets).
   train = moe.MoE(F, MODS, "4t4i", aux_router=True)
@@ -222,7 +222,7 @@ def test_aux_router_learns_the_main_routers_choices():
 def test_top_k_load_balancing_spreads_a_skewed_batch():
   x = jax.random.normal(jax.random.key(0), (2, 32, D))
   x = x.at[..., 0].add(3.0)  # a shared direction every token carries
-  plan = dispatch.make_plan(jnp.zeros((2, 32), jnp.int32), 2)
+  plan = dispatch.partition(jnp.zeros((2, 32), jnp.int32), 2)
   layer = moe.MoE(F, MODS, "8shared", routing="topk", top_k=1, dropless=True, load_balance_weight=1.0)
   params = nn.meta.unbox(layer.init(jax.random.key(1), x, plan)["params"])
   params["router"] = params["router"].at[0, 0].set(5.0)  # everyone prefers expert 0
@@ -263,7 +263,7 @@ def test_padding_tokens_get_no_expert():
 @functools.lru_cache
 def _compiled_flops(layout):
   x = jax.random.normal(jax.random.key(1), (4, 64, 64))
-  plan = dispatch.make_plan((jnp.arange(64) // 8 % 2)[None].repeat(4, 0), 2)
+  plan = dispatch.partition((jnp.arange(64) // 8 % 2)[None].repeat(4, 0), 2)
   if layout == "dense":
     from experiments.bench_moe import DenseSwiGLU  # pylint: disable=g-import-not-at-top
     layer = DenseSwiGLU(256)

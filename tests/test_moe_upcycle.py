@@ -18,7 +18,7 @@ def test_upcycled_4t4i_layer_equals_1t1i_when_every_copy_is_selected():
   """Every expert takes every token of its modality: y_up = (Σ_e s_e)·FFN_m and y_1t1i = s·FFN_m."""
   x = jax.random.normal(jax.random.key(0), (2, 16, D))
   modality = jax.random.randint(jax.random.key(1), (2, 16), 0, 2)
-  plan = dispatch.make_plan(modality, 2)
+  plan = dispatch.partition(modality, 2)
   src_layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
   dst_layer = moe.MoE(F, MODS, "4t4i", capacity_factor=4.0, token_fractions=(1.0, 1.0))
   src = src_layer.init(jax.random.key(2), x, plan)["params"]

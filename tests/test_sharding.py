@@ -23,14 +23,19 @@ MESHES = {  # name: (shape, axes)
 }
 
 
+# Expert parallelism: the default rules put `modality` on the `expert` axis; without it, every device keeps
+# all modalities' weights (rule override) and computes its own rows.
+WHOLE = (("modality", None),)
+
+
 @functools.cache  # each mesh compiles once per test session
-def setup(shape, axes, ep=False):
-  return lib.setup(TinyLM(expert_parallel=ep), make_batch(), shape, axes)
+def setup(shape, axes, ep=True):
+  return lib.setup(TinyLM(), make_batch(), shape, axes, () if ep else WHOLE)
 
 
 @functools.cache
-def run(shape, axes, ep=False):
-  return lib.run(TinyLM(expert_parallel=ep), make_batch(), shape, axes, steps=STEPS)
+def run(shape, axes, ep=True):
+  return lib.run(TinyLM(), make_batch(), shape, axes, () if ep else WHOLE, steps=STEPS)
 
 
 @pytest.mark.parametrize("name,ep", [("data", False), ("data_fsdp_tensor", False), ("data_expert", False),
@@ -106,10 +111,18 @@ def test_error_unknown_logical_axis_in_rules():
 
 
 def test_error_dimension_not_divisible_names_parameter_axis_and_sizes():
+  cfg = mesh_config((8,), ("data",), (("embed", "data"),))
+  mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
+  with pytest.raises(ValueError, match=r"params/RMSNorm_0/scale: dimension 0 \(logical axis 'embed', size 12\) is "
+                                       r"not divisible by mesh axis 'data' \(size 8\)"):
+    sharding.init_sharded(TinyLM(d_model=12, num_heads=3).init, mesh, rules, jax.random.key(0), make_batch())
+
+
+def test_error_groups_not_divisible_by_the_expert_axis_names_the_config_fields():
   cfg = mesh_config((2, 4), ("data", "expert"))
   mesh, rules = sharding.mesh_from_config(cfg), sharding.rules_from_config(cfg)
-  with pytest.raises(ValueError, match=r"params/down: dimension 0 \(logical axis 'modality', size 3\) is "
-                                       r"not divisible by mesh axis 'expert' \(size 4\)"):
+  with pytest.raises(ValueError, match=r"3 groups \('modality'\) do not divide over mesh axis 'expert' of "
+                                       r"size 4: change config.mesh.shape, or .*config.mesh.rules"):
     sharding.init_sharded(TinyLM(num_groups=3).init, mesh, rules, jax.random.key(0), make_batch(num_groups=3))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import dense, moma, mom, mot
+from configs import dense, mamba, moma, mom, mot
 from moma import checkpoint, metrics, sharding, train
 
 STEPS = 4
@@ -29,12 +29,16 @@ MESHES = {
     "2x2x2": ((2, 2, 2), ("data", "fsdp", "tensor"), (("vocab", None),)),
     "2x4": ((2, 4), ("data", "expert"), (("modality", None),)),
 }
-CONFIGS = {"dense": dense, "mot": mot, "moma": moma, "mom": mom}
+CONFIGS = {"dense": (dense, ""), "mot": (mot, ""), "moma": (moma, ""), "moe_topk": (moma, "routing=topk"),
+           "mod": (moma, "mod=true"), "mamba": (mamba, ""), "mom": (mom, "")}
 KEYS = ("loss", "grad_norm", "loss/text", "loss/image", "loss/audio", "eval/loss")
 
 
 def make_config(kind, mesh, steps, cache_dir):
-  config = CONFIGS[kind].get_config("size=tiny")
+  module, args = CONFIGS[kind]
+  config = module.get_config(",".join(filter(None, ("size=tiny", args))))
+  if config.model.get("moe"):  # batch-level routing over one row: the same choice on every mesh
+    config.model.moe["routing_rows"] = config.model.mod["routing_rows"] = 1
   config.data.cache_dir = cache_dir
   config.mesh.shape, config.mesh.axes, config.mesh.rules = MESHES[mesh]
   # batch 8: divisible by the 8 batch shards. Eval only at step STEPS, where the one-device run has it to
@@ -117,8 +121,6 @@ def test_train_state_is_sharded_as_the_rules_say(run, data_cache_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,mesh", [("dense", "8"), ("dense", "2x2x2"), ("dense", "2x4"), ("mot", "8"),
-                                       ("mot", "2x2x2"), ("moma", "8"), ("moma", "2x2x2"), ("moma", "2x4"),
-                                       ("mom", "8"), ("mom", "2x2x2"), ("mom", "2x4")])
+@pytest.mark.parametrize("kind,mesh", [(k, m) for k in CONFIGS for m in ("8", "2x2x2", "2x4")])
 def test_all_steps_match_single_device(run, kind, mesh):
   assert_same_metrics(run(kind, mesh)[0], run(kind, "1")[0], range(1, STEPS + 1))

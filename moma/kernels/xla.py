@@ -48,7 +48,9 @@ def _for_each_window(lo, hi, num_rows: int, body: Callable, carry, *, bulk=BULK_
 
   carry = lax.fori_loop(0, (hi - lo) // bulk, bulk_tile, carry)
   first = lo + (hi - lo) // bulk * bulk
-  chosen = jnp.searchsorted(jnp.asarray(windows, jnp.int32), hi - first)  # smallest window ≥ the rest
+  # The smallest window ≥ the rest (a count, not jnp.searchsorted, which fails on varying values under a
+  # partly manual shard_map in jax 0.10).
+  chosen = jnp.sum(jnp.asarray(windows, jnp.int32) < hi - first)
   for i, t in enumerate(windows):
 
     def window(start, carry, t=t):

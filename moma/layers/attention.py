@@ -1,6 +1,6 @@
 """Multi-head attention with RoPE, GQA, optional QK-norm, and projections untied per modality (MoT).
 
-Projections run on rows sorted by the modality plan (`moma.dispatch`); attention itself is one global
+Projections run on the rows of the modality plan (`moma.dispatch`); attention itself is one global
 softmax over the whole packed sequence, whatever the modalities: MoT unties weights, never attention.
 
 Decoding (a mutable "cache" collection, `moma.models.generate`): the first call (prefill) attends as in
@@ -98,9 +98,11 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
   gmm_impl: str = "auto"
   max_len: int = 0  # decode cache length (config.model.max_seq_len)
+  qk_norm_kind: str = "rms"  # "rms" (Qwen3) or "layer" (LayerNorm with bias over each head, Chameleon)
+  norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, modality: jax.Array,
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.Plan, *, modality: jax.Array,
                segment: jax.Array, position: jax.Array, image_block: jax.Array | None = None,
                attention_span: int | None = None) -> jax.Array:
     """attention_span: no query sees a key farther than this (see `banded_attention`); None: unknown."""
@@ -109,19 +111,20 @@ class Attention(nn.Module):
     heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
     kernel = self._kernel
 
-    # q and kv weights stay separate parameters but run as one grouped matmul: sort once, unsort once.
+    # q and kv weights stay separate parameters but run as one grouped matmul: dispatch once, combine once.
     in_plan = plan.use_if("qkv" in self.untie)
     w_qkv = jnp.concatenate([
         kernel("q", d_model, (heads, head_dim), "embed", ("heads", "kv"), "qkv"),
         kernel("kv", d_model, (2, kv_heads, head_dim), "embed", (None, "heads", "kv"), "qkv")], -1)
-    qkv_MF = dispatch.grouped_matmul(in_plan.sort(x_BLD), w_qkv, in_plan, impl=self.gmm_impl,
+    qkv_RF = dispatch.grouped_matmul(in_plan.dispatch(x_BLD), w_qkv, in_plan, impl=self.gmm_impl,
                                      dtype=self.dtype)
-    qkv_BLF = in_plan.unsort(qkv_MF, lead)
+    qkv_BLF = in_plan.combine(qkv_RF, lead)
     q_BLHK = qkv_BLF[..., :heads * head_dim].reshape(*lead, heads, head_dim)
     kv_BL2HK = qkv_BLF[..., heads * head_dim:].reshape(*lead, 2, kv_heads, head_dim)
     k_BLHK, v_BLHK = kv_BL2HK[:, :, 0], kv_BL2HK[:, :, 1]
     if self.qk_norm:
-      norm = lambda name: Norm("rms", self._groups("qk_norm"), feature_axis="kv", dtype=self.dtype,
+      norm = lambda name: Norm(self.qk_norm_kind, self._groups("qk_norm"), self.norm_eps, feature_axis="kv",
+                               dtype=self.dtype,
                                param_dtype=self.param_dtype, name=name)
       q_BLHK, k_BLHK = norm("q_norm")(q_BLHK, modality), norm("k_norm")(k_BLHK, modality)
     q_BLHK = apply_rope(q_BLHK, position, self.rope_theta)
@@ -139,9 +142,9 @@ class Attention(nn.Module):
 
     out_plan = plan.use_if("o" in self.untie)
     w_o = kernel("o", heads * head_dim, d_model, "heads", ("embed",), "o")
-    y_MD = dispatch.grouped_matmul(out_plan.sort(out_BLF), w_o, out_plan, impl=self.gmm_impl,
+    y_RD = dispatch.grouped_matmul(out_plan.dispatch(out_BLF), w_o, out_plan, impl=self.gmm_impl,
                                    dtype=self.dtype)
-    return out_plan.unsort(y_MD, lead)
+    return out_plan.combine(y_RD, lead)
 
   def _cached(self, k_BLHK, v_BLHK, segment_BL, image_block_BL):
     """(keys, values, mask) to attend over, keeping the decode cache up to date (module docstring)."""

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward, untied per modality on demand (MoT): sort once, grouped gate/up and down, unsort once."""
+"""SwiGLU feed-forward, untied per modality on demand (MoT): dispatch once, one grouped SwiGLU, combine once."""
 
 from typing import Any, Sequence
 
@@ -20,16 +20,15 @@ class SwiGLU(nn.Module):
   gmm_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.Plan) -> jax.Array:
     untied = "ffn" in self.untie
     plan = plan.use_if(untied)
     groups = self.num_modalities if untied else 1
-    dense = lambda name, features, in_axis, out_axes: dispatch.GroupedDense(
-        features, num_groups=groups, in_axis=in_axis, out_axes=out_axes, dtype=self.dtype,
-        param_dtype=self.param_dtype, gmm_impl=self.gmm_impl, name=name)
-    rows_MD = plan.sort(x_BLD)
-    # gate and up share one grouped matmul: [M, 2, F].
-    gate_up_M2F = dense("wi", (2, self.d_ff), "embed", (None, "mlp"))(rows_MD, plan)
-    hidden_MF = nn.silu(gate_up_M2F[:, 0]) * gate_up_M2F[:, 1]
-    y_MD = dense("wo", x_BLD.shape[-1], "mlp", ("embed",))(hidden_MF, plan)
-    return plan.unsort(y_MD, x_BLD.shape[:-1])
+    kernel = lambda name, features, in_axis, out_axes, in_dim: dispatch.GroupedKernel(
+        features, num_groups=groups, in_axis=in_axis, out_axes=out_axes, param_dtype=self.param_dtype,
+        name=name)(in_dim)
+    d = x_BLD.shape[-1]
+    wi = kernel("wi", (2, self.d_ff), "embed", (None, "mlp"), d)  # gate and up: one matmul, [(G,) D, 2, F]
+    wo = kernel("wo", d, "mlp", ("embed",), self.d_ff)
+    y_RD = dispatch.grouped_swiglu(plan.dispatch(x_BLD), plan, wi, wo, impl=self.gmm_impl, dtype=self.dtype)
+    return plan.combine(y_RD, x_BLD.shape[:-1])

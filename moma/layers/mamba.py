@@ -136,7 +136,7 @@ class MambaBlock(nn.Module):
   Attributes:
     d_model: model width. d_state: SSM state size N (> 0). d_conv: depthwise conv kernel size.
     expand: d_inner = expand * d_model. dt_rank: 0 → ceil(d_model / 16).
-    num_modalities: groups of the SortPlan the decoder passes in (used by untied components).
+    num_modalities: groups of the modality plan the decoder passes in (used by untied components).
     untie: subset of UNTIE_COMPONENTS given per-modality weights.
     num_layers: depth, scales out_proj's init by 1/sqrt(num_layers) like the reference.
     scan_impl / chunk_size: see `selective_scan`. max_len: longest sequence decoding accepts (0: none).
@@ -189,15 +189,18 @@ class MambaBlock(nn.Module):
     lead = x.shape[:-1]
     if groups == 1:
       return layer(x.reshape(-1, x.shape[-1]), plan).reshape(*lead, *np.atleast_1d(features))
-    return plan.unsort(layer(plan.sort(x), plan), lead)
+    return plan.combine(layer(plan.dispatch(x), plan), lead)
 
   @nn.compact
   def __call__(self, x_BLD, plan, *, segment_BL=None, cache=None, return_cache=False):
-    """y_BLD, or (y_BLD, MambaCache) with return_cache; `cache` continues a previous call (decoding)."""
+    """y_BLD, or (y_BLD, MambaCache) with return_cache; `cache` continues a previous call (decoding).
+
+    `plan`: the modality partition. Untied dt biases and conv weights are looked up per token from its
+    `group_of_token`: the conv mixes neighbouring tokens of any modality, so it cannot run on sorted rows."""
     self._validate()
     batch, length, _ = x_BLD.shape
     if plan is None:  # plain Mamba needs no plan
-      plan = dispatch.make_plan(jnp.zeros((batch, length), jnp.int32), 1)
+      plan = dispatch.identity_plan()
     d_inner, n, k = self.expand * self.d_model, self.d_state, self.d_conv
     rank = dt_rank_for(self.d_model, self.dt_rank)
     if cache is not None and segment_BL is not None:
@@ -212,8 +215,7 @@ class MambaBlock(nn.Module):
                          "raise max_len (config.model.max_seq_len)")
     token_group = None
     if any(self._groups(c) > 1 for c in ("dt_proj", "conv")):
-      token_group = plan.unsort(dispatch.group_rows(
-          jnp.arange(plan.num_groups), plan, batch * length), (batch, length))
+      token_group = plan.group_of_token.reshape(batch, length)
 
     xz = self._proj("in_proj", x_BLD, (2, d_inner), "embed", (None, "mlp"), plan, torch_default_init)
     x_BLI, z_BLI = xz[..., 0, :], xz[..., 1, :]

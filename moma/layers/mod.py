@@ -46,12 +46,13 @@ class MixtureOfDepths(nn.Module):
   router_noise: float = 0.0
   aux_router: bool = False
   aux_loss_weight: float = 1.0
+  routing_rows: int = 0  # "batch": rows selected among together; 0: each device's rows
   causal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, deterministic: bool = True,
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.Plan, *, deterministic: bool = True,
                **kwargs) -> jax.Array:
     if not 0 < self.capacity <= 1:
       raise ValueError(f"mod.capacity={self.capacity} must be in (0, 1]")
@@ -61,8 +62,8 @@ class MixtureOfDepths(nn.Module):
       raise ValueError("mod.causal=True needs mod.aux_router=True and the segment= keyword (to mask skips)")
     b, length, d = x_BLD.shape
     x_MD = x_BLD.reshape(-1, d)
-    router = rt.sharded_param(self, "router", (d,), ("embed",), nn.initializers.normal(d ** -0.5),
-                              self.param_dtype)
+    router = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5), ("embed",)),
+                        (d,), self.param_dtype)
     logits_M = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
     if self.router_noise > 0 and not deterministic:
       logits_M += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_M.shape)
@@ -93,25 +94,33 @@ class MixtureOfDepths(nn.Module):
     b, length, d = x_BLD.shape
     score_M = jnp.where(valid_M, jax.lax.stop_gradient(r_M), -1.0)
     if self.selection == "batch":
-      _, idx = jax.lax.top_k(score_M[None], math.ceil(self.capacity * b * length))  # [1, K]
+      tokens = rt.slice_tokens(self.routing_rows, x_BLD.shape, "mod")
       kwargs = {k: _unique_per_row(v) if k in self.row_unique and _per_token(v, b, length) else v
                 for k, v in kwargs.items()}
-      if self.block_attends:  # a document of the packed row spans ≤ L tokens: banded attention
-        kwargs["attention_span"] = length
     else:
-      _, idx = jax.lax.top_k(score_M.reshape(b, length), math.ceil(self.capacity * length))
-      idx = idx + length * jnp.arange(b)[:, None]  # flat token index, [B, k]
-    idx = jnp.sort(idx, axis=-1)  # token order: causality and positions survive packing
-    take = lambda v: jnp.take(v.reshape(b * length, *v.shape[2:]), idx, axis=0)
+      tokens = length
+
+    per_slice = tokens or b * length // dispatch.num_shards()
+    k = math.ceil(self.capacity * per_slice)
+
+    def select(score):  # one device's tokens: the top k of each routing slice, in token order
+      _, idx_NK = jax.lax.top_k(score.reshape(-1, per_slice), k)
+      return dispatch.selection(jnp.sort(idx_NK, axis=-1), slice_tokens=per_slice)
+
+    sel = dispatch.on_shards(select, (score_M,))
+    if self.selection == "batch" and self.block_attends:
+      kwargs["attention_span"] = length  # a document of a packed row spans ≤ L tokens: banded attention
+    # One packed row [k] per routing slice, in token order: causality and positions survive packing.
+    take = lambda v: sel.dispatch(v.reshape(b * length, -1)).reshape(-1, k, *v.shape[2:])
     sub_kwargs = {k: take(v) if _per_token(v, b, length) else v for k, v in kwargs.items()}
     x_sel = take(x_BLD)
-    sub_plan = dispatch.make_plan(take(rt.plan_group_ids(plan, b * length)), plan.num_groups)
+    sub_plan = (dispatch.identity_plan() if plan.group_of_token is None
+                else dispatch.partition(take(plan.group_of_token), plan.num_groups))
     y_sel = self.block(x_sel, sub_plan, deterministic=deterministic, **sub_kwargs)
     keep = take(valid_M)
     upd = jnp.where(keep[..., None], take(r_M)[..., None] * (y_sel - x_sel), 0.0).astype(x_BLD.dtype)
-    flat = idx.reshape(-1)
-    y = x_BLD.reshape(-1, d).at[flat].add(upd.reshape(-1, d), unique_indices=True)
-    sel_M = jnp.zeros((b * length,), bool).at[flat].set(keep.reshape(-1))
+    y = x_BLD.reshape(-1, d) + sel.combine(upd.reshape(-1, d), (b * length,))
+    sel_M = sel.combine(keep.reshape(-1, 1).astype(jnp.float32), (b * length,))[:, 0] > 0
     return y.reshape(b, length, d), sel_M
 
 

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
-from moma import kernels
 from moma.layers import routing as rt
 
 
@@ -50,6 +49,7 @@ class MoE(nn.Module):
   router_noise: float = 0.0  # scale of Gumbel-sigmoid noise on router logits in training (rng "dropout")
   aux_router: bool = False
   aux_loss_weight: float = 1.0
+  routing_rows: int = 0  # batch rows routed together (expert choice, capacity); 0: each device's rows
   causal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -71,37 +71,45 @@ class MoE(nn.Module):
     return layout
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, plan: dispatch.SortPlan, *, segment: jax.Array | None = None,
+  def __call__(self, x_BLD: jax.Array, plan: dispatch.Plan, *, segment: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
+    """plan: the decoder's modality partition (its group_of_token picks each token's expert group)."""
     layout = self._check()
     *lead, d = x_BLD.shape
     x_MD = x_BLD.reshape(-1, d)
     m, e = x_MD.shape[0], layout.num_experts
-    group_M = rt.token_groups(plan, layout, m)
+    if not layout.shared and (plan.group_of_token is None or plan.num_groups != len(layout.sizes)):
+      raise ValueError(f"moe.layout has {len(layout.sizes)} modality groups but the plan has "
+                       f"{plan.num_groups}: pass dispatch.partition(modality, len(modalities))")
+    group_M = jnp.zeros((m,), jnp.int32) if layout.shared else plan.group_of_token
     valid_M = jnp.ones((m,), bool) if segment is None else segment.reshape(-1) != 0
     allowed_ME = (group_M[:, None] == jnp.asarray(layout.expert_group)[None, :]) & valid_M[:, None]
 
-    router = rt.sharded_param(self, "router", (d, e), ("embed", "expert"), dtype=self.param_dtype)
+    router = self.param("router", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               ("embed", "expert")), (d, e), self.param_dtype)
     logits_ME = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
     if self.router_noise > 0 and not deterministic:
       logits_ME += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
-    w = {name: rt.sharded_param(self, name, (e, *shape), ("expert", *axes), dtype=self.param_dtype,
-                                per_expert=True).astype(self.dtype)
+    expert_init = nn.with_logical_partitioning
+    w = {name: self.param(name, expert_init(dispatch.per_group_init(nn.initializers.lecun_normal()),
+                                            ("expert", *axes)), (e, *shape), self.param_dtype)
          for name, shape, axes in (("wi_gate", (d, self.d_ff), ("embed", "mlp")),
                                    ("wi_up", (d, self.d_ff), ("embed", "mlp")),
                                    ("wo", (self.d_ff, d), ("mlp", "embed")))}
     aux = rt.AuxRouter(e, len(layout.sizes), self.dtype, self.param_dtype, self.gmm_impl, name="aux_router")
     x_in = x_MD.astype(self.dtype)
+    slice_tokens = rt.slice_tokens(self.routing_rows, x_BLD.shape, "moe")
 
     if self.routing == "ec" and self.causal:
-      aux_logits = aux(x_in, plan)
-      scores = jax.nn.sigmoid(logits_ME)
-      y_MD, chosen_ME = self._causal_ec(x_in, layout, group_M, allowed_ME & (aux_logits > 0), scores, w)
-      probs_ME = scores
+      scores_ME = jax.nn.sigmoid(logits_ME)
+      use_ME = allowed_ME & (aux(x_in, plan) > 0)
+      y_MD, chosen_ME = self._per_token(x_in, layout, group_M, use_ME, scores_ME, w), use_ME
+      probs_ME = scores_ME
     elif self.routing == "ec":
-      y_MD, chosen_ME, probs_ME = self._expert_choice(x_in, layout, allowed_ME, logits_ME, w)
+      y_MD, chosen_ME, probs_ME = self._expert_choice(x_in, layout, allowed_ME, logits_ME, w, slice_tokens)
     else:
-      y_MD, chosen_ME, probs_ME = self._token_choice(x_in, layout, allowed_ME, valid_M, logits_ME, w)
+      y_MD, chosen_ME, probs_ME = self._token_choice(x_in, layout, allowed_ME, valid_M, logits_ME, w,
+                                                     slice_tokens)
 
     self.sow("intermediates", "chosen", chosen_ME)  # bool [M, E]: token m used expert e (for analysis)
     self._sow_metrics(layout, allowed_ME, valid_M, chosen_ME, probs_ME)
@@ -112,42 +120,50 @@ class MoE(nn.Module):
       self.sow("metrics", "aux_router_acc", acc)
     return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
 
-  def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w):
+  def _experts(self, rows_RD, plan, w, equal_groups=False):
+    return dispatch.grouped_swiglu(rows_RD, plan, (w["wi_gate"], w["wi_up"]), w["wo"], impl=self.gmm_impl,
+                                   dtype=self.dtype, group_axis="expert", equal_groups=equal_groups)
+
+  def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, slice_tokens):
+    """Each expert takes the top tokens of its group in every routing slice (per device, static shapes)."""
     m, e = allowed_ME.shape
     scores_ME = jax.nn.sigmoid(logits_ME)
-    caps = rt.static_capacity(layout, self.capacity_factor, m, self.token_fractions)
-    scores_EM = jnp.where(allowed_ME, scores_ME, -1.0).T  # sigmoid > 0, so -1 marks "not my modality"
-    idx, gate, overflow = [], [], []
-    for g, (start, size) in enumerate(zip(layout.starts, layout.sizes)):
-      vals, top = jax.lax.top_k(jax.lax.stop_gradient(scores_EM[start:start + size]), caps[g])
-      b_g = allowed_ME[:, start].sum()
-      want = jnp.ceil(self.capacity_factor * b_g / size).astype(jnp.int32)
-      keep = (jnp.arange(caps[g]) < want) & (vals >= 0)
-      picked = jnp.take_along_axis(scores_ME[:, start:start + size].T, top, axis=1)
-      idx.append(top)
-      gate.append(jnp.where(keep, picked, 0.0))
-      overflow.append((size * jnp.maximum(want - caps[g], 0), size * want))
-    # One batched matmul per distinct capacity (one in total when all groups have equal capacity).
-    idx_R, expert_R, gate_R, out_R = [], [], [], []
-    for cap in sorted(set(caps)):
-      gs = [g for g in range(len(caps)) if caps[g] == cap]
-      experts = np.concatenate([np.arange(layout.starts[g], layout.starts[g] + layout.sizes[g]) for g in gs])
-      top_EK = jnp.concatenate([idx[g] for g in gs])
-      wb = w if len(experts) == e else {k: v[experts] for k, v in w.items()}
-      out_EKD = _swiglu(jnp.take(x_MD, top_EK, axis=0), wb)
-      idx_R.append(top_EK.reshape(-1))
-      expert_R.append(np.repeat(experts, cap))
-      gate_R.append(jnp.concatenate([gate[g] for g in gs]).reshape(-1))
-      out_R.append(out_EKD.reshape(-1, out_EKD.shape[-1]))
-    idx_R, gate_R, out_RD = jnp.concatenate(idx_R), jnp.concatenate(gate_R), jnp.concatenate(out_R)
-    y_MD = jnp.zeros_like(x_MD).at[idx_R].add(out_RD * gate_R[:, None].astype(out_RD.dtype))
-    chosen_ME = jnp.zeros((m, e), bool).at[idx_R, np.concatenate(expert_R)].max(gate_R > 0)
-    over = sum(o for o, _ in overflow) / jnp.maximum(sum(t for _, t in overflow), 1)
-    self.sow("metrics", "capacity_overflow", over.astype(jnp.float32))
+    slot_E = np.concatenate([np.arange(size) for size in layout.sizes])
+
+    def local(scores, allowed):  # one device's tokens, in n routing slices of `tokens`
+      tokens = slice_tokens or scores.shape[0]
+      n = scores.shape[0] // tokens
+      caps = rt.static_capacity(layout, self.capacity_factor, tokens, self.token_fractions)
+      scores_NEM = scores.reshape(n, tokens, e).transpose(0, 2, 1)
+      allowed_NEM = allowed.reshape(n, tokens, e).transpose(0, 2, 1)
+      masked_NEM = jnp.where(allowed_NEM, jax.lax.stop_gradient(scores_NEM), -1.0)
+      picks, gates, chosen, overflow = [], [], jnp.zeros((n * tokens, e), bool), jnp.zeros((2,), jnp.int32)
+      for g, (start, size) in enumerate(zip(layout.starts, layout.sizes)):
+        experts = slice(start, start + size)
+        vals, top_NEC = jax.lax.top_k(masked_NEM[:, experts], caps[g])  # vals < 0: outside the group
+        want_NE = jnp.ceil(self.capacity_factor * allowed_NEM[:, experts].sum(-1) / size).astype(jnp.int32)
+        keep_NEC = (jnp.arange(caps[g]) < want_NE[..., None]) & (vals >= 0)
+        picks.append((top_NEC, vals >= 0))
+        gates.append(jnp.where(keep_NEC, jnp.take_along_axis(scores_NEM[:, experts], top_NEC, axis=2), 0.0)
+                     .transpose(1, 0, 2).reshape(-1))  # rows are expert-major
+        token = (top_NEC + tokens * jnp.arange(n)[:, None, None]).reshape(-1)
+        expert = jnp.broadcast_to((start + jnp.arange(size))[None, :, None], top_NEC.shape).reshape(-1)
+        chosen = chosen.at[token, expert].max(keep_NEC.reshape(-1))
+        overflow += jnp.stack([size * jnp.maximum(want_NE - caps[g], 0).sum(), size * want_NE.sum()])
+      plan = dispatch.expert_choice(picks, slice_tokens=tokens, expert_slot=slot_E, slots=max(layout.sizes))
+      return plan, jnp.concatenate(gates), chosen, overflow[None]
+
+    plan, gate_R, chosen_ME, overflow = dispatch.on_shards(local, (scores_ME, allowed_ME))
+    tokens_here = slice_tokens or m // dispatch.num_shards()
+    equal = len(set(rt.static_capacity(layout, self.capacity_factor, tokens_here, self.token_fractions))) == 1
+    out_RD = self._experts(plan.dispatch(x_MD), plan, w, equal_groups=equal)
+    y_MD = plan.combine(out_RD * gate_R[:, None].astype(out_RD.dtype), (m,))
+    overflow = overflow.sum(0)
+    self.sow("metrics", "capacity_overflow", (overflow[0] / jnp.maximum(overflow[1], 1)).astype(jnp.float32))
     return y_MD, chosen_ME, scores_ME
 
-  def _causal_ec(self, x_MD, layout, group_M, use_ME, scores_ME, w):
-    """Per-token: the experts of the token's group that its aux router switches on, main-router weighted."""
+  def _per_token(self, x_MD, layout, group_M, use_ME, scores_ME, w):
+    """Causal expert choice: the experts of the token's group its aux router switches on, main-router weighted."""
     e, width = layout.num_experts, max(layout.sizes)
     slot = jnp.arange(width)
     cand_MK = jnp.asarray(layout.starts)[group_M][:, None] + slot
@@ -155,10 +171,9 @@ class MoE(nn.Module):
     cand_MK = jnp.where(in_group, cand_MK, 0)
     use_MK = jnp.take_along_axis(use_ME, cand_MK, axis=1) & in_group
     gates_MK = jnp.where(use_MK, jnp.take_along_axis(scores_ME, cand_MK, axis=1), 0.0)
-    y = self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w)
-    return y, use_ME
+    return self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w)
 
-  def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w):
+  def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w, slice_tokens):
     m, e = allowed_ME.shape
     k = self.top_k
     masked = jnp.where(allowed_ME, logits_ME, -1e9)
@@ -166,17 +181,27 @@ class MoE(nn.Module):
       probs_ME = jnp.where(allowed_ME, jax.nn.softmax(masked, axis=-1), 0.0)
     else:
       probs_ME = jnp.where(allowed_ME, jax.nn.sigmoid(logits_ME), 0.0)
-    _, top_MK = jax.lax.top_k(jnp.where(allowed_ME, jax.lax.stop_gradient(probs_ME), -1.0), k)
+    # Per device: XLA does not partition top_k's batch dimension (it would gather every token's scores).
+    _, top_MK = dispatch.on_shards(lambda p: jax.lax.top_k(p, k),
+                                   (jnp.where(allowed_ME, jax.lax.stop_gradient(probs_ME), -1.0),))
     gates_MK = jnp.take_along_axis(probs_ME, top_MK, axis=1)
     keep_MK = jnp.broadcast_to(valid_M[:, None], top_MK.shape)
     onehot_KME = jax.nn.one_hot(top_MK.T, e, dtype=jnp.int32) * keep_MK.T[..., None]
     if not (self.dropless or self.causal):
-      caps = rt.static_capacity(layout, self.capacity_factor, m, self.token_fractions, per_token=k)
-      cap_E = jnp.asarray(np.repeat(caps, layout.sizes))
-      # Priority: every token's first choice before any second choice, then token order.
-      pos_KME = jnp.cumsum(onehot_KME.reshape(k * m, e), axis=0).reshape(k, m, e) - 1
-      pos_MK = (pos_KME * onehot_KME).sum(-1).T
-      keep_MK &= pos_MK < cap_E[top_MK]
+
+      def under_capacity(top, onehot):  # one device's tokens, per routing slice
+        tokens = slice_tokens or top.shape[0]
+        caps = rt.static_capacity(layout, self.capacity_factor, tokens, self.token_fractions, per_token=k)
+        cap_E = jnp.asarray(np.repeat(caps, layout.sizes))
+        n = top.shape[0] // tokens
+        # Priority: every token's first choice before any second choice, then token order.
+        assigned_NKTE = onehot.reshape(n, tokens, k, e).transpose(0, 2, 1, 3)
+        pos_NKTE = (jnp.cumsum(assigned_NKTE.reshape(n, k * tokens, e), axis=1).reshape(assigned_NKTE.shape)
+                    - 1) * assigned_NKTE
+        pos_MK = pos_NKTE.sum(-1).transpose(0, 2, 1).reshape(-1, k)
+        return pos_MK < cap_E[top]
+
+      keep_MK &= dispatch.on_shards(under_capacity, (top_MK, onehot_KME.transpose(1, 0, 2)))
       dropped = 1 - keep_MK.sum() / jnp.maximum(valid_M.sum() * k, 1)
       self.sow("metrics", "dropped_frac", dropped.astype(jnp.float32))
     y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w)
@@ -200,18 +225,9 @@ class MoE(nn.Module):
     self.sow("losses", "router_z", self.z_loss_weight * z_loss)
 
   def _routed(self, x_MD, ids_MK, gates_MK, w):
-    """Dropless dispatch: rows (token, choice) sorted by expert id, grouped matmuls, weighted unsort.
-
-    Id E (one past the last expert) marks an unused choice; those rows sort last and get zeros from gmm.
-    """
-    (m, k), e = ids_MK.shape, w["wo"].shape[0]
-    plan = dispatch.make_plan(ids_MK, e + 1)
-    rows = jnp.take(x_MD, plan.perm // k, axis=0)
-    sizes = plan.group_sizes[:e]
-    gmm = lambda a, b: kernels.gmm(a, b, sizes, impl=self.gmm_impl, preferred_element_type=self.dtype)
-    h = nn.silu(gmm(rows, w["wi_gate"])) * gmm(rows, w["wi_up"])
-    out = plan.unsort(gmm(h, w["wo"]), (m, k))
-    return jnp.einsum("mk,mkd->md", gates_MK.astype(out.dtype), out)
+    """Rows (token, choice) grouped by expert id (E: an unused choice, no row), experts, weighted combine."""
+    plan = dispatch.token_choice(ids_MK, w["wo"].shape[0])
+    return plan.combine(self._experts(plan.dispatch(x_MD), plan, w), (x_MD.shape[0],), gates_MK)
 
   def _sow_metrics(self, layout, allowed_ME, valid_M, chosen_ME, probs_ME):
     load_E = chosen_ME.sum(0).astype(jnp.float32)
@@ -224,11 +240,6 @@ class MoE(nn.Module):
       self.sow("metrics", f"no_expert/{name}",
                jnp.where(in_g, n_experts == 0, False).sum() / jnp.maximum(in_g.sum(), 1))
     self.sow("metrics", "router_entropy", rt.group_entropy(probs_ME, allowed_ME, valid_M))
-
-
-def _swiglu(x_EKD, w):
-  h = nn.silu(jnp.einsum("ekd,edf->ekf", x_EKD, w["wi_gate"])) * jnp.einsum("ekd,edf->ekf", x_EKD, w["wi_up"])
-  return jnp.einsum("ekf,efd->ekd", h, w["wo"])
 
 
 def flops_per_token(d_model: int, d_ff: int, *, modalities: Sequence[str], layout: str, routing: str = "ec",

@@ -73,20 +73,22 @@ def parse_layout(layout: str, modalities: Sequence[str]) -> Layout:
   return Layout(modalities, tuple(counts[c] for c in letters), False)
 
 
-def token_groups(plan: dispatch.SortPlan, layout: Layout, num_tokens: int) -> jax.Array:
-  """int32 [M]: the expert group of every token (its modality, read off the decoder's modality plan)."""
-  if layout.shared:
-    return jnp.zeros((num_tokens,), jnp.int32)
-  if plan.num_groups != len(layout.sizes):
-    raise ValueError(f"moe.layout has {len(layout.sizes)} modality groups but the plan has "
-                     f"{plan.num_groups}: the decoder must pass make_plan(modality, len(modalities))")
-  return plan_group_ids(plan, num_tokens)
+def slice_tokens(routing_rows: int, shape_BLD, field: str) -> int | None:
+  """Tokens routed together (`routing_rows` batch rows of L), or None: each device's own tokens.
 
-
-def plan_group_ids(plan: dispatch.SortPlan, num_tokens: int) -> jax.Array:
-  """int32 [M]: the group of every token in token order, recovered from a sort plan (no activation sort)."""
-  row_group = dispatch.group_rows(jnp.arange(plan.num_groups, dtype=jnp.int32), plan, num_tokens)
-  return row_group if plan.inv_perm is None else jnp.take(row_group, plan.inv_perm)
+  Batch-level routing (expert choice, token-choice capacity, MoD's batch selection) picks among the tokens
+  of one routing slice. The default, each device's batch, never moves a token; a fixed `routing_rows`
+  makes the choice the same on every mesh (it must divide every device's rows).
+  """
+  if routing_rows < 0:
+    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} must be >= 0 (0: each device's rows)")
+  if not routing_rows:
+    return None
+  rows = shape_BLD[0] // dispatch.num_shards()
+  if rows % routing_rows:
+    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} does not divide the {rows} batch rows "
+                     "each device holds; choose a divisor (or 0)")
+  return routing_rows * shape_BLD[1]
 
 
 def static_capacity(layout: Layout, capacity_factor: float, num_tokens: int,
@@ -113,13 +115,6 @@ def logistic_noise(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   return jnp.log(u) - jnp.log1p(-u)
 
 
-def sharded_param(module: nn.Module, name: str, shape, axes, init=nn.initializers.lecun_normal(),
-                  dtype: Any = jnp.float32, per_expert: bool = False) -> jax.Array:
-  """A parameter with logical axes; `per_expert` initialises each leading slice like a dense matrix."""
-  init = dispatch.per_group_init(init) if per_expert else init
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 class AuxRouter(nn.Module):
   """Causal stand-in for a batch-level router: sigmoid(SiLU(x·W1_g)·W2_g), per token only.
 
@@ -134,16 +129,16 @@ class AuxRouter(nn.Module):
   gmm_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x_MD: jax.Array, plan: dispatch.SortPlan) -> jax.Array:
+  def __call__(self, x_MD: jax.Array, plan: dispatch.Plan) -> jax.Array:
     d = x_MD.shape[-1]
-    plan = plan if self.num_groups > 1 else dispatch.make_plan(jnp.zeros(x_MD.shape[:1], jnp.int32), 1)
-    rows = plan.sort(x_MD)
+    plan = plan.use_if(self.num_groups > 1)
+    rows = plan.dispatch(x_MD)
     h = dispatch.GroupedDense(max(1, d // 2), self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype,
                               gmm_impl=self.gmm_impl, name="w1")(rows, plan)
     logits = dispatch.GroupedDense(self.num_experts, 1, in_axis="mlp", out_axes=("expert",),
                                    dtype=jnp.float32, param_dtype=self.param_dtype,
                                    name="w2")(nn.silu(h), plan)
-    return plan.unsort(logits, x_MD.shape[:1])
+    return plan.combine(logits, x_MD.shape[:1])
 
 
 def aux_router_loss(logits_ME: jax.Array, target_ME: jax.Array, allowed_ME: jax.Array):

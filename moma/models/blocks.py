@@ -52,6 +52,8 @@ class Spec:
   num_layers: int = 1
   max_seq_len: int = 0
   mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
+  norm_eps: float = 1e-6
+  qk_norm_kind: str = "rms"
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -61,7 +63,8 @@ def make_mixer(spec: Spec, name: str) -> nn.Module:
   if spec.block == "transformer":
     return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
                      spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl,
-                     max_len=spec.max_seq_len, name=name)
+                     max_len=spec.max_seq_len, qk_norm_kind=spec.qk_norm_kind, norm_eps=spec.norm_eps,
+                     name=name)
   if spec.block == "mamba":
     return mamba_layer.MambaBlock(
         spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,
@@ -91,7 +94,7 @@ class Block(nn.Module):
                attention_span=None):
     """attention_span: how far apart a query and its keys can be (MoD's packed rows; see Attention)."""
     s = self.spec
-    norm = lambda name: Norm(s.norm, s.groups("norm"), dtype=s.dtype, param_dtype=s.param_dtype,
+    norm = lambda name: Norm(s.norm, s.groups("norm"), s.norm_eps, dtype=s.dtype, param_dtype=s.param_dtype,
                              name=name)
     mixer = make_mixer(s, "mixer")
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
@@ -146,6 +149,7 @@ class ModGroup(nn.Module):
     routed = MixtureOfDepths(Block(s, parent=None), capacity=mod["capacity"], selection=mod["selection"],
                              block_attends=s.block == "transformer",
                              router_noise=mod["router_noise"], aux_router=mod["aux_router"],
-                             aux_loss_weight=mod["aux_loss_weight"], causal=s.causal, dtype=s.dtype,
+                             aux_loss_weight=mod["aux_loss_weight"], routing_rows=mod["routing_rows"],
+                             causal=s.causal, dtype=s.dtype,
                              param_dtype=s.param_dtype, name="mod")
     return routed(x_BLD, plan, **ctx)

@@ -44,9 +44,9 @@ DTYPES = ("float32", "bfloat16")
 # config.model.moe.* / config.model.mod.* defaults (configs/moma.py starts from these).
 MOE_DEFAULTS = dict(layout="4t4i", routing="ec", capacity_factor=1.0, token_fractions=None, top_k=2,
                     gate="softmax", dropless=False, load_balance_weight=0.01, z_loss_weight=1e-3,
-                    router_noise=0.0, aux_router=False, aux_loss_weight=1.0)
+                    router_noise=0.0, aux_router=False, aux_loss_weight=1.0, routing_rows=0)
 MOD_DEFAULTS = dict(enabled=False, capacity=0.25, every=2, selection="batch", router_noise=0.0,
-                    aux_router=False, aux_loss_weight=1.0)
+                    aux_router=False, aux_loss_weight=1.0, routing_rows=0)
 
 
 def parse_untie(untie: str | Sequence[str]) -> tuple[str, ...]:
@@ -77,9 +77,12 @@ class Model(nn.Module):
   norm: str = "rms"
   norm_placement: str = "pre"
   qk_norm: bool = False
+  qk_norm_kind: str = "rms"  # "rms" (Qwen3-style) | "layer" (LayerNorm with bias, Chameleon)
+  norm_eps: float = 1e-6
   rope_theta: float = 10_000.0
   max_seq_len: int = 2048
   tie_embeddings: bool = False
+  scale_tied_logits: bool = False  # tied: logits / sqrt(d_model) (unit-variance initial logits); off in the references
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -102,7 +105,8 @@ class Model(nn.Module):
                 tuple(self.modalities), _items(self.moe_config) if self.ffn == "moe" else (),
                 _items(self.mod_config) if self.mod_config["enabled"] else (), self.causal,
                 num_layers=self.num_layers, max_seq_len=self.max_seq_len,
-                mamba=_items(self.mamba_config) if self.block == "mamba" else ())
+                mamba=_items(self.mamba_config) if self.block == "mamba" else (), norm_eps=self.norm_eps,
+                qk_norm_kind=self.qk_norm_kind)
 
   @property
   def moe_config(self) -> dict[str, Any]:
@@ -122,9 +126,9 @@ class Model(nn.Module):
     spec = self.spec
     modality_BL = batch["modality"]
     sorted_untie = set(spec.untie) & set(_SORTED_COMPONENTS)
-    # MoE expert groups are read off the plan, so a modality layout needs one group per modality.
+    # MoE's aux routers are untied per modality group, so a modality layout needs the modality plan.
     by_modality = sorted_untie or (spec.ffn == "moe" and not _moe_layout(self).shared)
-    plan = dispatch.make_plan(modality_BL, spec.num_modalities if by_modality else 1)
+    plan = dispatch.partition(modality_BL, spec.num_modalities if by_modality else 1)
 
     if self.is_mutable_collection("cache") and not self.is_initializing() and not self.has_variable(
         "cache", "document_B"):  # prefill: decoded tokens continue each row's last document
@@ -146,11 +150,12 @@ class Model(nn.Module):
                      length=depth, metadata_params={nn.PARTITION_NAME: None})
     x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, batch["segment"],
                       batch["position"], batch.get("image_block"))
-    x_BLD = Norm(spec.norm, spec.groups("norm"), dtype=spec.dtype, param_dtype=spec.param_dtype,
+    x_BLD = Norm(spec.norm, spec.groups("norm"), spec.norm_eps, dtype=spec.dtype, param_dtype=spec.param_dtype,
                  name="final_norm")(x_BLD, modality_BL)
     if self.tie_embeddings:
-      # Embeddings are N(0, 1): scale so that initial logits have unit variance.
-      logits_BLV = embed.attend(x_BLD) / np.sqrt(self.d_model)
+      logits_BLV = embed.attend(x_BLD)
+      if self.scale_tied_logits:  # embeddings are N(0, 1): unit-variance initial logits
+        logits_BLV = logits_BLV / np.sqrt(self.d_model)
     else:
       logits_BLV = nn.DenseGeneral(
           self.vocab_size, use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype,
@@ -179,7 +184,12 @@ def check_config(cfg: Any) -> None:
     if component not in allowed:
       raise ValueError(f"config.model.untie has unknown component {component!r} for block={cfg.block!r};"
                        f" choose from {allowed}")
-  choices = {"norm": NORM_KINDS, "norm_placement": NORM_PLACEMENTS, "dtype": DTYPES,
+  if "qk_norm" in parse_untie(cfg.untie) and not cfg.qk_norm:
+    raise ValueError("config.model.untie names 'qk_norm' but config.model.qk_norm=False: there is no QK-norm "
+                     "to untie; drop it from untie or set qk_norm=True")
+  if not cfg.norm_eps > 0:
+    raise ValueError(f"config.model.norm_eps={cfg.norm_eps} must be > 0")
+  choices = {"norm": NORM_KINDS, "qk_norm_kind": NORM_KINDS, "norm_placement": NORM_PLACEMENTS, "dtype": DTYPES,
              "param_dtype": DTYPES, "ffn": ("dense", "moe")}
   for field, options in choices.items():
     if getattr(cfg, field) not in options:

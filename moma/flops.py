@@ -8,7 +8,7 @@ MoMa / MoE (`ffn="moe"`): expert choice at capacity c gives every token c expert
 modality (c = 1: a dense FFN's FLOPs), token choice top_k; plus the router (and aux router) logits.
 Mixture-of-Depths: a MoD layer processes a `mod.capacity` share of the tokens, whose attention context is
 that share of the sequence (the model FLOPs). Batch-wide selection packs the batch's picks into one row
-and attends within a band of L + 128 keys per query (`moma.layers.attention.banded_attention`), so the
+and attends within a band of L + 128 keys per query (blockwise attention's `span`), so the
 executed masked scores are up to (L + 128) / (c·L) times what this counts: 4–5× at c = 0.25.
 """
 

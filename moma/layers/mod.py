@@ -11,8 +11,8 @@ Selection (static shapes):
   the ids named in `row_unique` are made unique per batch row, so a block that masks attention by segment
   (the packed-batch convention) never mixes rows. Positions are kept, so RoPE and causality hold. With
   `block_attends`, the block also gets `attention_span=L`: a document of the packed row spans at most L
-  tokens, so its attention can be banded (`moma.layers.attention.banded_attention`, c·B·L·(L + 128) scores
-  instead of (c·B·L)²).
+  tokens, so blockwise attention skips key blocks farther than that (`moma.layers.attention.attend`:
+  c·B·L·(L + 128) scores at most instead of (c·B·L)²).
 * "sequence": the top ceil(capacity·L) tokens of each row, kept as [B, k].
 The block's modality plan is rebuilt for the selected tokens.
 
@@ -96,7 +96,7 @@ class MixtureOfDepths(nn.Module):
       _, idx = jax.lax.top_k(score_M[None], math.ceil(self.capacity * b * length))  # [1, K]
       kwargs = {k: _unique_per_row(v) if k in self.row_unique and _per_token(v, b, length) else v
                 for k, v in kwargs.items()}
-      if self.block_attends:  # a document of the packed row spans ≤ L tokens: banded attention
+      if self.block_attends:  # a document of the packed row spans ≤ L tokens: attention skips farther
         kwargs["attention_span"] = length
     else:
       _, idx = jax.lax.top_k(score_M.reshape(b, length), math.ceil(self.capacity * length))

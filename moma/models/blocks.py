@@ -52,6 +52,8 @@ class Spec:
   num_layers: int = 1
   max_seq_len: int = 0
   mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
+  attention_impl: str = "auto"
+  attention_block: int = 128
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -61,7 +63,8 @@ def make_mixer(spec: Spec, name: str) -> nn.Module:
   if spec.block == "transformer":
     return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
                      spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl,
-                     max_len=spec.max_seq_len, name=name)
+                     max_len=spec.max_seq_len, attention_impl=spec.attention_impl,
+                     attention_block=spec.attention_block, name=name)
   if spec.block == "mamba":
     return mamba_layer.MambaBlock(
         spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,

@@ -6,11 +6,13 @@
 * time: attention alone, fwd+bwd (batch 1, 4 heads of 64, the longest length), on one causal document
   and on packed 512-token documents, plus the whole train step, xla vs blockwise (interleaved; process
   CPU time, min over repeats, as in `bench_layers`);
+* crossover: attention alone on short rows (8 × 128 … 2 × 1024), where xla's mask is cheap;
 * mod: the whole MoD model (capacity 0.25, every other layer; `bench_layers`' text + image batch
   8 × 512) and dense, step time and time per training FLOP (`moma.flops`). Run this script on a tree
   without `attention_impl` (MoD's old banded attention) for the baseline: it then times the default path.
 
-  python -m experiments.bench_attention [--parts memory,time,mod] [--lengths 2048,4096] [--repeats 3]
+  python -m experiments.bench_attention [--parts memory,time,crossover,mod] [--lengths 2048,4096]
+      [--repeats 3]
 """
 
 import argparse
@@ -82,8 +84,20 @@ def timing(length, repeats, result):
     (xla, xla_wall), (blockwise, blockwise_wall) = times[f"{row}_xla"], times[f"{row}_blockwise"]
     result[f"{row}_ms_xla"], result[f"{row}_ms_blockwise"] = round(xla * 1e3, 1), round(blockwise * 1e3, 1)
     result[f"{row}_blockwise_over_xla"] = round(blockwise / xla, 3)
-    print(f"L={length} {row:13s} fwd+bwd CPU time xla {xla * 1e3:8.1f} ms, blockwise {blockwise * 1e3:8.1f} ms,"
-          f" ratio {blockwise / xla:.3f} (wall ratio {blockwise_wall / xla_wall:.3f})", flush=True)
+    print(f"L={length} {row:13s} fwd+bwd CPU time xla {xla * 1e3:8.1f} ms, blockwise "
+          f"{blockwise * 1e3:8.1f} ms, ratio {blockwise / xla:.3f} "
+          f"(wall ratio {blockwise_wall / xla_wall:.3f})", flush=True)
+
+
+def crossover(repeats, result):
+  """Short rows, where the dense mask is cheap: where does blockwise stop winning (for `auto`)?"""
+  for batch, length in ((8, 128), (8, 256), (4, 512), (2, 1024)):
+    segment = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) * 3 // length + 1, (batch, length))
+    times = bench_layers.best_times({impl: attention_step(impl, segment) for impl in IMPLS}, repeats)
+    ratio = times["blockwise"][0] / times["xla"][0]
+    result[f"B{batch}_L{length}_blockwise_over_xla"] = round(ratio, 3)
+    print(f"{batch} × {length} (3 documents a row) fwd+bwd: xla {times['xla'][0] * 1e3:7.1f} ms, blockwise "
+          f"{times['blockwise'][0] * 1e3:7.1f} ms, ratio {ratio:.3f}", flush=True)
 
 
 def mod(repeats, result):
@@ -99,13 +113,14 @@ def mod(repeats, result):
     cpu = times[name][0]
     result[f"model_{name}_ms"], result[f"model_{name}_ms_per_gflop"] = round(cpu * 1e3, 1), round(
         cpu * 1e3 / gflop, 2)
-    print(f"whole model {name:6s} ({'attention_impl=auto' if HAS_IMPLS else 'banded baseline'}): "
+    tree = "attention_impl=auto" if HAS_IMPLS else "tree before attention_impl: xla, MoD banded"
+    print(f"whole model {name:6s} ({tree}): "
           f"CPU time {cpu * 1e3:8.1f} ms, {cpu * 1e3 / gflop:6.2f} ms per training GFLOP", flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="memory,time,mod")
+  parser.add_argument("--parts", default="memory,time,crossover,mod")
   parser.add_argument("--lengths", default="2048,4096")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
@@ -116,6 +131,8 @@ def main():
     memory(lengths, result)
   if "time" in parts:
     timing(lengths[-1], args.repeats, result)
+  if "crossover" in parts:
+    crossover(args.repeats, result)
   if "mod" in parts:
     mod(args.repeats, result)
   result["seconds"] = round(time.perf_counter() - start, 1)

@@ -1,7 +1,8 @@
 """Analytic training FLOPs per token, per modality (model FLOPs: matmuls only, remat not counted).
 
 Training = 3 × forward (the backward pass does two matmuls per forward matmul). Attention counts the
-full L × L score and value matmuls, as the masked XLA attention computes them. Embedding lookups and
+full L × L score and value matmuls, as the masked XLA attention computes them (blockwise attention, the
+default, skips masked blocks and executes fewer). Embedding lookups and
 elementwise ops (norms, softmax, activations) are left out; they are a few percent at realistic widths.
 Dense and MoT cost the same per token: untying gives each modality its own copy, every token uses one.
 MoMa / MoE (`ffn="moe"`): expert choice at capacity c gives every token c experts on average, whatever its

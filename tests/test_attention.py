@@ -76,8 +76,8 @@ def test_blockwise_with_a_span_equals_xla_on_packed_rows(images):
   qkv, segment, image_block, cotangent = _inputs(7, 1, 70, 4, 2, max_doc=span, images=images)
   cotangent = cotangent * (segment != 0)[..., None, None]
   want = _value_and_grads(_xla(segment, image_block), qkv, cotangent)
-  got = _value_and_grads(
-      lambda q, k, v: bw.blockwise_attention(q, k, v, segment, image_block, span=span, block=8), qkv, cotangent)
+  fn = lambda q, k, v: bw.blockwise_attention(q, k, v, segment, image_block, span=span, block=8)
+  got = _value_and_grads(fn, qkv, cotangent)
   real = np.asarray(segment[0]) != 0
   np.testing.assert_allclose(got[0][:, real], want[0][:, real], rtol=1e-5, atol=1e-5)
   for g, w in zip(got[1:], want[1:]):
@@ -99,16 +99,16 @@ def test_blockwise_bfloat16_keeps_float32_statistics():
 
 
 def test_blocks_wholly_masked_are_not_visited():
-  block, n = 8, 8
-  causal = np.asarray(bw._visits(jnp.ones((1, n * block), jnp.int32), None, bw._Static(block, None, False))[1])
-  np.testing.assert_array_equal(causal, np.arange(1, n + 1))  # the diagonal and below
+  """Key blocks visited per query block (8 blocks of 8 positions)."""
+  block, one_doc = 8, jnp.ones((1, 64), jnp.int32)
+  visits = lambda segment, image=None, span=None: np.asarray(
+      bw._visits(segment, image, bw._Static(block, span, image is not None))[1])
+  np.testing.assert_array_equal(visits(one_doc), np.arange(1, 9))  # the diagonal and below
   four_docs = jnp.repeat(jnp.arange(1, 5), 2 * block)[None]  # documents of two blocks each
-  np.testing.assert_array_equal(bw._visits(four_docs, None, bw._Static(block, None, False))[1], [1, 2] * 4)
-  spanned = bw._visits(jnp.ones((1, n * block), jnp.int32), None, bw._Static(block, 2 * block, False))[1]
-  np.testing.assert_array_equal(spanned, [1, 2, 3, 3, 3, 3, 3, 3])  # 2 blocks back at most
-  image = jnp.zeros((1, n * block), jnp.int32).at[0, 4:20].set(1)  # blocks 0-2 see each other both ways
-  with_image = bw._visits(jnp.ones((1, n * block), jnp.int32), image, bw._Static(block, None, True))[1]
-  np.testing.assert_array_equal(with_image, [3, 3, 3, 4, 5, 6, 7, 8])
+  np.testing.assert_array_equal(visits(four_docs), [1, 2] * 4)
+  np.testing.assert_array_equal(visits(one_doc, span=2 * block), [1, 2, 3, 3, 3, 3, 3, 3])  # 2 back at most
+  image = jnp.zeros((1, 64), jnp.int32).at[0, 4:20].set(1)  # blocks 0-2 see each other both ways
+  np.testing.assert_array_equal(visits(one_doc, image), [3, 3, 3, 4, 5, 6, 7, 8])
 
 
 def test_blockwise_train_step_memory_is_linear_in_length():
@@ -143,13 +143,6 @@ def test_kernels_refuse_image_blocks():
   qkv, segment, image_block, _ = _inputs(5, 1, 16, 2, 2, max_doc=16, images=True)
   with pytest.raises(ValueError, match="model.attention_impl='splash' cannot express image blocks"):
     attention.attend(*qkv, segment, image_block, impl="splash", interpret=True)
-
-
-def test_auto_picks_per_backend():
-  pick = lambda backend, **kw: attention.resolve_impl("auto", backend, **{"has_images": False, "span": None, **kw})
-  assert pick("cpu") == "blockwise" and pick("gpu") == "pallas_gpu" and pick("tpu") == "splash"
-  assert pick("gpu", has_images=True) == "blockwise" and pick("tpu", span=64) == "blockwise"
-  assert attention.resolve_impl("xla", "tpu", has_images=True, span=None) == "xla"
 
 
 @pytest.mark.parametrize("field,value,message", [

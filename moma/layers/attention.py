@@ -9,7 +9,7 @@ nothing across documents) behind every `impl` (config.model.attention_impl) of `
   blockwise   `moma.layers.blockwise_attention`: flash-style pure JAX, O(L) memory, skips masked blocks;
   pallas_gpu  Pallas Triton flash attention (GPU), splash: Pallas splash attention (TPU) — packed
               documents only, no image blocks (`moma.layers.attention_kernels`);
-  auto        per backend, see `resolve_impl`.
+  auto        blockwise, see `resolve_impl`.
 
 Decoding (a mutable "cache" collection, `moma.models.generate`): the first call (prefill) attends as in
 training and stores its rotated keys, values and segment ids in a `max_len` cache; each later call writes
@@ -46,14 +46,11 @@ def check_attention_config(impl: str, block: int, backend: str | None = None) ->
     raise ValueError(f"config.model.attention_block={block!r}: must be a positive multiple of 8")
 
 
-def resolve_impl(impl: str, backend: str, *, has_images: bool, span: int | None) -> str:
-  """`auto`: on CPU blockwise (measured faster than xla from L=128 up, BENCHMARKS.md); on GPU / TPU the
-  kernel, unless image blocks (which no kernel expresses) or a span (whose block skipping only blockwise
-  uses) call for blockwise."""
-  if impl != "auto":
-    return impl
-  kernel = {v: k for k, v in _KERNEL_BACKEND.items()}.get(backend)
-  return kernel if kernel and not has_images and span is None else "blockwise"
+def resolve_impl(impl: str) -> str:
+  """`auto` is blockwise on every backend: on CPU it is measured faster than xla from L=128 up (and 5-20×
+  at 4096, BENCHMARKS.md); it is the one impl that takes image blocks and MoD's span; and the kernels are
+  neither timed on hardware yet nor wrapped in `shard_map` for meshes (as gmm's `auto` stays on `xla`)."""
+  return "blockwise" if impl == "auto" else impl
 
 
 def attention_mask(segment_BL: jax.Array, image_block_BL: jax.Array | None = None) -> jax.Array:
@@ -77,7 +74,7 @@ def attend(q_BLHK, k_BLGK, v_BLGK, segment_BL, image_block_BL=None, *, impl: str
   """
   if not interpret:
     check_attention_config(impl, block)
-  impl = resolve_impl(impl, jax.default_backend(), has_images=image_block_BL is not None, span=span)
+  impl = resolve_impl(impl)
   if impl == "xla":
     mask = attention_mask(segment_BL, image_block_BL)
     return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask)

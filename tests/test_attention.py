@@ -145,6 +145,24 @@ def test_kernels_refuse_image_blocks():
     attention.attend(*qkv, segment, image_block, impl="splash", interpret=True)
 
 
+def test_auto_is_xla_for_one_block_and_blockwise_beyond():
+  assert attention.resolve_impl("auto", 128, 128) == "xla"
+  assert attention.resolve_impl("auto", 129, 128) == "blockwise"
+  assert attention.resolve_impl("splash", 4096, 128) == "splash"
+
+
+def test_decoding_after_a_blockwise_prefill_equals_the_full_forward():
+  """Prefill attends blockwise (10 tokens, blocks of 8), decode steps over the cache; both documents."""
+  from tests.test_decode import MOT
+  from tests.test_decoder import make_batch
+  from tests.test_mamba_decoder import Compiled, decode_in_steps
+  m = Compiled(**MOT, attention_impl="blockwise", attention_block=8)
+  batch = make_batch(seed=1, l=12)
+  decoded, _ = decode_in_steps(m, batch, 10)
+  full = jax.jit(m.model.clone(attention_impl="xla").apply)(m.variables, batch)
+  np.testing.assert_allclose(decoded, full, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("attention_impl", "flash", r"config.model.attention_impl='flash': expected one of"),
     ("attention_impl", "splash", r"config.model.attention_impl='splash' needs a tpu backend"),

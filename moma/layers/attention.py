@@ -9,7 +9,7 @@ nothing across documents) behind every `impl` (config.model.attention_impl) of `
   blockwise   `moma.layers.blockwise_attention`: flash-style pure JAX, O(L) memory, skips masked blocks;
   pallas_gpu  Pallas Triton flash attention (GPU), splash: Pallas splash attention (TPU) — packed
               documents only, no image blocks (`moma.layers.attention_kernels`);
-  auto        blockwise, see `resolve_impl`.
+  auto        xla for rows of one block, else blockwise (`resolve_impl`).
 
 Decoding (a mutable "cache" collection, `moma.models.generate`): the first call (prefill) attends as in
 training and stores its rotated keys, values and segment ids in a `max_len` cache; each later call writes
@@ -46,11 +46,14 @@ def check_attention_config(impl: str, block: int, backend: str | None = None) ->
     raise ValueError(f"config.model.attention_block={block!r}: must be a positive multiple of 8")
 
 
-def resolve_impl(impl: str) -> str:
-  """`auto` is blockwise on every backend: on CPU it is measured faster than xla from L=128 up (and 5-20×
-  at 4096, BENCHMARKS.md); it is the one impl that takes image blocks and MoD's span; and the kernels are
-  neither timed on hardware yet nor wrapped in `shard_map` for meshes (as gmm's `auto` stays on `xla`)."""
-  return "blockwise" if impl == "auto" else impl
+def resolve_impl(impl: str, length: int, block: int) -> str:
+  """`auto`, on every backend: xla while the row fits in one block (nothing to skip, the mask is at most
+  block²; measured 1.1× faster on CPU at L=128), else blockwise (measured 1.6× faster on CPU at L=256, 5-20×
+  at 4096: BENCHMARKS.md). Blockwise is the one impl that takes image blocks and MoD's span, and the kernels
+  are neither timed on hardware yet nor wrapped in `shard_map` for meshes (gmm's `auto` stays on xla too)."""
+  if impl != "auto":
+    return impl
+  return "xla" if length <= block else "blockwise"
 
 
 def attention_mask(segment_BL: jax.Array, image_block_BL: jax.Array | None = None) -> jax.Array:
@@ -74,7 +77,7 @@ def attend(q_BLHK, k_BLGK, v_BLGK, segment_BL, image_block_BL=None, *, impl: str
   """
   if not interpret:
     check_attention_config(impl, block)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, q_BLHK.shape[1], block)
   if impl == "xla":
     mask = attention_mask(segment_BL, image_block_BL)
     return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask)

@@ -180,4 +180,4 @@ def _backward(st: _Static, residuals, d_out_BNHK):
   return (dq_BNGRK.reshape(q_BNHK.shape).astype(q_BNHK.dtype), keys(dk_nBSGK), keys(dv_nBSGK), None, None)
 
 
-_attend.defvjp(lambda q, k, v, segment, image, st: _forward(q, k, v, segment, image, st), _backward)
+_attend.defvjp(_forward, _backward)

@@ -86,7 +86,7 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       rope_theta=10_000.0,
       max_seq_len=s["seq_len"], tie_embeddings=False,
       dtype="float32" if size == "tiny" else "bfloat16", param_dtype="float32",
-      remat=size not in ("tiny", "S"), gmm_impl="auto",
+      remat=size not in ("tiny", "S"), gmm_impl="auto", attention_impl="auto", attention_block=128,
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,

@@ -1,14 +1,15 @@
 """Analytic training FLOPs per token, per modality (model FLOPs: matmuls only, remat not counted).
 
 Training = 3 × forward (the backward pass does two matmuls per forward matmul). Attention counts the
-full L × L score and value matmuls, as the masked XLA attention computes them. Embedding lookups and
+full L × L score and value matmuls, as the masked XLA attention computes them (blockwise attention, the
+default, skips masked blocks and executes fewer). Embedding lookups and
 elementwise ops (norms, softmax, activations) are left out; they are a few percent at realistic widths.
 Dense and MoT cost the same per token: untying gives each modality its own copy, every token uses one.
 MoMa / MoE (`ffn="moe"`): expert choice at capacity c gives every token c experts on average, whatever its
 modality (c = 1: a dense FFN's FLOPs), token choice top_k; plus the router (and aux router) logits.
 Mixture-of-Depths: a MoD layer processes a `mod.capacity` share of the tokens, whose attention context is
 that share of the sequence (the model FLOPs). Batch-wide selection packs the batch's picks into one row
-and attends within a band of L + 128 keys per query (`moma.layers.attention.banded_attention`), so the
+and attends within a band of L + 128 keys per query (blockwise attention's `span`), so the
 executed masked scores are up to (L + 128) / (c·L) times what this counts: 4–5× at c = 0.25.
 """
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moma import dispatch
-from moma.layers.attention import Attention, attention_mask, banded_attention
+from moma.layers.attention import Attention, attention_mask
 from moma.layers.ffn import SwiGLU
 from moma.layers.norms import Norm
 from moma.layers.rope import apply_rope
@@ -105,33 +105,3 @@ def test_tied_layer_ignores_plan_and_keeps_dense_weights(inputs):
   kernel = nn.meta.unbox(ffn.init(jax.random.key(0), x, plan))["params"]["wi"]["kernel"]
   assert kernel.shape == (D, 2, 24)
   assert plan.use_if(False).is_identity and plan.use_if(True) is plan
-
-
-def _packed_row(seed, length, span, image_blocks):
-  """One packed row: documents of 1..span tokens (some padding, segment 0), ids unique, maybe images."""
-  rng = np.random.default_rng(seed)
-  segment, image_block, doc, pos = np.zeros(length, np.int32), np.zeros(length, np.int32), 0, 0
-  while pos < length:
-    n = int(rng.integers(1, span + 1))
-    doc += 1
-    segment[pos:pos + n] = 0 if rng.random() < 0.15 else doc
-    if image_blocks and n > 4:
-      image_block[pos + 1:pos + n - 1] = doc  # an image inside the document
-    pos += n
-  return jnp.asarray(segment[None]), jnp.asarray(image_block[None]) if image_blocks else None
-
-
-@pytest.mark.parametrize("length,span,chunk,kv_heads,image_blocks", [
-    (50, 8, 4, 2, False),  # chunk does not divide the length
-    (64, 12, 8, 4, True),  # image blocks: keys after the query too
-    (40, 16, 16, 1, False),
-])
-def test_banded_attention_equals_the_full_masked_attention(length, span, chunk, kv_heads, image_blocks):
-  segment, image_block = _packed_row(length, length, span, image_blocks)
-  keys = jax.random.split(jax.random.key(length), 3)
-  q = jax.random.normal(keys[0], (1, length, 4, 8))
-  k, v = (jax.random.normal(key, (1, length, kv_heads, 8)) for key in keys[1:])
-  want = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment, image_block))
-  got = banded_attention(q, k, v, segment, image_block, span=span, chunk=chunk)
-  real = np.asarray(segment[0]) != 0  # padding queries (outputs discarded) may see less padding
-  np.testing.assert_allclose(got[:, real], want[:, real], rtol=1e-5, atol=1e-5)

@@ -6,13 +6,14 @@ any modality split; selected tokens get x + r·(block(x) - x) with r = sigmoid(s
 trained through r), the others pass through unchanged.
 
 Selection (static shapes):
-* "batch" (the MoMa paper's): the batch-wide top ceil(capacity·B·L) tokens, packed in token order into one
-  row [1, K]. Per-token kwargs ([B, L, ...] arrays: segment, position, image_block) are gathered with them;
+* "batch" (the MoMa paper's): the top ceil(capacity·T) of the T tokens of each routing slice (each
+  device's rows, or `routing_rows` rows: `moma.layers.routing.slice_tokens`), packed in token order into
+  one row per slice (`moma.dispatch.selection`). Per-token kwargs ([B, L, ...] arrays: segment, position, image_block) are gathered with them;
   the ids named in `row_unique` are made unique per batch row, so a block that masks attention by segment
   (the packed-batch convention) never mixes rows. Positions are kept, so RoPE and causality hold. With
   `block_attends`, the block also gets `attention_span=L`: a document of the packed row spans at most L
-  tokens, so its attention can be banded (`moma.layers.attention.banded_attention`, c·B·L·(L + 128) scores
-  instead of (c·B·L)²).
+  tokens, so blockwise attention skips key blocks farther than that (`moma.layers.attention.attend`:
+  c·B·L·(L + 128) scores at most instead of (c·B·L)²).
 * "sequence": the top ceil(capacity·L) tokens of each row, kept as [B, k].
 The block's modality plan is rebuilt for the selected tokens.
 
@@ -109,7 +110,7 @@ class MixtureOfDepths(nn.Module):
 
     sel = dispatch.on_shards(select, (score_M,))
     if self.selection == "batch" and self.block_attends:
-      kwargs["attention_span"] = length  # a document of a packed row spans ≤ L tokens: banded attention
+      kwargs["attention_span"] = length  # a document of a packed row spans ≤ L tokens: attention skips farther
     # One packed row [k] per routing slice, in token order: causality and positions survive packing.
     take = lambda v: sel.dispatch(v.reshape(b * length, -1)).reshape(-1, k, *v.shape[2:])
     sub_kwargs = {k: take(v) if _per_token(v, b, length) else v for k, v in kwargs.items()}

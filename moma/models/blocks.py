@@ -54,6 +54,8 @@ class Spec:
   mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
   norm_eps: float = 1e-6
   qk_norm_kind: str = "rms"
+  attention_impl: str = "auto"
+  attention_block: int = 128
 
   def groups(self, component: str) -> int:
     return self.num_modalities if component in self.untie else 1
@@ -64,7 +66,7 @@ def make_mixer(spec: Spec, name: str) -> nn.Module:
     return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
                      spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl,
                      max_len=spec.max_seq_len, qk_norm_kind=spec.qk_norm_kind, norm_eps=spec.norm_eps,
-                     name=name)
+                     attention_impl=spec.attention_impl, attention_block=spec.attention_block, name=name)
   if spec.block == "mamba":
     return mamba_layer.MambaBlock(
         spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,

@@ -28,6 +28,7 @@ from moma import dispatch
 from moma import sharding
 from moma.layers import selective_scan
 from moma.layers import routing
+from moma.layers.attention import check_attention_config
 from moma.layers.norms import NORM_KINDS, Norm
 from moma.models.blocks import Block, ModGroup, Spec
 
@@ -87,6 +88,8 @@ class Model(nn.Module):
   param_dtype: str = "float32"
   remat: bool = False
   gmm_impl: str = "auto"
+  attention_impl: str = "auto"  # moma.layers.attention.attend: auto | xla | blockwise | pallas_gpu | splash
+  attention_block: int = 128  # blockwise attention's block length (a multiple of 8)
   moe: Any = None
   mamba: Any = None
   mod: Any = None
@@ -106,7 +109,8 @@ class Model(nn.Module):
                 _items(self.mod_config) if self.mod_config["enabled"] else (), self.causal,
                 num_layers=self.num_layers, max_seq_len=self.max_seq_len,
                 mamba=_items(self.mamba_config) if self.block == "mamba" else (), norm_eps=self.norm_eps,
-                qk_norm_kind=self.qk_norm_kind)
+                qk_norm_kind=self.qk_norm_kind, attention_impl=self.attention_impl,
+                attention_block=self.attention_block)
 
   @property
   def moe_config(self) -> dict[str, Any]:
@@ -194,6 +198,7 @@ def check_config(cfg: Any) -> None:
   for field, options in choices.items():
     if getattr(cfg, field) not in options:
       raise ValueError(f"config.model.{field}={getattr(cfg, field)!r}: expected one of {options}")
+  check_attention_config(cfg.attention_impl, cfg.attention_block)
   if cfg.ffn == "moe":
     _check_moe(cfg)
   if cfg.mod_config["enabled"]:

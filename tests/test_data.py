@@ -89,18 +89,60 @@ def test_targets_positions_and_masks(cache_dir, form):
   batch = first(make_config(cache_dir, image_form=form), batch_size=6)
   tokens, seg, pos = batch["tokens"], batch["segment"], batch["position"]
   tgt, mask = batch["targets"], batch["loss_mask"]
+  assert np.all(seg > 0)  # text fills every row: no padding
   for row in range(tokens.shape[0]):
-    n = int((seg[row] > 0).sum())
-    assert np.all(seg[row, :n] > 0) and np.all(seg[row, n:] == 0)  # documents first, then padding
-    assert np.all(tokens[row, n:] == data.PAD) and np.all(mask[row, n:] == 0)
-    for doc, at in documents(batch, row):
-      np.testing.assert_array_equal(pos[row, at], np.arange(len(at)))  # restart per document
-      assert doc[0] == data.BOS and doc[-1] == data.EOS
-      np.testing.assert_array_equal(tgt[row, at[:-1]], doc[1:])  # next token inside the document
-      assert mask[row, at[-1]] == 0  # never across the boundary
+    docs = documents(batch, row)
+    for i, (doc, at) in enumerate(docs):
+      np.testing.assert_array_equal(at, np.arange(at[0], at[0] + len(at)))  # one contiguous run
+      np.testing.assert_array_equal(pos[row, at], np.arange(len(at)))  # restart per segment
+      # A segment without BOS is a cut text tail (no media); only a row's last segment lacks EOS.
+      assert doc[0] == data.BOS or not np.isin(doc, (data.BOI, data.BOA)).any()
+      assert doc[-1] == data.EOS or i == len(docs) - 1
+      np.testing.assert_array_equal(tgt[row, at[:-1]], doc[1:])  # next token inside the segment
+      assert mask[row, at[-1]] == 0  # never across a boundary or a cut
       want = (doc[1:] != data.IMG).astype(np.float32)
       np.testing.assert_array_equal(mask[row, at[:-1]], want)
-  assert mask.sum() > 0.5 * (seg > 0).sum()
+  assert mask.mean() > (0.85 if form == "patches" else 0.95)
+
+
+def test_text_cut_across_rows_continues_as_a_new_segment(cache_dir):
+  """Text only: a cut document's head ends row r, its tail (no BOS, position 0, its own segment) opens
+  row r+1, and head + tail is one dataset document."""
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if name != "text":
+      del config.mixture[name]
+  batch = first(config, batch_size=8)
+  chunks = {data.decode_text(doc[:config.text_max_bytes], config) for doc in _text_documents(cache_dir)}
+  cuts = 0
+  for row in range(7):
+    head, _ = documents(batch, row)[-1]
+    tail, tail_at = documents(batch, row + 1)[0]
+    if head[-1] == data.EOS:
+      continue
+    cuts += 1
+    assert head[0] == data.BOS and tail[0] != data.BOS and tail[-1] == data.EOS
+    assert batch["position"][row + 1, tail_at[0]] == 0
+    assert batch["segment"][row, -1] != 0 and batch["loss_mask"][row, -1] == 0
+    assert data.decode_text(np.concatenate([head, tail]), config) in chunks
+  assert cuts > 0
+
+
+def _text_documents(cache_dir):
+  vocab = data.vocabulary(data.default_config())
+  examples = data.prepare("moma_text", cache_dir).as_data_source("train")
+  return [vocab.encode_text(examples[i]["text"]) for i in range(len(examples))]
+
+
+def test_media_only_mixture_defers_instead_of_cutting(cache_dir):
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if config.mixture[name].template == "text":
+      del config.mixture[name]
+  batch = first(config, batch_size=6)
+  for row in range(6):
+    for doc, _ in documents(batch, row):
+      assert doc[0] == data.BOS and doc[-1] == data.EOS  # whole documents only
 
 
 def test_text_round_trip():

@@ -1,9 +1,12 @@
 """Benchmark moma.data packing: full rows (text cut across rows) against the packer before issue 16.
 
-For seq 256 (the tiny preset) and 1024, on the default mixture: batches/s, the share of positions that
-carry loss, the share of real (non-padding) positions and each modality's share of real tokens (so a
-packer that fills rows by favouring short documents would show). Baseline in the same run: the packer
-of commit BASELINE (documents never cut; the first that does not fit ends the row), loaded from git.
+For seq 256 (the tiny preset) and 1024: batches/s, the share of positions that carry loss, the share of
+real (non-padding) positions and each modality's share of real tokens (so a packer that fills rows by
+favouring short documents would show). Three settings in the same run, interleaved:
+  new:      this packer on this default mixture (with the generated scenes and melodies);
+  old_pack: the packer of commit BASELINE (documents never cut; the first that does not fit ends the
+            row), loaded from git, on this default mixture;
+  today:    the packer and the default mixture (text, digits, DTMF) of commit BASELINE.
 Also the first build of the embedded datasets. Last line: JSON.
 
   python -m experiments.bench_data [--batch_size=32] [--steps=20]
@@ -28,26 +31,18 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Batches timed per setting.")
 
 
-def baseline_packer_class(tmp: str):
-  """moma.data.pipeline.Packer as of BASELINE (it reads the same sources through `render`)."""
+def baseline_module(tmp: str, name: str):
+  """moma/data/{name}.py as of BASELINE, imported from a copy (it reads today's sources)."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  source = subprocess.run(["git", "show", f"{BASELINE}:moma/data/pipeline.py"], cwd=root, check=True,
+  source = subprocess.run(["git", "show", f"{BASELINE}:moma/data/{name}.py"], cwd=root, check=True,
                           capture_output=True, text=True).stdout
-  path = pathlib.Path(tmp) / "baseline_pipeline.py"
+  path = pathlib.Path(tmp) / f"baseline_{name}.py"
   path.write_text(source)
-  spec = importlib.util.spec_from_file_location("baseline_pipeline", path)
+  spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
   spec.loader.exec_module(module)
-  return module.Packer
-
-
-def rate(fn, steps):
-  fn(0)  # warm (embedded examples are read into memory on first use)
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    fn(step)
-  return steps / (time.perf_counter() - start)
+  return module
 
 
 def shares(packer, steps, batch_size, names):
@@ -68,19 +63,33 @@ def main(_):
     for name in data.EMBEDDED:
       data.prepare(name, cache_dir)
     results["first_build_s"] = time.perf_counter() - start
-    packers = {"new": data.Packer, "baseline": baseline_packer_class(cache_dir)}
+    old_packer = baseline_module(cache_dir, "pipeline").Packer
+    old_packer._patch_dim = lambda self: 0  # discrete form; it refused grey + RGB mixtures even there
+    old_config = baseline_module(cache_dir, "config").default_config()
     config = data.default_config()
-    config.cache_dir = cache_dir
+    for c in (config, old_config):
+      c.cache_dir = cache_dir
+    settings = {"new": (data.Packer, config), "old_pack": (old_packer, config),
+                "today": (old_packer, old_config)}
     for seq_len in (256, 1024):
-      for name, packer_class in packers.items():
-        packer = packer_class(config, split="train", seq_len=seq_len)
-        speed = rate(lambda s, p=packer: p.batch(0, s, _BATCH.value), _STEPS.value)
-        row = dict(batches_per_s=speed, **shares(packer, 10, _BATCH.value, config.modalities))
+      packers = {name: packer(c, split="train", seq_len=seq_len) for name, (packer, c) in settings.items()}
+      for packer in packers.values():
+        packer.batch(0, 0, _BATCH.value)  # warm (embedded examples are read into memory on first use)
+      times = {name: 0.0 for name in packers}
+      for step in range(1, _STEPS.value + 1):  # interleaved, so load changes hit all settings alike
+        for name, packer in packers.items():
+          start = time.perf_counter()
+          packer.batch(0, step, _BATCH.value)
+          times[name] += time.perf_counter() - start
+      for name, packer in packers.items():
+        row = dict(batches_per_s=_STEPS.value / times[name],
+                   **shares(packer, 10, _BATCH.value, settings[name][1].modalities))
         results[f"{name}_{seq_len}"] = row
-        print(f"seq {seq_len:5d} {name:8s} {speed:7.1f} batches/s  loss share {row['loss_share']:.3f}  "
-              f"real {row['real_share']:.3f}  modalities {row['modality_share']}")
-      results[f"speed_ratio_{seq_len}"] = (results[f"new_{seq_len}"]["batches_per_s"] /
-                                           results[f"baseline_{seq_len}"]["batches_per_s"])
+        print(f"seq {seq_len:5d} {name:8s} {row['batches_per_s']:7.1f} batches/s  loss share "
+              f"{row['loss_share']:.3f}  real {row['real_share']:.3f}  modalities {row['modality_share']}")
+      for name in ("old_pack", "today"):
+        results[f"speed_vs_{name}_{seq_len}"] = (results[f"new_{seq_len}"]["batches_per_s"] /
+                                                 results[f"{name}_{seq_len}"]["batches_per_s"])
   print(f"first build {results['first_build_s']:.2f} s")
   print(json.dumps(dict(batch_size=_BATCH.value, baseline=BASELINE, **results)))
 

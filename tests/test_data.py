@@ -46,7 +46,7 @@ def test_contract(cache_dir, form):
     assert value.dtype == want, key
     assert value.shape[:2] == (4, SEQ), key
   if form == "patches":
-    assert batch["patches"].shape == (4, SEQ, config.patch_size ** 2)
+    assert batch["patches"].shape == (4, SEQ, 3 * config.patch_size ** 2)  # grey digits join RGB scenes
   vocab = data.vocabulary(config)
   assert batch["tokens"].min() >= 0 and batch["tokens"].max() < vocab.size
   assert set(np.unique(batch["modality"])) == {0, 1, 2}  # three modalities present
@@ -102,7 +102,7 @@ def test_targets_positions_and_masks(cache_dir, form):
       assert mask[row, at[-1]] == 0  # never across a boundary or a cut
       want = (doc[1:] != data.IMG).astype(np.float32)
       np.testing.assert_array_equal(mask[row, at[:-1]], want)
-  assert mask.mean() > (0.85 if form == "patches" else 0.95)
+  assert mask.mean() > (0.7 if form == "patches" else 0.95)  # patches have no cross-entropy
 
 
 def test_text_cut_across_rows_continues_as_a_new_segment(cache_dir):
@@ -173,6 +173,9 @@ def _digit_images(cache_dir):
 @pytest.mark.parametrize("form", ["discrete", "patches"])
 def test_images_in_batches_are_dataset_images_with_their_caption(cache_dir, form):
   config = make_config(cache_dir, image_form=form)
+  for name in list(config.mixture):
+    if config.mixture[name].dataset != "moma_digits":
+      del config.mixture[name]
   batch = first(config, batch_size=6)
   images = _digit_images(cache_dir)
   seen = 0
@@ -201,7 +204,9 @@ def test_two_modality_layout(cache_dir):
 
 
 def test_audio_codes_round_trip_and_dtmf_frequencies(cache_dir):
-  vocab = data.vocabulary(data.default_config())
+  config = data.default_config()
+  config.audio_levels = 256
+  vocab = data.vocabulary(config)
   wave = builders.dtmf_tone(5, np.random.default_rng(0))
   back = vocab.decode_audio(vocab.encode_audio(wave))
   assert np.abs(back - wave).max() < 0.02  # μ-law step near |x| ~ 0.5 at 256 levels

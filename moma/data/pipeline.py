@@ -10,6 +10,7 @@ a row's end (the tail continues in the next row as a new segment); images and au
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Iterator
 
@@ -58,15 +59,15 @@ class Packer:
     self._split_id = zlib.crc32(split.encode())
 
   def _patch_dim(self) -> int:
-    dims = {}
-    for source in self.sources:
-      if source.image_shape is not None:
-        channels = source.image_shape[2] if len(source.image_shape) == 3 else 1
-        dims[source.name] = self.config.patch_size ** 2 * channels
-    if len(set(dims.values())) > 1:
-      raise ValueError(f"data.mixture image entries have different channel counts ({dims}); patches "
+    """P = patch_size² · channels; grey images join an RGB mixture as three equal channels."""
+    channels = {s.name: (s.image_shape[2] if len(s.image_shape) == 3 else 1)
+                for s in self.sources if s.image_shape is not None}
+    most = max(channels.values(), default=1)
+    if set(channels.values()) - {1, most}:
+      raise ValueError(f"data.mixture image entries have different channel counts ({channels}); patches "
                        "need one patch size P for the whole batch.")
-    return next(iter(dims.values()), self.config.patch_size ** 2)
+    self.sources = [dataclasses.replace(s, patch_channels=most) for s in self.sources]
+    return self.config.patch_size ** 2 * most
 
   def _draw(self, rng: np.random.Generator):
     """Endless (tokens, images, splittable) documents drawn i.i.d. from the mixture."""

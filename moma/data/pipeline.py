@@ -57,6 +57,7 @@ class Packer:
     self.patch_dim = self._patch_dim()
     self.any_text = any(source.parts == ("text",) for source in self.sources)
     self._split_id = zlib.crc32(split.encode())
+    self._settings = sources_lib.render_settings(config)
 
   def _patch_dim(self) -> int:
     """P = patch_size² · channels; grey images join an RGB mixture as three equal channels."""
@@ -77,7 +78,7 @@ class Packer:
       for e, pick, variant in zip(np.minimum(entries, len(self.sources) - 1), picks, variants):
         source = self.sources[e]
         index = self.process_index + self.process_count * int(pick * self.shares[e])
-        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self.config)
+        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self._settings)
         yield tokens, images, source.parts == ("text",)
 
   def _rows(self, seed: int, step: int, batch_size: int):

@@ -145,7 +145,8 @@ def _origin(shape: Shape) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _sprites(image_size: int, patch_size: int) -> dict:
-  """(kind, size, row, col) → (bool mask [S, S], patch bits [(S/p)²]) of a shape drawn in that cell."""
+  """(kind, size, row, col) → (flat pixel indices, flat indices of the patches it touches, their bits)
+  of a shape drawn in that cell."""
   grid, p = image_size // CELL, patch_size
   sprites = {}
   for (kind, size), mask in _MASKS.items():
@@ -156,13 +157,14 @@ def _sprites(image_size: int, patch_size: int) -> dict:
         full[y:y + mask.shape[0], x:x + mask.shape[1]] = mask
         bits = full.reshape(image_size // p, p, image_size // p, p).transpose(0, 2, 1, 3)
         bits = (bits.reshape(-1, p * p) * (1 << np.arange(p * p))).sum(-1)
-        sprites[kind, size, row, col] = (full, bits)
+        sprites[kind, size, row, col] = (np.flatnonzero(full), np.flatnonzero(bits), bits[bits > 0])
   return sprites
 
 
-def _palette(k: Knobs) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _palette(palette: int) -> np.ndarray:
   """uint8 [palette + 1, 3]: black background, then the scene colours."""
-  return np.array([(0, 0, 0)] + list(COLOURS.values())[:k.palette], np.uint8)
+  return np.array([(0, 0, 0)] + list(COLOURS.values())[:palette], np.uint8)
 
 
 def _check(scene, k: Knobs) -> None:
@@ -188,18 +190,16 @@ def render(scene, knobs, patch_size: int = 0):
 
 def _draw(scene, k: Knobs, patch_size: int):
   sprites = _sprites(k.image_size, patch_size or 1)
-  index = np.zeros((k.image_size, k.image_size), np.int32)
-  codes = 0
+  index = np.zeros(k.image_size * k.image_size, np.int32)
+  codes = np.zeros((k.image_size // (patch_size or 1)) ** 2, np.int32)
   per_colour = 2 ** (patch_size * patch_size) - 1
   for shape in scene:
-    mask, bits = sprites[shape.kind, shape.size, shape.row, shape.col]
+    pixels, patches, bits = sprites[shape.kind, shape.size, shape.row, shape.col]
     colour = _COLOUR_NAMES.index(shape.colour)
-    index[mask] = colour + 1
-    codes = codes + np.where(bits > 0, 1 + colour * per_colour + bits - 1, 0)
-  image = _palette(k)[index]
-  if not patch_size:
-    return image
-  return image, (codes + np.zeros((k.image_size // patch_size) ** 2, np.int32)).astype(np.int32)
+    index[pixels] = colour + 1
+    codes[patches] = colour * per_colour + bits  # 1 + colour·(2^(p²) − 1) + (bits − 1)
+  image = _palette(k.palette)[index].reshape(k.image_size, k.image_size, 3)
+  return (image, codes) if patch_size else image
 
 
 def detect(image: np.ndarray, knobs) -> tuple[Shape, ...] | None:
@@ -210,7 +210,7 @@ def detect(image: np.ndarray, knobs) -> tuple[Shape, ...] | None:
   image = np.asarray(image)
   if image.shape != (k.image_size, k.image_size, 3):
     return None
-  match = np.all(image[:, :, None, :] == _palette(k)[None, None], axis=-1)
+  match = np.all(image[:, :, None, :] == _palette(k.palette)[None, None], axis=-1)
   if not match.any(-1).all():
     return None  # a colour outside the palette
   index = match.argmax(-1)
@@ -244,7 +244,7 @@ def decode_codes(codes, knobs, patch_size: int) -> np.ndarray:
   bits = np.where(codes > 0, (codes - 1) % per_colour + 1, 0)
   on = (bits[:, None] >> np.arange(p * p)) & 1
   index = (on * colour[:, None]).reshape(s // p, s // p, p, p).transpose(0, 2, 1, 3).reshape(s, s)
-  return _palette(k)[index]
+  return _palette(k.palette)[index]
 
 
 def _join(items: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -201,11 +202,21 @@ def _media(source: Source, example: dict, part: str, vocab: vocab_lib.Vocab, con
   return np.concatenate([[vocab_lib.BOA], codes, [vocab_lib.EOA]]).astype(np.int32), None
 
 
+def render_settings(config) -> types.SimpleNamespace:
+  """The data config fields `render` reads, as plain attributes (a ConfigDict lookup costs ~3 µs)."""
+  return types.SimpleNamespace(**{k: config[k] for k in (
+      "text_max_bytes", "audio_max_samples", "image_form", "patch_size")})
+
+
+_BOS, _EOS = np.array([vocab_lib.BOS], np.int32), np.array([vocab_lib.EOS], np.int32)
+
+
 def render(source: Source, index: int, variant: int, vocab: vocab_lib.Vocab, config):
   """Document from example `index`: int32 tokens [n], and for the patches form a list of
-  (offset of the first patch in the document, patches [k, P])."""
+  (offset of the first patch in the document, patches [k, P]). `config`: the data config or its
+  `render_settings`."""
   example = source.examples[index]
-  pieces = [np.array([vocab_lib.BOS], np.int32)]
+  pieces = [_BOS]
   images = []
   offset = 1
   for part in source.parts:
@@ -228,5 +239,5 @@ def render(source: Source, index: int, variant: int, vocab: vocab_lib.Vocab, con
       piece = vocab.encode_text(_text(example[source.roles[part]], config.text_max_bytes))
     pieces.append(piece)
     offset += len(piece)
-  pieces.append(np.array([vocab_lib.EOS], np.int32))
+  pieces.append(_EOS)
   return np.concatenate(pieces), images

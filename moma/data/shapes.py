@@ -2,11 +2,12 @@
 
 A scene is a tuple of `Shape`s (kind, colour, size, row, col): at most one shape per 8×8 cell of a
 `image_size`×`image_size` RGB image on black, centred in its cell. Scenes are a pure function of
-(seed, split, index). Captions state every shape (counts group identical ones) and, when the first two
-groups are single shapes, their relation:
+(seed, split, index). Captions state every shape in cell order (identical shapes grouped with a count)
+and, when the first two groups are single shapes, their relation:
 
-  "two small red squares at top left and bottom right; a large blue circle at top right; the red square
-   is below and left of the blue circle."
+  "two small red squares at top left and bottom right; a large blue circle at top right."
+  "a large red circle at top right; a small blue cross at bottom left; the red circle is above and
+   right of the blue cross."
 
 Exact evaluators: `parse_caption(text)` reads a caption back into its scene and `detect(image)` reads an
 image back into its scene (None if any pixel is not part of a rendered shape), so captioning and

@@ -13,6 +13,10 @@ import ml_collections
 SIZES = {
     "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192, seq_len=256, batch_size=4,
                  steps=200, lr=3e-3, warmup_steps=20),
+    # CPU studies (issue 16): 2,500 steps × 16 × 256 = 10.2M tokens, est. ~20 min on 2 idle cores
+    # (3.2k tokens/s measured for MoT with the cores shared at load ~12; see BENCHMARKS.md).
+    "small": dict(d_model=96, num_layers=4, num_heads=4, d_ff=288, seq_len=256, batch_size=16,
+                  steps=2500, lr=2e-3, warmup_steps=100),
     "S": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, seq_len=1024, batch_size=64,
               steps=20_000, lr=1e-3, warmup_steps=1000),
     "M": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096, seq_len=2048, batch_size=128,
@@ -23,6 +27,7 @@ SIZES = {
                steps=100_000, lr=1e-4, warmup_steps=4000),
 }
 
+CPU_SIZES = ("tiny", "small")  # float32 and no remat: what a CPU runs fastest
 MODALITIES = ("text", "image", "audio")
 TRANSFORMER_UNTIE = ("qkv", "o", "ffn", "norm", "qk_norm")
 
@@ -85,20 +90,20 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       norm="rms", norm_eps=1e-5, norm_placement="pre", qk_norm=size == "7B", qk_norm_kind="layer",
       rope_theta=10_000.0,
       max_seq_len=s["seq_len"], tie_embeddings=False,
-      dtype="float32" if size == "tiny" else "bfloat16", param_dtype="float32",
-      remat=size not in ("tiny", "S"), gmm_impl="auto", attention_impl="auto", attention_block=128,
+      dtype="float32" if size in CPU_SIZES else "bfloat16", param_dtype="float32",
+      remat=size not in CPU_SIZES + ("S",), gmm_impl="auto", attention_impl="auto", attention_block=128,
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,
       lr=s["lr"], min_lr_ratio=0.1, warmup_steps=s["warmup_steps"], schedule="cosine",
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-      log_every=10 if size == "tiny" else 100, eval_every=100 if size == "tiny" else 1000,
-      eval_steps=4 if size == "tiny" else 50,
+      log_every={"tiny": 10, "small": 50}.get(size, 100),
+      eval_every={"tiny": 100, "small": 500}.get(size, 1000), eval_steps={"tiny": 4, "small": 8}.get(size, 50),
       stage="main",  # "main": train everything; issue 5 adds "aux_routers".
       progress_bar=True,
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=100 if size == "tiny" else 1000, max_to_keep=3, async_save=True))
+      every_steps={"tiny": 100, "small": 500}.get(size, 1000), max_to_keep=3, async_save=True))
   c.init = ml_collections.ConfigDict(dict(upcycle_from=""))
   # Device mesh (moma/sharding.py, docs/sharding.md): one device by default; e.g. shape=(-1,) for data
   # parallelism over all devices, rules=(("modality", None),) to override the logical → mesh axis rules,

@@ -1,12 +1,25 @@
-"""Benchmark moma.data: first build of the embedded datasets, then batches/s at batch 32 × seq 1024.
+"""Benchmark moma.data packing: full rows (text cut across rows) against the packer before issue 16.
 
-Baseline in the same run: the same documents packed by a per-token Python loop (the straightforward
-implementation), so the printed ratio is what the vectorised numpy packing buys. Last line: JSON.
+For seq 256 (the tiny preset) and 1024: batches/s, the share of positions that carry loss, the share of
+real (non-padding) positions and each modality's share of real tokens (so a packer that fills rows by
+favouring short documents would show). Three settings in the same run, interleaved:
+  new:      this packer on this default mixture (with the generated scenes and melodies);
+  old_pack: the packer of commit BASELINE (documents never cut; the first that does not fit ends the
+            row), loaded from git, on this default mixture;
+  today:    the packer and the default mixture (text, digits, DTMF) of commit BASELINE.
+new vs old_pack is the packing change alone; new vs today adds the new mixture, whose generated scenes
+and melodies are rendered per document (~20 µs each) where today's media were cached per example.
+Rates are 1 / the fastest of `steps` interleaved batches (robust to other jobs on the CPU).
+Also the first build of the embedded datasets. Last line: JSON.
 
-  python -m experiments.bench_data [--batch_size=32] [--seq_len=1024] [--steps=20]
+  python -m experiments.bench_data [--batch_size=32] [--steps=40]
 """
 
+import importlib.util
 import json
+import pathlib
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -16,34 +29,34 @@ import numpy as np
 
 from moma import data
 
+BASELINE = "61e99a0"  # main before issue 16: documents never cut
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
-_SEQ = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Batches timed per setting.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Batches timed per setting.")
 
 
-def per_token_batch(packer, seed, step, batch_size):
-  """Baseline: the same documents, with labels filled one token at a time in Python."""
-  shape = (batch_size, packer.seq_len)
-  out = {k: np.zeros(shape, np.int32) for k in ("tokens", "modality", "segment", "position", "targets")}
-  out["loss_mask"] = np.zeros(shape, np.float32)
-  for row in range(batch_size):
-    i = 0
-    for s, (doc, _) in enumerate(packer._documents(seed, step, row), start=1):  # pylint: disable=protected-access
-      for j, token in enumerate(doc):
-        out["tokens"][row, i], out["segment"][row, i], out["position"][row, i] = token, s, j
-        out["modality"][row, i] = packer.modality_table[token]
-        if j + 1 < len(doc):
-          out["targets"][row, i], out["loss_mask"][row, i] = doc[j + 1], doc[j + 1] != data.IMG
-        i += 1
-  return out
+def baseline_module(tmp: str, name: str):
+  """moma/data/{name}.py as of BASELINE, imported from a copy (it reads today's sources)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  source = subprocess.run(["git", "show", f"{BASELINE}:moma/data/{name}.py"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+  path = pathlib.Path(tmp) / f"baseline_{name}.py"
+  path.write_text(source)
+  spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
 
 
-def rate(fn, steps):
-  fn(0)  # warm (embedded examples are read into memory on first use)
-  start = time.perf_counter()
-  for step in range(1, steps + 1):
-    fn(step)
-  return steps / (time.perf_counter() - start)
+def shares(packer, steps, batch_size, names):
+  loss, real, counts = 0.0, 0.0, np.zeros(len(names))
+  for step in range(steps):
+    batch = packer.batch(0, step, batch_size)
+    loss += batch["loss_mask"].mean() / steps
+    real += (batch["segment"] > 0).mean() / steps
+    counts += np.bincount(batch["modality"][batch["segment"] > 0], minlength=len(names))
+  return dict(loss_share=float(loss), real_share=float(real),
+              modality_share={n: round(float(c), 4) for n, c in zip(names, counts / counts.sum())})
 
 
 def main(_):
@@ -53,25 +66,35 @@ def main(_):
     for name in data.EMBEDDED:
       data.prepare(name, cache_dir)
     results["first_build_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for name in data.EMBEDDED:
-      data.prepare(name, cache_dir)
-    results["cached_open_s"] = time.perf_counter() - start
-    for form in ("discrete", "patches"):
-      config = data.default_config()
-      config.update(cache_dir=cache_dir, image_form=form)
-      packer = data.Packer(config, split="train", seq_len=_SEQ.value)
-      batch = packer.batch(0, 0, _BATCH.value)
-      fast = rate(lambda s: packer.batch(0, s, _BATCH.value), _STEPS.value)
-      slow = rate(lambda s: per_token_batch(packer, 0, s, _BATCH.value), max(2, _STEPS.value // 10))
-      results[form] = dict(
-          batches_per_s=fast, tokens_per_s=fast * _BATCH.value * _SEQ.value,
-          baseline_batches_per_s=slow, speedup=fast / slow,
-          fill=float((batch["segment"] > 0).mean()), loss_tokens=float(batch["loss_mask"].mean()))
-      print(f"{form:9s} {fast:8.1f} batches/s ({fast * _BATCH.value * _SEQ.value / 1e6:.2f} M tok/s), "
-            f"per-token baseline {slow:.1f}/s, ratio {fast / slow:.1f}x, fill {results[form]['fill']:.2f}")
-  print(f"first build {results['first_build_s']:.2f} s, cached open {results['cached_open_s']:.2f} s")
-  print(json.dumps(dict(batch_size=_BATCH.value, seq_len=_SEQ.value, **results)))
+    old_packer = baseline_module(cache_dir, "pipeline").Packer
+    old_packer._patch_dim = lambda self: 0  # discrete form; it refused grey + RGB mixtures even there
+    old_config = baseline_module(cache_dir, "config").default_config()
+    config = data.default_config()
+    for c in (config, old_config):
+      c.cache_dir = cache_dir
+    settings = {"new": (data.Packer, config), "old_pack": (old_packer, config),
+                "today": (old_packer, old_config)}
+    for seq_len in (256, 1024):
+      packers = {name: packer(c, split="train", seq_len=seq_len) for name, (packer, c) in settings.items()}
+      for packer in packers.values():
+        packer.batch(0, 0, _BATCH.value)  # warm (embedded examples are read into memory on first use)
+      times = {name: [] for name in packers}
+      for step in range(1, _STEPS.value + 1):  # interleaved, so load changes hit all settings alike
+        for name, packer in packers.items():
+          start = time.perf_counter()
+          packer.batch(0, step, _BATCH.value)
+          times[name].append(time.perf_counter() - start)
+      for name, packer in packers.items():
+        row = dict(batches_per_s=1.0 / min(times[name]),  # fastest batch: robust to a shared, loaded CPU
+                   **shares(packer, 10, _BATCH.value, settings[name][1].modalities))
+        results[f"{name}_{seq_len}"] = row
+        print(f"seq {seq_len:5d} {name:8s} {row['batches_per_s']:7.1f} batches/s  loss share "
+              f"{row['loss_share']:.3f}  real {row['real_share']:.3f}  modalities {row['modality_share']}")
+      for name in ("old_pack", "today"):
+        results[f"speed_vs_{name}_{seq_len}"] = (results[f"new_{seq_len}"]["batches_per_s"] /
+                                                 results[f"{name}_{seq_len}"]["batches_per_s"])
+  print(f"first build {results['first_build_s']:.2f} s")
+  print(json.dumps(dict(batch_size=_BATCH.value, baseline=BASELINE, **results)))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_contract(cache_dir, form):
     assert value.dtype == want, key
     assert value.shape[:2] == (4, SEQ), key
   if form == "patches":
-    assert batch["patches"].shape == (4, SEQ, config.patch_size ** 2)
+    assert batch["patches"].shape == (4, SEQ, 3 * config.patch_size ** 2)  # grey digits join RGB scenes
   vocab = data.vocabulary(config)
   assert batch["tokens"].min() >= 0 and batch["tokens"].max() < vocab.size
   assert set(np.unique(batch["modality"])) == {0, 1, 2}  # three modalities present
@@ -89,18 +89,60 @@ def test_targets_positions_and_masks(cache_dir, form):
   batch = first(make_config(cache_dir, image_form=form), batch_size=6)
   tokens, seg, pos = batch["tokens"], batch["segment"], batch["position"]
   tgt, mask = batch["targets"], batch["loss_mask"]
+  assert np.all(seg > 0)  # text fills every row: no padding
   for row in range(tokens.shape[0]):
-    n = int((seg[row] > 0).sum())
-    assert np.all(seg[row, :n] > 0) and np.all(seg[row, n:] == 0)  # documents first, then padding
-    assert np.all(tokens[row, n:] == data.PAD) and np.all(mask[row, n:] == 0)
-    for doc, at in documents(batch, row):
-      np.testing.assert_array_equal(pos[row, at], np.arange(len(at)))  # restart per document
-      assert doc[0] == data.BOS and doc[-1] == data.EOS
-      np.testing.assert_array_equal(tgt[row, at[:-1]], doc[1:])  # next token inside the document
-      assert mask[row, at[-1]] == 0  # never across the boundary
+    docs = documents(batch, row)
+    for i, (doc, at) in enumerate(docs):
+      np.testing.assert_array_equal(at, np.arange(at[0], at[0] + len(at)))  # one contiguous run
+      np.testing.assert_array_equal(pos[row, at], np.arange(len(at)))  # restart per segment
+      # A segment without BOS is a cut text tail (no media); only a row's last segment lacks EOS.
+      assert doc[0] == data.BOS or not np.isin(doc, (data.BOI, data.BOA)).any()
+      assert doc[-1] == data.EOS or i == len(docs) - 1
+      np.testing.assert_array_equal(tgt[row, at[:-1]], doc[1:])  # next token inside the segment
+      assert mask[row, at[-1]] == 0  # never across a boundary or a cut
       want = (doc[1:] != data.IMG).astype(np.float32)
       np.testing.assert_array_equal(mask[row, at[:-1]], want)
-  assert mask.sum() > 0.5 * (seg > 0).sum()
+  assert mask.mean() > (0.7 if form == "patches" else 0.95)  # patches have no cross-entropy
+
+
+def test_text_cut_across_rows_continues_as_a_new_segment(cache_dir):
+  """Text only: a cut document's head ends row r, its tail (no BOS, position 0, its own segment) opens
+  row r+1, and head + tail is one dataset document."""
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if name != "text":
+      del config.mixture[name]
+  batch = first(config, batch_size=8)
+  chunks = {data.decode_text(doc[:config.text_max_bytes], config) for doc in _text_documents(cache_dir)}
+  cuts = 0
+  for row in range(7):
+    head, _ = documents(batch, row)[-1]
+    tail, tail_at = documents(batch, row + 1)[0]
+    if head[-1] == data.EOS:
+      continue
+    cuts += 1
+    assert head[0] == data.BOS and tail[0] != data.BOS and tail[-1] == data.EOS
+    assert batch["position"][row + 1, tail_at[0]] == 0
+    assert batch["segment"][row, -1] != 0 and batch["loss_mask"][row, -1] == 0
+    assert data.decode_text(np.concatenate([head, tail]), config) in chunks
+  assert cuts > 0
+
+
+def _text_documents(cache_dir):
+  vocab = data.vocabulary(data.default_config())
+  examples = data.prepare("moma_text", cache_dir).as_data_source("train")
+  return [vocab.encode_text(examples[i]["text"]) for i in range(len(examples))]
+
+
+def test_media_only_mixture_defers_instead_of_cutting(cache_dir):
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if config.mixture[name].template == "text":
+      del config.mixture[name]
+  batch = first(config, batch_size=6)
+  for row in range(6):
+    for doc, _ in documents(batch, row):
+      assert doc[0] == data.BOS and doc[-1] == data.EOS  # whole documents only
 
 
 def test_text_round_trip():
@@ -131,6 +173,9 @@ def _digit_images(cache_dir):
 @pytest.mark.parametrize("form", ["discrete", "patches"])
 def test_images_in_batches_are_dataset_images_with_their_caption(cache_dir, form):
   config = make_config(cache_dir, image_form=form)
+  for name in list(config.mixture):
+    if config.mixture[name].dataset != "moma_digits":
+      del config.mixture[name]
   batch = first(config, batch_size=6)
   images = _digit_images(cache_dir)
   seen = 0
@@ -159,7 +204,9 @@ def test_two_modality_layout(cache_dir):
 
 
 def test_audio_codes_round_trip_and_dtmf_frequencies(cache_dir):
-  vocab = data.vocabulary(data.default_config())
+  config = data.default_config()
+  config.audio_levels = 256
+  vocab = data.vocabulary(config)
   wave = builders.dtmf_tone(5, np.random.default_rng(0))
   back = vocab.decode_audio(vocab.encode_audio(wave))
   assert np.abs(back - wave).max() < 0.02  # μ-law step near |x| ~ 0.5 at 256 levels

@@ -1,4 +1,6 @@
-"""Mixed-modal data: embedded TFDS datasets (text, digits + DTMF audio), one shared vocabulary, packing.
+"""Mixed-modal data: embedded TFDS datasets (text, digits + DTMF audio), generated scenes of shapes
+(`moma.data.shapes`, with exact evaluators) and captioned melodies (`moma.data.melodies`), one shared
+vocabulary, packing into full rows.
 
 Entry points: `default_config()`, `vocab_size(config)`, `vocabulary(config)`, `batches(config, ...)`,
 and the decoders. See docs/data.md.

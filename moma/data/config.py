@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from moma.data import melodies
+from moma.data import shapes
+
 # Every document is BOS, its parts, EOS. "caption" renders `captions.<media>` from a label (or takes a
 # text feature mapped as "caption"); "image" is BOI image EOI; "audio" is BOA audio EOA.
 TEMPLATES = {
@@ -25,13 +28,20 @@ TEMPLATES = {
 }
 
 _DIGITS = dict(image="image", audio="audio", label="label")
+_SCENES = dict(image="image", caption="caption")
+_MELODIES = dict(audio="audio", caption="caption")
 _DEFAULT_MIXTURE = {  # name: (dataset, template, weight, features)
     "text": ("moma_text", "text", 1.0, dict(text="text")),
-    "image_caption": ("moma_digits", "image_caption", 1.0, _DIGITS),
-    "caption_image": ("moma_digits", "caption_image", 1.0, _DIGITS),
-    "audio_caption": ("moma_digits", "audio_caption", 0.5, _DIGITS),
-    "caption_audio": ("moma_digits", "caption_audio", 0.5, _DIGITS),
-    "image_audio_caption": ("moma_digits", "image_audio_caption", 1.0, _DIGITS),
+    "image_caption": ("moma_digits", "image_caption", 0.5, _DIGITS),
+    "caption_image": ("moma_digits", "caption_image", 0.5, _DIGITS),
+    "scene_caption": ("moma_shapes", "image_caption", 1.0, _SCENES),
+    "caption_scene": ("moma_shapes", "caption_image", 1.0, _SCENES),
+    "melody_caption": ("moma_melodies", "audio_caption", 1.0, _MELODIES),
+    "caption_melody": ("moma_melodies", "caption_audio", 1.0, _MELODIES),
+    # DTMF key tones (4 kHz, random phase: close to noise for a small model), kept light.
+    "audio_caption": ("moma_digits", "audio_caption", 0.1, _DIGITS),
+    "caption_audio": ("moma_digits", "caption_audio", 0.1, _DIGITS),
+    "image_audio_caption": ("moma_digits", "image_audio_caption", 0.2, _DIGITS),
 }
 
 
@@ -51,9 +61,11 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
   config.modalities = modalities
   config.cache_dir = "~/.cache/moma/tfds"  # embedded datasets are built here on first use
   config.image_form = "discrete"  # "discrete" (Chameleon codes) or "patches" (Transfusion)
-  config.image_levels = 17  # discrete: codes per pixel (the digits have 17 intensities: lossless)
-  config.patch_size = 2  # patches: p×p pixel patches, P = p*p*channels floats per position
-  config.audio_levels = 256  # μ-law codes
+  # Discrete image codes: one per pixel and channel (intensity; 256 = lossless for any uint8 image), and
+  # the scenes' per-patch codes (moma.data.shapes: 1 + palette·(2^(p²) − 1), 91 at p=2) share the range.
+  config.image_levels = 256
+  config.patch_size = 2  # p×p pixel patches: P = p*p*channels floats (patches), one scene code (discrete)
+  config.audio_levels = 64  # μ-law codes
   config.text_max_bytes = 254  # text documents and captions are cut to this (documents fit seq 256)
   config.audio_max_samples = 128  # audio is cut to this many samples
   config.vocab_size = 0  # 0: exactly the ids needed; larger pads (e.g. to a multiple of 128)
@@ -64,6 +76,8 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
              "{name}"),
       image_audio=("a handwritten {name} and its key tone.", "{name}, seen and heard.", "{name}"),
   ))
+  config.shapes = shapes.default_knobs()  # moma_shapes difficulty: image_size, objects, palette
+  config.melodies = melodies.default_knobs()  # moma_melodies: max_notes
   config.mixture = ml_collections.ConfigDict()
   for name, (dataset, template, weight, features) in _DEFAULT_MIXTURE.items():
     if set(required_modalities(template)) <= set(modalities):
@@ -89,6 +103,13 @@ def validate(config) -> None:
     raise ValueError("data.patch_size, data.text_max_bytes and data.audio_max_samples must be >= 1.")
   if not config.mixture:
     raise ValueError("data.mixture is empty: add at least one entry (see moma.data.mixture_entry).")
+  used = {entry.dataset for entry in config.mixture.values()}
+  for dataset, module, field in (("moma_shapes", shapes, "shapes"), ("moma_melodies", melodies, "melodies")):
+    if dataset in used:
+      if field not in config:
+        raise ValueError(f"data.{field} is missing but data.mixture uses {dataset}; copy it from "
+                         "moma.data.default_config().")
+      module.validate(config[field], f"data.{field}")
   for name, entry in config.mixture.items():
     if entry.template not in TEMPLATES:
       raise ValueError(f"data.mixture.{name}.template={entry.template!r} is unknown; "

@@ -1,14 +1,16 @@
-"""Sampling documents from the mixture and packing them into [batch, seq_len] rows (the batch contract).
+"""Sampling documents from the mixture and packing them into full [batch, seq_len] rows (the batch contract).
 
-Row r of the batch at `step` on process p is a pure function of (seed, split, p, step, r): it draws from
-its own counter-based generator, so resuming at any step needs no iterator state. Each row draws
-documents i.i.d. from the mixture (entry by weight, example uniformly among the examples whose index is
-≡ p mod process_count, so processes read disjoint shares) and packs them greedily; the first document that
-does not fit ends the row and the rest is padding. Documents are never cut.
+The batch at `step` on process p is a pure function of (seed, split, p, step): it draws from its own
+counter-based generator, so resuming at any step needs no iterator state. Documents are drawn i.i.d. from
+the mixture (entry by weight, example uniformly among the examples whose index is ≡ p mod process_count,
+so processes read disjoint shares) and laid into the batch's rows in order. Text documents may be cut at
+a row's end (the tail continues in the next row as a new segment); images and audio clips are never cut
+(one that does not fit waits for the next row while text fills the room), so rows are full.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Iterator
 
@@ -19,6 +21,8 @@ from moma.data import sources as sources_lib
 from moma.data import vocab as vocab_lib
 
 _DRAWS = 16  # documents drawn per generator call
+# Deferred documents after which a row ends: many when text can fill the room, else one (as before).
+_MISSES_WITH_TEXT, _MISSES_WITHOUT_TEXT = 64, 1
 
 
 class Packer:
@@ -51,34 +55,63 @@ class Packer:
                        f"data.mixture.{longest.name} ({longest.max_len} tokens); raise seq_len or lower "
                        "data.text_max_bytes / data.audio_max_samples.")
     self.patch_dim = self._patch_dim()
+    self.any_text = any(source.parts == ("text",) for source in self.sources)
     self._split_id = zlib.crc32(split.encode())
+    self._settings = sources_lib.render_settings(config)
 
   def _patch_dim(self) -> int:
-    dims = {}
-    for source in self.sources:
-      if source.image_shape is not None:
-        channels = source.image_shape[2] if len(source.image_shape) == 3 else 1
-        dims[source.name] = self.config.patch_size ** 2 * channels
-    if len(set(dims.values())) > 1:
-      raise ValueError(f"data.mixture image entries have different channel counts ({dims}); patches "
+    """P = patch_size² · channels; grey images join an RGB mixture as three equal channels."""
+    channels = {s.name: (s.image_shape[2] if len(s.image_shape) == 3 else 1)
+                for s in self.sources if s.image_shape is not None}
+    most = max(channels.values(), default=1)
+    if set(channels.values()) - {1, most}:
+      raise ValueError(f"data.mixture image entries have different channel counts ({channels}); patches "
                        "need one patch size P for the whole batch.")
-    return next(iter(dims.values()), self.config.patch_size ** 2)
+    self.sources = [dataclasses.replace(s, patch_channels=most) for s in self.sources]
+    return self.config.patch_size ** 2 * most
 
-  def _documents(self, seed: int, step: int, row: int):
-    """Documents of one row, in order, until the next one would not fit."""
-    rng = np.random.default_rng([seed, self._split_id, self.process_index, step, row])
-    room = self.seq_len
+  def _draw(self, rng: np.random.Generator):
+    """Endless (tokens, images, splittable) documents drawn i.i.d. from the mixture."""
     while True:
       entries = np.searchsorted(self.cum_weights, rng.random(_DRAWS), side="right")
       picks, variants = rng.random(_DRAWS), rng.integers(0, 2**31, _DRAWS)
       for e, pick, variant in zip(np.minimum(entries, len(self.sources) - 1), picks, variants):
         source = self.sources[e]
         index = self.process_index + self.process_count * int(pick * self.shares[e])
-        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self.config)
-        if len(tokens) > room:
-          return
-        room -= len(tokens)
-        yield tokens, images
+        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self._settings)
+        yield tokens, images, source.parts == ("text",)
+
+  def _rows(self, seed: int, step: int, batch_size: int):
+    """Per row, its segments [(tokens, images)] in order: the batch as one stream of documents.
+
+    Queued items (documents deferred by earlier rows, then a cut text tail) come first, then new draws.
+    An item that fits the row's room is placed whole. A text item that does not fit is cut: its head
+    fills the row and its tail is queued as a new segment (no BOS; position restarts at 0), so one tail
+    can fill the ends of several rows. An image or audio document that does not fit is queued for the
+    next row and drawing goes on, so the mixture (in its own proportions) fills the row; without text
+    a row ends at its first deferral. Items still queued after the last row are dropped.
+    """
+    rng = np.random.default_rng([seed, self._split_id, self.process_index, step])
+    documents = self._draw(rng)
+    pending = []  # tails and deferred documents, placed first in the next row
+    for _ in range(batch_size):
+      row, room, misses = [], self.seq_len, 0
+      max_misses = _MISSES_WITH_TEXT if self.any_text else _MISSES_WITHOUT_TEXT
+      waiting, pending = pending, []
+      while room and (waiting or misses < max_misses):
+        tokens, images, splittable = waiting.pop(0) if waiting else next(documents)
+        if len(tokens) <= room:
+          row.append((tokens, images))
+          room -= len(tokens)
+        elif splittable:
+          row.append((tokens[:room], images))
+          pending.append((tokens[room:], images, True))
+          room = 0
+        else:
+          pending.append((tokens, images, False))
+          misses += 1
+      yield row
+      pending = waiting + pending  # older first
 
   def batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
     b_, l_ = batch_size, self.seq_len
@@ -89,8 +122,7 @@ class Packer:
     if patches_form:
       patches = np.zeros((b_, l_, self.patch_dim), np.float32)
       image_block = np.zeros((b_, l_), np.int32)
-    for row in range(b_):
-      docs = list(self._documents(seed, step, row))
+    for row, docs in enumerate(self._rows(seed, step, b_)):
       lengths = np.array([len(t) for t, _ in docs], np.int32)
       starts = np.cumsum(lengths) - lengths
       n = int(lengths.sum())
@@ -105,7 +137,7 @@ class Packer:
             at = slice(start + offset, start + offset + len(image_patches))
             patches[row, at] = image_patches
             image_block[row, at] = block
-    # Next-token targets inside a document only; no loss on padding, across documents, or on patch
+    # Next-token targets inside a segment only; no loss on padding, across segments, or on patch
     # placeholders (continuous patches get their own loss, not a cross-entropy).
     same_doc = (segment[:, 1:] == segment[:, :-1]) & (segment[:, :-1] > 0)
     targets = np.full((b_, l_), vocab_lib.PAD, np.int32)

@@ -96,7 +96,7 @@ class Vocab:
 
 def mulaw_encode(waveform: np.ndarray, levels: int) -> np.ndarray:
   mu = levels - 1
-  x = np.clip(np.asarray(waveform, np.float32), -1.0, 1.0)
+  x = np.minimum(np.maximum(np.asarray(waveform, np.float32), -1.0), 1.0)  # np.clip costs ~10 µs
   y = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
   return np.rint((y + 1.0) * 0.5 * mu).astype(np.int32)
 

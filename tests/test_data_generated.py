@@ -1,0 +1,151 @@
+"""The generated datasets: scenes of shapes (exact evaluators, codes, knobs) and captioned melodies."""
+
+import numpy as np
+import pytest
+
+from moma import data
+from moma.data import melodies
+from moma.data import shapes
+
+from test_data import SEQ, cache_dir, documents, make_config  # pylint: disable=unused-import
+
+
+def knobs(**overrides):
+  config = shapes.default_knobs()
+  config.update(overrides)
+  return config
+
+
+def random_scenes(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [shapes.random_scene(config, rng.random(shapes.scene_draws(config)).tolist()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("overrides, n", [
+    (dict(), 1000),
+    (dict(image_size=24, max_objects=9, palette=10), 200),
+    (dict(image_size=32, min_objects=16, max_objects=16), 10),
+])
+def test_evaluators_round_trip_exactly(overrides, n):
+  config = knobs(**overrides)
+  for scene in random_scenes(config, n):
+    image, codes = shapes.render(scene, config, 2)
+    assert shapes.detect(image, config) == scene  # render → detect = scene
+    text = shapes.caption(scene, config)
+    assert shapes.parse_caption(text, config) == scene  # scene → caption → parse = scene
+    assert len(text) <= shapes.max_caption_bytes(config)
+    np.testing.assert_array_equal(shapes.decode_codes(codes, config, 2), image)  # lossless codes
+    assert codes.max() < shapes.num_codes(config, 2)
+
+
+def test_scenes_hold_counts_relations_and_every_attribute():
+  scenes = random_scenes(knobs(), 1000)
+  captions = [shapes.caption(s, knobs()) for s in scenes]
+  assert any(" is " in c for c in captions) and any(c.startswith("two ") for c in captions)
+  for field in shapes.Shape._fields:
+    assert len({getattr(shape, field) for scene in scenes for shape in scene}) > 1, field
+  assert {len(s) for s in scenes} == {1, 2, 3}
+
+
+def test_rendering_is_deterministic_by_seed_split_and_index():
+  train = shapes.Examples(knobs(), "train", 2)
+  again = shapes.Examples(knobs(), "train", 2)
+  for i in (0, 1, 12345, 2**31 - 2):
+    for key in ("image", "codes"):
+      np.testing.assert_array_equal(train[i][key], again[i][key])
+    assert train[i]["caption"] == again[i]["caption"]
+  validation = shapes.Examples(knobs(), "validation", 2)
+  other_seed = shapes.Examples(knobs(seed=1), "train", 2)
+  assert [train[i]["caption"] for i in range(20)] != [validation[i]["caption"] for i in range(20)]
+  assert [train[i]["caption"] for i in range(20)] != [other_seed[i]["caption"] for i in range(20)]
+
+
+def test_detector_and_parser_refuse_what_is_not_a_scene():
+  config = knobs()
+  scene = (shapes.Shape("circle", "red", "large", 0, 1), shapes.Shape("cross", "blue", "small", 1, 0))
+  image = shapes.render(scene, config)
+  assert shapes.detect(image, config) == scene
+  stray = image.copy()
+  stray[15, 15] = image[2, 10]  # one red pixel far from any shape
+  assert shapes.detect(stray, config) is None
+  shifted = np.roll(image, 1, axis=1)  # shapes off their cell positions
+  assert shapes.detect(shifted, config) is None
+  text = shapes.caption(scene, config)
+  assert text == ("a large red circle at top right; a small blue cross at bottom left; "
+                  "the red circle is above and right of the blue cross.")
+  for bad in (text.replace("red", "pink"), text.replace("above", "below"),
+              text.replace("a small", "two small"), text[:-1]):
+    with pytest.raises(ValueError, match="caption"):
+      shapes.parse_caption(bad, config)
+
+
+def test_bad_scene_input_names_the_field(cache_dir):
+  with pytest.raises(ValueError, match=r"kind='hexagon'"):
+    shapes.render((shapes.Shape("hexagon", "red", "small", 0, 0),), knobs())
+  config = make_config(cache_dir)
+  config.shapes.texture = "rough"
+  with pytest.raises(ValueError, match=r"data\.shapes\.texture is not a scene attribute"):
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+  config = make_config(cache_dir, image_levels=64)  # palette 6 needs 91 codes at patch size 2
+  with pytest.raises(ValueError, match=r"data\.shapes\.palette=6 needs 91 image codes"):
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+  config = make_config(cache_dir, image_form="patches", patch_size=3)
+  with pytest.raises(ValueError, match=r"data\.patch_size=3 does not divide"):
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+  config = make_config(cache_dir)
+  config.shapes.image_size = 20
+  with pytest.raises(ValueError, match=r"data\.shapes\.image_size=20"):
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+
+
+def _scene_and_melody_documents(batch, config):
+  vocab = data.vocabulary(config)
+  for row in range(batch["tokens"].shape[0]):
+    for doc, _ in documents(batch, row):
+      text = vocab.decode_text(doc)
+      image = doc[(doc >= vocab.image_offset) & (doc < vocab.audio_offset)] - vocab.image_offset
+      audio = doc[(doc >= vocab.audio_offset) & (doc < vocab.used)] - vocab.audio_offset
+      yield text, image, audio
+
+
+def test_batches_hold_scenes_that_match_their_captions_and_stated_melodies(cache_dir):
+  config = make_config(cache_dir)
+  for name in list(config.mixture):
+    if config.mixture[name].dataset not in ("moma_shapes", "moma_melodies"):
+      del config.mixture[name]
+  batch = next(data.batches(config, split="validation", batch_size=4, seq_len=SEQ, seed=0))
+  scenes = tunes = 0
+  for text, image, audio in _scene_and_melody_documents(batch, config):
+    if " melody: " in text:
+      melody = melodies.parse_caption(text)
+      codes = data.vocabulary(config).encode_audio(melodies.render(melody))
+      np.testing.assert_array_equal(audio, codes - data.vocabulary(config).audio_offset)
+      tunes += 1
+    elif image.size:
+      scene = shapes.detect(shapes.decode_codes(image, config.shapes, config.patch_size), config.shapes)
+      assert scene == shapes.parse_caption(text, config.shapes)
+      scenes += 1
+  assert scenes and tunes
+
+
+def test_melodies_round_trip_and_stay_within_the_bounds():
+  config = melodies.default_knobs()
+  examples = melodies.Examples(config, "train")
+  lengths = set()
+  for i in range(500):
+    example = examples[i]
+    melody = melodies.parse_caption(example["caption"])
+    np.testing.assert_array_equal(melodies.render(melody), example["audio"])
+    assert len(example["caption"]) <= melodies.max_caption_bytes(config)
+    assert len(example["audio"]) <= melodies.max_samples(config)
+    lengths.add(len(melody[1]))
+  assert lengths == {2, 3, 4}
+  with pytest.raises(ValueError, match="caption"):
+    melodies.parse_caption("a violin melody: c long.")
+
+
+def test_melodies_longer_than_the_audio_cut_are_refused(cache_dir):
+  config = make_config(cache_dir)
+  config.melodies.max_notes = 5
+  with pytest.raises(ValueError, match=r"data\.melodies\.max_notes=5"):
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)

@@ -163,8 +163,13 @@ class Attention(nn.Module):
       self.put_variable("cache", name, cached[name])
     self.put_variable("cache", "length", start + length)
     query_L = start + jnp.arange(length)
+    images = ()
+    if image_block_BL is not None:  # a fresh image block (Transfusion denoising) sees itself both ways
+      key_image_BS = lax.dynamic_update_slice_in_dim(jnp.zeros_like(cached["segment_BS"]),
+                                                     image_block_BL.astype(jnp.int32), start, axis=1)
+      images = (image_block_BL[:, :, None], key_image_BS[:, None, :])
     mask_BLS = _allowed(query_L[:, None], jnp.arange(self.max_len)[None, :], segment_BL[:, :, None],
-                        cached["segment_BS"][:, None, :])
+                        cached["segment_BS"][:, None, :], *images)
     return cached["k_BSHK"], cached["v_BSHK"], mask_BLS[:, None]
 
   def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:

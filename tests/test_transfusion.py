@@ -9,10 +9,13 @@ import pytest
 from configs import transfusion
 from moma import data
 from moma import diffusion
+from moma import flops
 from moma import transfusion_sample
+from moma.layers import patches
 from moma.models import decoder
 from moma.models import generate
 from tests.test_decoder import tie_copies
+from tests.test_flops import CONFIG, xla_train_flops_per_token
 from tests.test_mamba_decoder import random_variables
 
 IMG = data.IMG
@@ -251,3 +254,21 @@ def test_sampling_is_deterministic_given_a_seed_and_captioning_runs(data_cache_d
   images = np.stack([data.vocab.unpatch(p, (8, 8, 1)) for p in first])
   captions = transfusion_sample.caption_images(config, model, variables, images, num_tokens=4)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.parametrize("patch_proj", ["linear", "unet"])
+def test_flops_count_the_patch_projections(patch_proj):
+  """On a batch of image positions only, the "image" count matches XLA's cost analysis of a train step
+  (patch projections and timestep MLP included); text tokens do not pay them."""
+  config = dict(CONFIG, patch_dim=P, patch_proj=patch_proj)
+  b, l = 2, 64
+  batch = dict(tokens=jnp.full((b, l), IMG), modality=jnp.ones((b, l), jnp.int32),
+               segment=jnp.ones((b, l), jnp.int32), position=jnp.broadcast_to(jnp.arange(l), (b, l)),
+               targets=jnp.zeros((b, l), jnp.int32), loss_mask=jnp.ones((b, l)),
+               patches=jnp.zeros((b, l, P)), image_block=jnp.ones((b, l), jnp.int32))
+  analytic = flops.per_token(config, l)
+  assert analytic["image"] - analytic["text"] == 3 * patches.flops_per_image_token(CONFIG["d_model"], P,
+                                                                                  patch_proj)
+  assert analytic["text"] == analytic["total"] == flops.per_token(CONFIG, l)["total"]
+  measured = xla_train_flops_per_token(decoder.Model(**config), batch)  # noise from the fixed eval key
+  assert analytic["image"] == pytest.approx(measured, rel=0.1)

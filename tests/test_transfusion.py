@@ -272,3 +272,14 @@ def test_flops_count_the_patch_projections(patch_proj):
   assert analytic["text"] == analytic["total"] == flops.per_token(CONFIG, l)["total"]
   measured = xla_train_flops_per_token(decoder.Model(**config), batch)  # noise from the fixed eval key
   assert analytic["image"] == pytest.approx(measured, rel=0.1)
+
+
+@pytest.mark.parametrize("arch", transfusion.ARCHS)
+def test_every_transfusion_config_builds(arch):
+  from moma import train  # pylint: disable=g-import-not-at-top
+  config = train.resolve_config(transfusion.get_config(f"arch={arch},objective=flow,patch_proj=unet"))
+  model = train.build_model(config)
+  assert model.patch_dim == 4 and model.patch_proj == "unet" and config.data.image_form == "patches"
+  assert model.diffusion_config["objective"] == "flow" and model.modalities == ("text", "image")
+  with pytest.raises(ValueError, match="arch='gpt'"):
+    transfusion.get_config("arch=gpt")

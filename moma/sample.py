@@ -3,7 +3,8 @@
 Reads the run's config.json and latest checkpoint, encodes the prompt as the start of a document (BOS,
 text bytes, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
 decodes `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample, images
-as ASCII art:
+as ASCII art. On a Transfusion run (data.image_form='patches') `--then=image` denoises the image instead
+(`--steps`, `--cfg_scale`, `--eta`; `moma.transfusion_sample`) and then decodes text after its EOI:
 
   python -m moma.sample --workdir=runs/quickstart --prompt="the digit seven, written by hand." --then=image
   python -m moma.sample --workdir=runs/quickstart --prompt="The " --num_samples=4 --temperature=0.8

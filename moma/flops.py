@@ -11,6 +11,9 @@ Mixture-of-Depths: a MoD layer processes a `mod.capacity` share of the tokens, w
 that share of the sequence (the model FLOPs). Batch-wide selection packs the batch's picks into one row
 and attends within a band of L + 128 keys per query (blockwise attention's `span`), so the
 executed masked scores are up to (L + 128) / (c·L) times what this counts: 4–5× at c = 0.25.
+Transfusion (`patch_dim` > 0): image (patch) positions also run the patch projections in and out and the
+timestep MLP (`moma.layers.patches.flops_per_image_token`), counted in the "image" entry of `per_token`;
+"total" stays the FLOPs every token pays.
 """
 
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 from moma.layers import mamba as mamba_layer
 from moma.layers import mod as mod_lib
 from moma.layers import moe as moe_lib
+from moma.layers import patches
 from moma.models import decoder
 
 TRAIN_MULTIPLIER = 3
@@ -77,10 +81,15 @@ def ffn_params(model_config: Any) -> dict[str, float]:
 
 
 def per_token(model_config: Any, seq_len: int) -> dict[str, float]:
-  """Training FLOPs per token: {"total": ..., "<modality>": ...} (for dense / MoT all equal)."""
+  """Training FLOPs per token: {"total": ..., "<modality>": ...} (for dense / MoT all equal, but for
+  Transfusion's image positions, which add the patch projections)."""
   total = float(TRAIN_MULTIPLIER * sum(forward_per_token(model_config, seq_len).values()))
+  model = decoder.as_model(model_config)
   out = {"total": total}
-  out.update({m: total for m in decoder.as_model(model_config).modalities})
+  out.update({m: total for m in model.modalities})
+  if model.patch_dim and "image" in out:
+    out["image"] += TRAIN_MULTIPLIER * patches.flops_per_image_token(model.d_model, model.patch_dim,
+                                                                     model.patch_proj)
   return out
 
 

@@ -3,7 +3,8 @@
 Reads the run's config.json and latest checkpoint, encodes the prompt as the start of a document (BOS,
 text bytes, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
 decodes `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample, images
-as ASCII art:
+as ASCII art. On a Transfusion run (data.image_form='patches') `--then=image` denoises the image instead
+(`--steps`, `--cfg_scale`, `--eta`; `moma.transfusion_sample`) and then decodes text after its EOI:
 
   python -m moma.sample --workdir=runs/quickstart --prompt="the digit seven, written by hand." --then=image
   python -m moma.sample --workdir=runs/quickstart --prompt="The " --num_samples=4 --temperature=0.8
@@ -21,6 +22,7 @@ import numpy as np
 from moma import checkpoint
 from moma import data
 from moma import train
+from moma import transfusion_sample
 from moma.models import generate
 
 MARKERS = {"text": (), "image": (data.BOI,), "audio": (data.BOA,)}
@@ -34,6 +36,11 @@ _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 80, "Tokens to generate per sam
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples (decoded together as one batch).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEPS = flags.DEFINE_integer("steps", 250, "Transfusion runs, --then=image: denoising steps (DDIM / DDPM "
+                              "for objective ddpm, Euler for flow).")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.0, "Transfusion runs: classifier-free guidance scale "
+                                "(1: the caption-conditioned prediction alone).")
+_ETA = flags.DEFINE_float("eta", 0.0, "Transfusion runs, objective ddpm: 0 = DDIM, 1 = DDPM ancestral.")
 
 
 def load(workdir: str):
@@ -49,9 +56,6 @@ def prompt_batch(config, prompt: str, then: str, num_samples: int) -> dict[str, 
   """The prompt as the first tokens of one document, repeated over `num_samples` rows (DESIGN.md dict)."""
   if then != "text" and then not in config.data.modalities:
     raise ValueError(f"--then={then!r}: this run's data has modalities {tuple(config.data.modalities)}")
-  if then == "image" and config.data.image_form == "patches":
-    raise ValueError("--then='image': this run models images as continuous patches (data.image_form="
-                     "'patches'), which are denoised, not sampled token by token; use a discrete-image run")
   vocab = data.vocabulary(config.data)
   tokens = np.concatenate([[data.BOS], vocab.encode_text(prompt), MARKERS[then]]).astype(np.int32)
   rows = lambda x: jnp.asarray(np.broadcast_to(x, (num_samples, len(tokens))), jnp.int32)
@@ -60,19 +64,29 @@ def prompt_batch(config, prompt: str, then: str, num_samples: int) -> dict[str, 
 
 
 def sample(workdir: str, prompt: str = "", then: str = "text", num_tokens: int = 80, num_samples: int = 2,
-           temperature: float = 1.0, seed: int = 0) -> list[list[tuple[str, object]]]:
+           temperature: float = 1.0, seed: int = 0, **image_flags) -> list[list[tuple[str, object]]]:
   """Each sample's document as `moma.data.decode_document` parts ([("text", str), ("image", uint8), …]),
-  prompt included and cut at the first EOS."""
+  prompt included and cut at the first EOS. On a Transfusion run (data.image_form='patches'),
+  `then="image"` denoises the image (`moma.transfusion_sample.generate_patches`, `image_flags`: num_steps,
+  cfg_scale, eta) and then continues in text after its EOI."""
   config, model, variables = load(workdir)
   batch = prompt_batch(config, prompt, then, num_samples)
+  if then == "image" and config.data.image_form == "patches":
+    image_BLP = transfusion_sample.generate_patches(config, model, variables, [prompt] * num_samples,
+                                                    seed=seed, **image_flags)
+    batch = transfusion_sample.with_image(config, batch, image_BLP)
   table = jnp.asarray(data.vocabulary(config.data).modality_table())
   rng = None if temperature == 0 else jax.random.key(seed)
   tokens_BT, _ = generate.generate(model, variables, batch, num_tokens, rng=rng,
                                    temperature=temperature or 1.0, modality_table=table)
   documents = []
-  for row in np.concatenate([np.asarray(batch["tokens"]), np.asarray(tokens_BT)], axis=1):
+  shape = transfusion_sample.image_shape(config) if "patches" in batch else None
+  patches = batch.get("patches", [None] * num_samples)
+  for row, row_patches in zip(np.concatenate([np.asarray(batch["tokens"]), np.asarray(tokens_BT)], axis=1),
+                              patches):
     ends = np.flatnonzero(row == data.EOS)
-    documents.append(data.decode_document(row[:ends[0]] if ends.size else row, config.data))
+    documents.append(data.decode_document(row[:ends[0]] if ends.size else row, config.data,
+                                          patches=row_patches, image_shape=shape))
   return documents
 
 
@@ -89,7 +103,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   documents = sample(_WORKDIR.value, _PROMPT.value, _THEN.value, _NUM_TOKENS.value, _NUM_SAMPLES.value,
-                     _TEMPERATURE.value, _SEED.value)
+                     _TEMPERATURE.value, _SEED.value, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                     eta=_ETA.value)
   for i, parts in enumerate(documents):
     print(f"--- sample {i}")
     for kind, value in parts:

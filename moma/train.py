@@ -49,10 +49,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if tuple(config.data.modalities) != tuple(config.model.modalities):
     raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
                      f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both)")
-  if config.data.get("image_form") == "patches":
-    # The decoder reads token ids only: patches rows would train on IMG placeholders, silently.
-    raise ValueError("config.data.image_form='patches' (Transfusion: continuous patches, diffusion loss) has "
-                     "no model that reads batch['patches'] yet; use config.data.image_form='discrete'")
+  if config.data.get("image_form") == "patches" and not config.model.get("patch_dim"):
+    config.model.patch_dim = config.data.patch_size ** 2  # one channel; validate_batch checks the data's P
   if config.train.stage not in STAGES:
     raise ValueError(f"config.train.stage={config.train.stage!r} is unknown; choose one of {list(STAGES)}")
   if config.init.upcycle_from and config.init.get("params_from"):
@@ -233,7 +231,8 @@ def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, determin
   In a stage with its own losses (`STAGE_LOSSES`), the objective is the sum of those sown losses only.
   """
   logits, sown = model.apply({"params": params}, batch, deterministic=deterministic,
-                             rngs=None if rng is None else {"dropout": rng},
+                             rngs=None if rng is None else {"dropout": rng,
+                                                            "diffusion": jax.random.fold_in(rng, 1)},
                              mutable=["losses", "metrics"])
   loss, per_modality = loss_fn(logits, batch, modalities)
   picks = STAGE_LOSSES[stage] or (lambda path: True)

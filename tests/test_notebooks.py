@@ -103,3 +103,11 @@ def test_scaling(kernel_env, data_cache_dir, tmp_path):
                data_cache_dir=data_cache_dir)
   assert {p.name for p in (tmp_path / "study").iterdir() if (p / "metrics.jsonl").exists()} == {"dense", "mot"}
   assert len(_outputs(nb, mime="image/png")) >= 2  # loss vs FLOPs, step matching
+
+
+@pytest.mark.slow  # trains, samples 20 digits, captions and evaluates (~2 min of CPU with the compiles)
+def test_transfusion(kernel_env, data_cache_dir, tmp_path):
+  workdir = tmp_path / "transfusion"
+  nb = execute("transfusion.ipynb", steps=4, num_steps=3, workdir=str(workdir), data_cache_dir=data_cache_dir)
+  assert len(_outputs(nb, mime="image/png")) >= 3  # losses, generated digits, captioned digits
+  assert (workdir / "evaluation.json").exists()

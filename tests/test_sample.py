@@ -62,9 +62,6 @@ def test_non_square_image_codes_are_padded_black():
 
 def test_bad_requests_name_the_flag(tmp_path):
   config = ml_collections.ConfigDict(dict(data=data.default_config()))
-  config.data.image_form = "patches"
-  with pytest.raises(ValueError, match="continuous patches"):
-    sample.prompt_batch(config, "a ", "image", 1)
   config.data.modalities = ("text", "image")
   with pytest.raises(ValueError, match="--then='audio'"):
     sample.prompt_batch(config, "a ", "audio", 1)

@@ -12,7 +12,7 @@ from configs import sweeps
 from experiments import sweep
 from moma import studies
 
-CONFIGS = {"dense", "mot", "moma", "mamba", "mom"}
+CONFIGS = {"dense", "mot", "moma", "mamba", "mom", "transfusion"}
 
 
 def fake_run(run_dir, steps_done, steps=10):

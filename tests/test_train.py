@@ -118,10 +118,9 @@ def test_bad_stage_and_mismatched_modalities(tiny_config):
   bad.model.modalities = ("text", "image")
   with pytest.raises(ValueError, match="config.data.modalities"):
     train.resolve_config(bad)
-  bad = tiny_config.copy_and_resolve_references()
-  bad.data.image_form = "patches"  # no model reads continuous patches: refused before any file is written
-  with pytest.raises(ValueError, match="config.data.image_form='patches'"):
-    train.resolve_config(bad)
+  patches = tiny_config.copy_and_resolve_references()
+  patches.data.image_form = "patches"  # Transfusion: the model gets a patch projection of p² floats
+  assert train.resolve_config(patches).model.patch_dim == patches.data.patch_size ** 2
 
 
 def test_batches_are_validated_against_the_model(tiny_config, tmp_path):

@@ -138,7 +138,7 @@ class Attention(nn.Module):
     q_BLHK = apply_rope(q_BLHK, position, self.rope_theta)
     k_BLHK = apply_rope(k_BLHK, position, self.rope_theta)
 
-    cached = (self._cached(k_BLHK, v_BLHK, segment)
+    cached = (self._cached(k_BLHK, v_BLHK, segment, image_block)
               if self.is_mutable_collection("cache") and not self.is_initializing() else None)
     if cached is not None:  # a decode step: a few queries against the max_len cache slots
       k_BSHK, v_BSHK, mask_B1LS = cached
@@ -154,7 +154,7 @@ class Attention(nn.Module):
                                    dtype=self.dtype)
     return out_plan.combine(y_RD, lead)
 
-  def _cached(self, k_BLHK, v_BLHK, segment_BL):
+  def _cached(self, k_BLHK, v_BLHK, segment_BL, image_block_BL=None):
     """Keeps the decode cache up to date (module docstring); returns (keys, values, mask=) to attend
     over at a decode step, None at prefill (the prompt attends to itself like a training forward)."""
     b, length = segment_BL.shape
@@ -175,8 +175,13 @@ class Attention(nn.Module):
       self.put_variable("cache", name, cached[name])
     self.put_variable("cache", "length", start + length)
     query_L = start + jnp.arange(length)
+    images = ()
+    if image_block_BL is not None:  # a fresh image block (Transfusion denoising) sees itself both ways
+      key_image_BS = lax.dynamic_update_slice_in_dim(jnp.zeros_like(cached["segment_BS"]),
+                                                     image_block_BL.astype(jnp.int32), start, axis=1)
+      images = (image_block_BL[:, :, None], key_image_BS[:, None, :])
     mask_BLS = allowed(query_L[:, None], jnp.arange(self.max_len)[None, :], segment_BL[:, :, None],
-                       cached["segment_BS"][:, None, :])
+                       cached["segment_BS"][:, None, :], *images)
     return cached["k_BSHK"], cached["v_BSHK"], mask_BLS[:, None]
 
   def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:

@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moma import diffusion
 from moma import dispatch
 from moma import sharding
+from moma.layers import patches
 from moma.layers import selective_scan
 from moma.layers import routing
 from moma.layers.attention import check_attention_config
@@ -94,6 +96,9 @@ class Model(nn.Module):
   mamba: Any = None
   mod: Any = None
   causal: bool = False  # generation: aux routers instead of batch-level routing (MoE "ec", MoD)
+  patch_dim: int = 0  # Transfusion: P floats per image patch (0: no patch projection, discrete images)
+  patch_proj: str = "linear"  # moma.layers.patches.KINDS
+  diffusion: Any = None  # moma.diffusion.DEFAULTS fields (patch_dim > 0)
 
   def __post_init__(self):
     check_config(self)
@@ -124,9 +129,17 @@ class Model(nn.Module):
   def mamba_config(self) -> dict[str, Any]:
     return _resolve("mamba", MAMBA_DEFAULTS, self.mamba)
 
+  @property
+  def diffusion_config(self) -> dict[str, Any]:
+    return _resolve("diffusion", diffusion.DEFAULTS, self.diffusion)
+
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
-    """`deterministic=False` (training) draws router noise from the "dropout" rng when configured."""
+    """`deterministic=False` (training) draws router noise from the "dropout" rng when configured.
+
+    With `patch_dim` and `batch["patches"]` (Transfusion) it returns a `moma.diffusion.Output` (logits and
+    the patch prediction); the noise comes from the "diffusion" rng (a fixed key without one: evaluation).
+    """
     spec = self.spec
     modality_BL = batch["modality"]
     sorted_untie = set(spec.untie) & set(_SORTED_COMPONENTS)
@@ -142,6 +155,13 @@ class Model(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                  ("vocab", "embed")), name="embed")
     x_BLD = sharding.constrain(embed(batch["tokens"]), ("batch", "length", "embed"))
+    segment_BL, image_in = batch["segment"], None
+    if self.patch_dim and "patches" in batch:  # Transfusion: image positions read noised patches
+      rng = self.make_rng("diffusion") if self.has_rng("diffusion") else jax.random.key(0)
+      image_in = diffusion.inputs(batch, self.diffusion_config, rng)
+      segment_BL = image_in.segment
+      x_BLD, skip = patches.PatchIn(self.d_model, self.patch_proj, spec.dtype, spec.param_dtype,
+                                    name="patch_in")(x_BLD, image_in)
 
     unit, depth = (ModGroup, self.num_layers // self.mod_config["every"]) if spec.mod else (
         Block, self.num_layers)
@@ -152,7 +172,7 @@ class Model(nn.Module):
     layers = nn.scan(step, variable_axes=dict.fromkeys(stacked, 0),
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 5,
                      length=depth, metadata_params={nn.PARTITION_NAME: None})
-    x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, batch["segment"],
+    x_BLD, _ = layers(unit(spec, name="layers"), x_BLD, plan, modality_BL, segment_BL,
                       batch["position"], batch.get("image_block"))
     x_BLD = Norm(spec.norm, spec.groups("norm"), spec.norm_eps, dtype=spec.dtype, param_dtype=spec.param_dtype,
                  name="final_norm")(x_BLD, modality_BL)
@@ -165,7 +185,13 @@ class Model(nn.Module):
           self.vocab_size, use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
           name="lm_head")(x_BLD)
-    return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+    if image_in is None:
+      return logits_BLV
+    prediction_BLP = patches.PatchOut(self.patch_dim, self.patch_proj, spec.dtype, spec.param_dtype,
+                                      name="patch_out")(x_BLD, skip)
+    return diffusion.Output(logits_BLV, prediction_BLP, image_in.target, image_in.weight,
+                            self.diffusion_config["loss_weight"])
 
 
 def check_config(cfg: Any) -> None:
@@ -205,6 +231,11 @@ def check_config(cfg: Any) -> None:
     _check_mod(cfg)
   if cfg.block == "mamba":
     _check_mamba(cfg)
+  if cfg.patch_dim < 0 or cfg.patch_proj not in patches.KINDS:
+    raise ValueError(f"config.model.patch_dim={cfg.patch_dim} must be >= 0 and config.model.patch_proj="
+                     f"{cfg.patch_proj!r} one of {patches.KINDS}")
+  if cfg.patch_dim:
+    diffusion.check(cfg.diffusion_config)
 
 
 def _resolve(field: str, defaults: Mapping[str, Any], given: Any) -> dict[str, Any]:
@@ -276,10 +307,9 @@ def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
   for key in ("tokens", "modality", "segment", "position"):
     if key not in batch:
       raise ValueError(f"batch is missing {key!r} (see DESIGN.md, Batch)")
-  if "patches" in batch:
-    raise ValueError("batch['patches'] (data.image_form='patches') is not read by this decoder, which models "
-                     "discrete image tokens; use data.image_form='discrete'")
   shape = np.shape(batch["tokens"])
+  if "patches" in batch:
+    _check_patches(batch, model_config, shape)
   for key in ("modality", "segment", "position", "targets", "loss_mask", "image_block"):
     if key in batch and np.shape(batch[key]) != shape:
       raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, batch['tokens'] has {shape}")
@@ -294,6 +324,18 @@ def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
     if key in batch:
       _check_range(batch, key, model_config.vocab_size,
                    f"config.model.vocab_size={model_config.vocab_size}")
+
+
+def _check_patches(batch, model_config, shape) -> None:
+  if not model_config.patch_dim:
+    raise ValueError("batch['patches'] (data.image_form='patches') needs a patch projection: set "
+                     "config.model.patch_dim (configs/transfusion.py), or use data.image_form='discrete'")
+  if np.shape(batch["patches"]) != (*shape, model_config.patch_dim):
+    raise ValueError(f"batch['patches'] has shape {np.shape(batch['patches'])}; config.model.patch_dim="
+                     f"{model_config.patch_dim} expects {(*shape, model_config.patch_dim)} (patch_size² × "
+                     "channels of config.data)")
+  if "image_block" not in batch:
+    raise ValueError("batch['patches'] comes without batch['image_block'] (see DESIGN.md, Batch)")
 
 
 def _check_range(batch, key, upper, what):
@@ -324,13 +366,21 @@ def target_modality(batch: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.concatenate([nxt, modality_BL[:, -1:]], axis=1)
 
 
-def loss_fn(logits_BLV: jax.Array, batch: Mapping[str, jax.Array],
+def loss_fn(outputs: jax.Array | diffusion.Output, batch: Mapping[str, jax.Array],
             modalities: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token cross-entropy over `loss_mask`, plus `loss/<m>` grouped by the target's modality.
 
   Also returns `tokens/<m>` (the loss-mask weight of modality m): sum_m tokens/m * loss/m / sum_m tokens/m
   equals the total loss; a modality absent from the batch has tokens/m == 0 and loss/m == 0.
+  Transfusion (`outputs` a `moma.diffusion.Output`): the loss is L_LM + λ·L_diffusion (λ =
+  `outputs.loss_weight`); `loss/image_diffusion` (with `tokens/image_diffusion`) is the unweighted L_diffusion.
   """
+  if isinstance(outputs, diffusion.Output):
+    lm_loss, metrics = loss_fn(outputs.logits, batch, modalities)
+    mse, count = diffusion.loss(outputs.prediction, outputs.target, outputs.weight)
+    metrics.update({"loss/image_diffusion": mse, "tokens/image_diffusion": count})
+    return lm_loss + outputs.loss_weight * mse, metrics
+  logits_BLV = outputs
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
                                                           batch["targets"])
   mask_BL = batch["loss_mask"].astype(jnp.float32)

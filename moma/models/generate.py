@@ -54,17 +54,21 @@ def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
-  """(logits_BPV, cache) for a prompt batch (DESIGN.md dict); the cache continues each row's last document."""
-  logits_BPV, mutated = _causal(model).apply(_params(variables), batch, mutable=["cache"])
-  return logits_BPV, mutated["cache"]
+  """(logits_BPV, cache) for a prompt batch (DESIGN.md dict); the cache continues each row's last document.
+  A Transfusion prompt (with `patches`) gives the `moma.diffusion.Output`'s logits."""
+  out, mutated = _causal(model).apply(_params(variables), batch, mutable=["cache"])
+  return getattr(out, "logits", out), mutated["cache"]
 
 
-def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1) -> tuple[jax.Array, Any]:
+def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1,
+                **image) -> tuple[jax.Array, Any]:
   """Feeds the next token(s) of each row's document: (logits_B1V, next cache). Past max_seq_len raises
-  when the cache is concrete (inside jit, `generate` checks its static lengths once instead)."""
+  when the cache is concrete (inside jit, `generate` checks its static lengths once instead).
+  `image`: Transfusion's `patches`, `timestep`, `image_block` of the fed tokens (then the model's
+  `moma.diffusion.Output` comes back in place of the logits)."""
   mamba_layer.check_decode_length(_cache_length(cache), tokens_B1.shape[1], model.max_seq_len)
   segment_B1 = jnp.broadcast_to(cache["document_B"][:, None], tokens_B1.shape)
-  batch = dict(tokens=tokens_B1, modality=modality_B1, segment=segment_B1, position=position_B1)
+  batch = dict(tokens=tokens_B1, modality=modality_B1, segment=segment_B1, position=position_B1, **image)
   logits_B1V, mutated = _causal(model).apply({**_params(variables), "cache": cache}, batch,
                                              mutable=["cache"])
   return logits_B1V, mutated["cache"]

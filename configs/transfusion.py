@@ -1,0 +1,48 @@
+"""Transfusion (arXiv 2408.11039): text by next-token prediction, images as continuous patches by diffusion.
+
+`configs/transfusion.py:arch=mot,size=tiny,objective=ddpm,patch_proj=linear` (defaults), over text + image.
+`arch=` dense | mot (every component untied) | moma (4t4i expert choice) | mod (dense + Mixture-of-Depths)
+| mamba | mom (Mixture-of-Mamba); each is the matching discrete-image config with
+`data.image_form="patches"` (p×p pixel patches, `data.patch_size`), a patch projection
+(`model.patch_dim`, `model.patch_proj=linear|unet`) and the diffusion objective (`model.diffusion.*`,
+`moma.diffusion.DEFAULTS`: ddpm or flow, λ = loss_weight 5, noise_limit 500, caption_dropout 0.1).
+"""
+
+from configs import common
+from configs import mamba
+from configs import mom
+from configs import moma
+from configs import mot
+from moma import diffusion
+from moma.models import decoder
+
+ARCHS = ("dense", "mot", "moma", "mod", "mamba", "mom")
+
+
+def _arch_config(arch: str, size: str):
+  if arch == "dense":
+    return common.base_config(size, ("text", "image"))
+  if arch == "mot":
+    return mot.get_config(f"size={size},modalities=text+image")
+  if arch == "moma":
+    return moma.get_config(f"size={size},experts=4t4i")
+  if arch == "mod":
+    config = common.base_config(size, ("text", "image"))
+    config.model.mod = dict(decoder.MOD_DEFAULTS, enabled=True)
+    return config
+  if arch == "mamba":
+    return mamba.mamba_config(size, "text+image")
+  if arch == "mom":
+    return mom.get_config(f"size={size},modalities=text+image")
+  raise ValueError(f"config argument arch={arch!r} is unknown; choose one of {ARCHS}")
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, arch="mot", size="tiny", objective="ddpm", patch_proj="linear")
+  config = _arch_config(args.arch, args.size)
+  config.data.image_form = "patches"
+  config.model.patch_dim = config.data.patch_size ** 2  # the embedded digits have one channel
+  config.model.patch_proj = args.patch_proj
+  config.model.diffusion = dict(diffusion.DEFAULTS, objective=args.objective)
+  decoder.as_model(dict(config.model, vocab_size=1))  # a bad objective / patch_proj fails here, named
+  return config

@@ -94,6 +94,8 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       eval_steps=4 if size == "tiny" else 50,
       stage="main",  # "main": train everything; issue 5 adds "aux_routers".
       progress_bar=True,
+      nan_policy="stop",  # non-finite loss or grad norm: "stop" (keep the good checkpoints) or "skip" the update
+      prefetch=2,  # host batches prepared ahead in a background thread (0: inline)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100 if size == "tiny" else 1000, max_to_keep=3, async_save=True))

@@ -28,6 +28,7 @@ import numpy as np
 
 from configs import agd as agd_config
 from moma import agd
+from moma import loop
 from moma import objectives
 from moma import train
 
@@ -64,7 +65,7 @@ def _sources(config, split):
 def run_agd(config, state):
   tasks, sources = _sources(config, "train")
   schedule = agd.Schedule.from_tasks("round_robin", tasks, config.train.seed)
-  cache = agd.StepCache(functools.partial(agd.task_step, config))
+  cache = loop.StepCache(functools.partial(agd.task_step, config))
   curves = {t.name: [] for t in tasks}
   compile_s = train_s = 0.0
   for step in range(config.train.steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -41,26 +42,39 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = flatten(json.load(f))
+  old = flatten(_load_json(path))
   new = flatten(config)
   diffs = []
   for key in sorted(set(old) | set(new)):
     if not key.startswith(MUST_MATCH) or key.startswith(MAY_DIFFER):
       continue
     if old.get(key, "<absent>") != new.get(key, "<absent>"):
-      diffs.append(f"  {key}: workdir has {old.get(key, '<absent>')!r}, config has "
+      diffs.append(f"{key}: workdir has {old.get(key, '<absent>')!r}, config has "
                    f"{new.get(key, '<absent>')!r}")
   if diffs:
-    raise ValueError(
-        f"workdir {workdir} holds a run of an incompatible config; differing fields:\n"
-        + "\n".join(diffs) + "\nUse a new --workdir, or revert these fields to resume that run.")
+    raise ValueError(f"workdir {workdir} holds a run of an incompatible config ({'; '.join(diffs)}); use "
+                     "a new --workdir, or revert these fields to resume that run")
+
+
+def _load_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      loaded = json.load(f)
+    if not isinstance(loaded, dict):
+      raise ValueError("not an object")
+    return loaded
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged ({e}); restore it from a copy of the run, or delete it to let "
+                     "this config take over the workdir's checkpoints") from None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """DIR/config.json, replaced atomically (a kill mid-write leaves the old file or the new one)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -73,17 +87,42 @@ def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointMa
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state))
+def save(mngr: ocp.CheckpointManager, step: int, state, window: dict) -> None:
+  """Saves `state` (item "default") and the trainer's unlogged window (item "window", JSON) as one step."""
+  mngr.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
+                                          window=ocp.args.JsonSave(window)))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(state, step) from the latest checkpoint, or (None, 0) when the workdir has none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, 0
-  state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  return state, step
+  """(state, step, window) from the latest readable checkpoint, or (None, 0, None) when there is none.
+
+  A step that fails to restore (e.g. truncated by a full disk) is moved to DIR/unreadable_checkpoints
+  with a warning and the previous one is tried. `window` is what `save` stored with the state (None for
+  checkpoints written before it existed).
+  """
+  moved = False
+  for step in sorted(mngr.all_steps(), reverse=True):
+    has_window = os.path.isdir(os.path.join(str(mngr.directory), str(step), "window"))
+    args = dict(default=ocp.args.StandardRestore(abstract_state))
+    if has_window:
+      args["window"] = ocp.args.JsonRestore()
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # pylint: disable=broad-except (any failure to read means: try the previous)
+      aside = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      os.replace(os.path.join(str(mngr.directory), str(step)), os.path.join(aside, str(step)))
+      logging.warning("checkpoint step %d is unreadable (%s: %s); moved it to %s and trying the previous "
+                      "one", step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                      aside)
+      moved = True
+      continue
+    if moved:
+      mngr.reload()
+    return restored["default"], step, restored["window"] if has_window else None
+  if moved:
+    mngr.reload()
+  return None, 0, None
 
 
 def read_config(workdir: str, field: str) -> dict:
@@ -91,8 +130,7 @@ def read_config(workdir: str, field: str) -> dict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{field}={workdir!r}: no config.json there; name the workdir of a finished run")
-  with open(path) as f:
-    return json.load(f)
+  return _load_json(path)
 
 
 def restore_params(workdir: str, field: str):

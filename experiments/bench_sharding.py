@@ -3,7 +3,7 @@
   python -m experiments.bench_sharding [--untie=none|all|ffn+qkv] [--steps=10]
 
 The state is created sharded and the step compiled exactly as `train.train_and_evaluate` does
-(`train.init_or_restore`, `train.shard_batch`, `train.compile_step` inside `sharding.activate`). On CPU the
+(`steps.init_or_restore`, `loop.shard_batch`, `loop.StepCache` inside `sharding.activate`). On CPU the
 8 "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=8) share the host cores, so the ratio measures
 partitioning + collective overhead, not speed-up. Second part: one grouped (per-modality) FFN, fwd + bwd,
 with the global GSPMD sort plan vs `moma.expert_parallel.grouped` (per-device sort, and expert parallelism
@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from configs import mot
-from moma import dispatch, expert_parallel, kernels, sharding, train
+from moma import dispatch, expert_parallel, kernels, loop, sharding, steps
 from moma.models import decoder
 
 UNTIE = flags.DEFINE_string("untie", "none", "configs/mot.py untie= preset or components joined by '+'")
@@ -55,16 +55,16 @@ def time_mesh(config, shape, axes):
   """Seconds per trainer step and the last loss on a `shape` mesh (the first prod(shape) devices)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.shape, config.mesh.axes = shape, axes
-  mesh, rules = train.make_mesh(config)
-  model = train.build_model(config)
+  mesh, rules = steps.make_mesh(config)
+  model = steps.build_model(config)
   modalities = tuple(config.model.modalities)
-  batch = train.shard_batch(host_batch(modalities, vocab=config.model.vocab_size), mesh, rules)
-  state, state_sh, _ = train.init_or_restore(config, model, None, batch, mesh, rules)
-  step_fn = functools.partial(train.train_step, model=model, loss_fn=decoder.loss_fn,
+  batch = loop.shard_batch(host_batch(modalities, vocab=config.model.vocab_size), mesh, rules)
+  state, state_sh, _, _ = steps.init_or_restore(config, model, None, batch, mesh, rules)
+  step_fn = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,
                               modalities=modalities, seed=config.train.seed)
-  with sharding.activate(mesh, rules):
-    step = train.compile_step(step_fn, state, batch, state_sh)
-  state, out = step(state, batch)  # warm-up
+  task = loop.Task("lm", step_fn, None, 0, 0.0)
+  step = functools.partial(loop.StepCache(lambda t: t.step_fn, state_sh, (mesh, rules)), task)
+  state, out = step(state, batch)  # warm-up (compiles)
   jax.block_until_ready(out)
   start = time.perf_counter()
   for _ in range(STEPS.value):

@@ -84,7 +84,8 @@ def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointMa
       save_interval_steps=1,  # The trainer decides when to save (every_steps and the last step).
       enable_async_checkpointing=config.checkpoint.async_save,
       create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_names=("default", "window"), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, window: dict) -> None:
@@ -96,11 +97,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state, window: dict) -> None:
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   """(state, step, window) from the latest readable checkpoint, or (None, 0, None) when there is none.
 
-  A step that fails to restore (e.g. truncated by a full disk) is moved to DIR/unreadable_checkpoints
-  with a warning and the previous one is tried. `window` is what `save` stored with the state (None for
-  checkpoints written before it existed).
+  When the latest steps fail to restore (e.g. truncated by a full disk) but an older one restores, the
+  unreadable ones move to DIR/unreadable_checkpoints with a warning (so that the run can save those steps
+  again). When none restores, the latest one's error is raised and nothing moves. `window` is what `save`
+  stored with the state (None for checkpoints written before it existed).
   """
-  moved = False
+  unreadable, first_error = [], None
   for step in sorted(mngr.all_steps(), reverse=True):
     has_window = os.path.isdir(os.path.join(str(mngr.directory), str(step), "window"))
     args = dict(default=ocp.args.StandardRestore(abstract_state))
@@ -108,21 +110,31 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
       args["window"] = ocp.args.JsonRestore()
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # pylint: disable=broad-except (any failure to read means: try the previous)
-      aside = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
-      os.makedirs(aside, exist_ok=True)
-      os.replace(os.path.join(str(mngr.directory), str(step)), os.path.join(aside, str(step)))
-      logging.warning("checkpoint step %d is unreadable (%s: %s); moved it to %s and trying the previous "
-                      "one", step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                      aside)
-      moved = True
+    except Exception as e:  # pylint: disable=broad-except (orbax raises many kinds; an older step decides)
+      logging.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", step,
+                      type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+      unreadable.append(step)
+      first_error = first_error or e
       continue
-    if moved:
-      mngr.reload()
+    _move_aside(mngr, unreadable)
     return restored["default"], step, restored["window"] if has_window else None
-  if moved:
-    mngr.reload()
+  if first_error is not None:
+    raise ValueError(f"no checkpoint under {mngr.directory} is readable (latest: step {unreadable[0]}: "
+                     f"{type(first_error).__name__}: {(str(first_error).splitlines() or [''])[0][:200]}); "
+                     "move the checkpoints directory away to start afresh") from first_error
   return None, 0, None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  if not steps:
+    return
+  aside = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.replace(os.path.join(str(mngr.directory), str(step)), os.path.join(aside, str(step)))
+  logging.warning("moved unreadable checkpoint steps %s to %s", steps, aside)
+  mngr.reload()
 
 
 def read_config(workdir: str, field: str) -> dict:

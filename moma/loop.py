@@ -108,7 +108,7 @@ class Prefetcher:
     for i in self._steps:
       try:
         item = (self._produce(i), None)
-      except Exception as e:  # pylint: disable=broad-except (re-raised in the consumer)
+      except BaseException as e:  # pylint: disable=broad-except (re-raised in the consumer)
         item = (None, e)
       while not self._stop.is_set():
         try:

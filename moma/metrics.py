@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from typing import Mapping
 
 from absl import logging
@@ -108,6 +109,26 @@ def read(workdir: str) -> list[dict]:
       logging.warning("%s: dropping a torn last line (%r), left by a kill during a write", path,
                       line[:40])
   return rows
+
+
+def tensorboard_steps(workdir: str) -> dict[str, list[int]]:
+  """{tag: [step, ...]} over every events file under DIR/tensorboard, in file order (for checks that each
+  step is logged once). Reads the TFRecord framing directly: no TensorFlow needed."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  tags: dict[str, list[int]] = {}
+  directory = os.path.join(workdir, "tensorboard")
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset + 12 <= len(data):  # u64 length, u32 crc, payload, u32 crc
+      (length,) = struct.unpack_from("<Q", data, offset)
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  return tags
 
 
 def _truncate_after(path: str, step: int) -> list[dict]:

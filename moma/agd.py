@@ -31,6 +31,7 @@ import numpy as np
 from moma import agd_data
 from moma import checkpoint
 from moma import console
+from moma import faults
 from moma import flops
 from moma import loop
 from moma import objectives
@@ -257,13 +258,15 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
   checks every task's data, the mesh and the shared model (abstract init), and writes nothing."""
   tasks = tasks_from_config(config)
   tcfg = config.train
-  sources = _data_sources(config, tasks, "train")
+  with faults.damaged_data_cache(config.data.cache_dir):
+    sources = _data_sources(config, tasks, "train")
   _check_same_tasks(config, workdir)
   schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
   first = tasks[schedule.task_at(0)]
   mesh, rules = steps.make_mesh(config)
   shard = functools.partial(loop.shard_batch, mesh=mesh, rules=rules)
-  init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
+  with faults.damaged_data_cache(config.data.cache_dir):
+    init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
   model = build_model(config, first.objective)
   abstract, logical = steps.abstract_state(config, model, init_batch, mesh, rules)
   eval_fns = {t.name: jax.jit(functools.partial(

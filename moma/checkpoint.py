@@ -145,6 +145,14 @@ def read_config(workdir: str, field: str) -> dict:
   return _load_json(path)
 
 
+def check_source(workdir: str, field: str) -> None:
+  """Raises ValueError naming `field` unless DIR holds a readable config.json and a checkpoint (read-only)."""
+  read_config(workdir, field)
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+    raise ValueError(f"{field}={workdir!r} has no checkpoint under {directory}; train that run first")
+
+
 def restore_params(workdir: str, field: str):
   """The params of DIR's latest checkpoint as host arrays (no target tree: the architecture may differ)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")

@@ -9,6 +9,7 @@ turns into one line and an exit code (moma/main.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -122,6 +123,22 @@ class Preemption:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous = {}
+
+
+@contextlib.contextmanager
+def damaged_data_cache(cache_dir: str):
+  """Turns a failure to read the data cache (other than a config error) into one line naming the cache
+  and the fix; the embedded datasets are rebuilt on the next start once the damaged cache is gone."""
+  try:
+    yield
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except (TFDS / array_record raise many kinds)
+    path = os.path.abspath(os.path.expanduser(cache_dir))
+    reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    raise ValueError(f"config.data.cache_dir={cache_dir!r}: the dataset cache at {path} is unreadable "
+                     f"({reason}); delete {path} (the embedded datasets are rebuilt on the next start) "
+                     "or point --config.data.cache_dir at another directory") from e
 
 
 def first_nonfinite(rows: list[dict], first_step: int, keys=("loss", "grad_norm")):

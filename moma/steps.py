@@ -41,7 +41,7 @@ def model_module(config: ml_collections.ConfigDict):
     return importlib.import_module(f"moma.models.{config.model.name}")
   except ModuleNotFoundError as e:
     raise ValueError(f"config.model.name={config.model.name!r}: no module moma.models."
-                     f"{config.model.name}") from e
+                     f"{config.model.name}; use --config.model.name=decoder (the early-fusion LM)") from e
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:

@@ -20,6 +20,7 @@ from moma import agd
 from moma import checkpoint
 from moma import console
 from moma import data
+from moma import faults
 from moma import flops
 from moma import loop
 from moma import steps
@@ -33,10 +34,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict(config.to_dict())
   validation.check_fields(config)
   if config.model.vocab_size == 0:
-    config.model.vocab_size = data.vocab_size(config.data)
+    with faults.damaged_data_cache(config.data.cache_dir):
+      config.model.vocab_size = data.vocab_size(config.data)
   if tuple(config.data.modalities) != tuple(config.model.modalities):
     raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
-                     f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both)")
+                     f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both); set both, "
+                     "or pick them with the config argument modalities=, e.g. configs/mot.py:modalities=text+image")
   if config.data.get("image_form") == "patches":
     # The decoder reads token ids only: patches rows would train on IMG placeholders, silently.
     raise ValueError("config.data.image_form='patches' (Transfusion: continuous patches, diffusion loss) has "
@@ -46,6 +49,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      f"{list(steps.STAGES)}")
   if config.init.upcycle_from and config.init.get("params_from"):
     raise ValueError("config.init.upcycle_from and config.init.params_from are both set; choose one")
+  for field in ("upcycle_from", "params_from"):
+    if config.init.get(field):
+      checkpoint.check_source(config.init[field], f"config.init.{field}")
   if config.train.stage == "aux_routers":
     model = config.model
     has_aux = (model.get("ffn") == "moe" and (model.get("moe") or {}).get("aux_router")) or (
@@ -77,14 +83,17 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
   tcfg = config.train
   module, model = model_module(config), build_model(config)
   mesh, rules = steps.make_mesh(config)
-  train_at = host_batches(config, "train")
+  with faults.damaged_data_cache(config.data.cache_dir):
+    train_at = host_batches(config, "train")
+    first_host = train_at(0)
 
   def batch_at(step):  # Validated on the host (prefetch thread), before it reaches the device.
     batch = train_at(step)
     module.validate_batch(batch, model_config=config.model)
     return batch
 
-  first = loop.shard_batch(batch_at(0), mesh, rules)  # Shapes for init and compilation.
+  module.validate_batch(first_host, model_config=config.model)
+  first = loop.shard_batch(first_host, mesh, rules)  # Shapes for init and compilation.
   abstract, logical = steps.abstract_state(config, model, first, mesh, rules)
   statics = dict(model=model, loss_fn=module.loss_fn, modalities=tuple(config.model.modalities))
   step_fn = functools.partial(steps.train_step, seed=tcfg.seed, stage=tcfg.stage,

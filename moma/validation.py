@@ -1,4 +1,5 @@
-"""Checks of the train / checkpoint fields every config has, before anything is compiled or written.
+"""Checks of the train / checkpoint fields every config has (and model.num_layers, which the model does
+not check), before anything is compiled or written.
 
 Each failure is a ValueError of one line naming the field, what it must be, and the flag that fixes it.
 (Model, data and mesh fields are checked by their own modules; the trainer runs those checks too before
@@ -68,5 +69,6 @@ def check_fields(config) -> None:
   _choice(config, "train.schedule", SCHEDULES, "cosine")
   _choice(config, "train.nan_policy", faults.NAN_POLICIES, "stop")
   _int(config, "train.prefetch", 0, 2)
+  _int(config, "model.num_layers", 1, 2)
   _int(config, "checkpoint.every_steps", 1, 100)
   _int(config, "checkpoint.max_to_keep", 1, 3)

@@ -11,6 +11,7 @@ import pathlib
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from moma import studies
 
@@ -45,6 +46,7 @@ def loss_figure(run_dir: str | pathlib.Path) -> Figure:
   if has_flops:
     _curves(axes[1], run, lambda steps: studies.cumulative_flops(run, steps))
     axes[1].set(xlabel="training FLOPs", xscale="log", title="loss against compute")
+    axes[1].xaxis.set_minor_formatter(NullFormatter())  # Minor labels overlap on short runs.
   axes[0].legend(fontsize=7, ncol=2)
   return fig
 

@@ -44,8 +44,9 @@ class Task:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What `run` trains. `task_at(i)`: index into `tasks` of step i (a pure function, so resumes continue
-  it); `summarise(window, step)`: host rows [(task name, out)] of the steps up to `step` → logged means; `evaluate(params)` → eval row;
-  `init(mngr)` → (state, state shardings, start step, saved window) from the checkpoint or fresh."""
+  it); `summarise(window, step)`: host rows [(task name, out)] of the steps up to `step` → logged means;
+  `evaluate(params)` → eval row; `init(mngr)` → (state, state shardings, start step, saved window) from
+  the checkpoint or fresh; `describe`: what the console's start block shows (moma/console.py)."""
 
   tasks: list[Task]
   task_at: Callable[[int], int]
@@ -55,7 +56,7 @@ class Plan:
   mesh: Any
   rules: Any
   lr: Callable[[int], float]
-  describe: dict  # What the console's start block shows (moma/console.py).
+  describe: dict
 
 
 class StepCache:
@@ -148,7 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, plan: Plan) -> dict[str
     try:
       state, state_sh, start, saved = plan.init(mngr)
       if start >= tcfg.steps:
-        logging.info("%s is already trained to step %d (train.steps=%d)", workdir, start, tcfg.steps)
+        if jax.process_index() == 0:
+          print(f"{workdir} is already trained to step {start} (train.steps={tcfg.steps}); raise "
+                "--config.train.steps to train further")
         final = {k: v for r in metrics_lib.read(workdir) if r["step"] == start for k, v in r.items()}
         return {**final, "step": start}
       writer = metrics_lib.MetricWriter(workdir, resume_step=start)

@@ -38,8 +38,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       config.model.vocab_size = data.vocab_size(config.data)
   if tuple(config.data.modalities) != tuple(config.model.modalities):
     raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
-                     f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both); set both, "
-                     "or pick them with the config argument modalities=, e.g. configs/mot.py:modalities=text+image")
+                     f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both); set "
+                     "both, or pick them with the config argument modalities=, e.g. "
+                     "configs/mot.py:modalities=text+image")
   if config.data.get("image_form") == "patches":
     # The decoder reads token ids only: patches rows would train on IMG placeholders, silently.
     raise ValueError("config.data.image_form='patches' (Transfusion: continuous patches, diffusion loss) has "

@@ -1,11 +1,12 @@
 """Figures of a run directory, shared by the trainer (DIR/loss.png, rewritten at each eval) and notebooks.
 
 Only matplotlib's non-interactive Agg canvas is used here (no pyplot state), so the trainer can draw
-from any thread and a notebook shows the returned figure with `display(fig)` or by leaving it last.
+from any thread; a notebook shows a returned figure with `display(fig)` (it renders itself as PNG).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 
@@ -14,6 +15,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from moma import studies
+
+
+class RunFigure(Figure):
+  """A Figure that notebooks show as PNG by itself (`_repr_png_`), without pyplot's inline backend."""
+
+  def _repr_png_(self) -> bytes:
+    buffer = io.BytesIO()
+    self.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def _curves(ax, run: studies.Run, x_of) -> None:
@@ -38,7 +48,7 @@ def loss_figure(run_dir: str | pathlib.Path) -> Figure:
     has_flops = True
   except ValueError:  # no flops_per_token logged yet
     has_flops = False
-  fig = Figure(figsize=(11 if has_flops else 6, 3.6), layout="constrained")
+  fig = RunFigure(figsize=(11 if has_flops else 6, 3.6), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, 2 if has_flops else 1, squeeze=False)[0]
   _curves(axes[0], run, lambda steps: steps)
@@ -58,7 +68,7 @@ def routing_figure(run_dir: str | pathlib.Path) -> Figure | None:
   names = sorted({k for r in run.records for k in r if k.startswith("routing/")})
   if not names:
     return None
-  fig = Figure(figsize=(6, 3.4), layout="constrained")
+  fig = RunFigure(figsize=(6, 3.4), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.subplots()
   for name in names:

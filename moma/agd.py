@@ -309,7 +309,7 @@ def _check_same_tasks(config, workdir: str) -> None:
 class MixedModel:
   """The mixed-batch baseline: every task's forward pass on its own batch in one step.
 
-  Duck-types `model.apply` for `train.train_step`, so both arms of an AGD-vs-mixed comparison run the
+  Duck-types `model.apply` for `steps.train_step`, so both arms of an AGD-vs-mixed comparison run the
   trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)`.
   """
 

@@ -26,7 +26,7 @@ from moma import loop
 from moma import steps
 from moma import validation
 # The pieces most callers use through this module (tests, moma.sample, notebooks).
-from moma.steps import build_model, create_state, model_module  # pylint: disable=unused-import
+from moma.steps import build_model, model_module
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy with derived fields filled in (vocab_size from the data), every train / checkpoint field and

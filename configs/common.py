@@ -101,6 +101,8 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       eval_every={"tiny": 100, "small": 500}.get(size, 1000), eval_steps={"tiny": 4, "small": 8}.get(size, 50),
       stage="main",  # "main": train everything; issue 5 adds "aux_routers".
       progress_bar=True,
+      nan_policy="stop",  # non-finite loss or grad norm: "stop" (keep the good checkpoints) or "skip" the update
+      prefetch=2,  # host batches prepared ahead in a background thread (0: inline)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps={"tiny": 100, "small": 500}.get(size, 1000), max_to_keep=3, async_save=True))

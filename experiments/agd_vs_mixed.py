@@ -28,7 +28,9 @@ import numpy as np
 
 from configs import agd as agd_config
 from moma import agd
+from moma import loop
 from moma import objectives
+from moma import steps
 from moma import train
 
 matplotlib.use("Agg")
@@ -64,7 +66,7 @@ def _sources(config, split):
 def run_agd(config, state):
   tasks, sources = _sources(config, "train")
   schedule = agd.Schedule.from_tasks("round_robin", tasks, config.train.seed)
-  cache = agd.StepCache(functools.partial(agd.task_step, config))
+  cache = loop.StepCache(functools.partial(agd.task_step, config))
   curves = {t.name: [] for t in tasks}
   compile_s = train_s = 0.0
   for step in range(config.train.steps):
@@ -85,7 +87,7 @@ def run_agd(config, state):
 def run_mixed(config, state):
   tasks, sources = _sources(config, "train")
   models = {t.name: agd.build_model(config, t.objective) for t in tasks}
-  step_fn = functools.partial(train.train_step, model=agd.MixedModel(models),
+  step_fn = functools.partial(steps.train_step, model=agd.MixedModel(models),
                               loss_fn=agd.mixed_loss_fn(tasks), seed=config.train.seed,
                               modalities=tuple(config.model.modalities))
   batches = lambda step: {t.name: sources[t.name].batch(config.train.seed, step) for t in tasks}
@@ -106,7 +108,7 @@ def evaluate(config, params, num_batches):
   out = {}
   for t in tasks:
     fn = jax.jit(functools.partial(
-        train.eval_step, model=agd.build_model(config, t.objective),
+        steps.eval_step, model=agd.build_model(config, t.objective),
         loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=1.0),
         modalities=tuple(config.model.modalities)))
     rows = jax.device_get([fn(params, sources[t.name].batch(config.train.seed, i))
@@ -123,7 +125,7 @@ def main(argv):
   mixed = make_config(steps, batch_divisor=len(TASKS))
   tasks, sources = _sources(full, "train")
   init_task = tasks[0]
-  create = functools.partial(train.create_state, full, agd.build_model(full, init_task.objective))
+  create = functools.partial(steps.create_state, full, agd.build_model(full, init_task.objective))
   init = jax.jit(create)(sources[init_task.name].batch(0, 0))
   copy = lambda: jax.tree.map(lambda x: x.copy(), init)
 

@@ -3,7 +3,8 @@
   python -m experiments.bench_sharding [--kinds=dense,mot,moma] [--steps=10]
 
 The state is created sharded and the step compiled exactly as `train.train_and_evaluate` does
-(`train.init_or_restore`, `train.shard_batch`, `train.compile_step` inside `sharding.activate`). On CPU the
+(`steps.init_or_restore`, `loop.shard_batch`, one `jax.jit(...).lower().compile()` inside
+`sharding.activate`, as `loop.StepCache` does). On CPU the
 8 "devices" (XLA_FLAGS=--xla_force_host_platform_device_count=8) share the host cores, so the times measure
 partitioning + collective overhead, not speed-up; the ratios that matter are each sparse model's step time
 over the dense model's on the same mesh (goal ≤ 1.3×) and the bytes its collectives move per device
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from configs import dense, moma, mot
-from moma import sharding, train
+from moma import loop, sharding, steps
 from moma.models import decoder
 
 KINDS = flags.DEFINE_list("kinds", ["dense", "mot", "moma"], "models to time: dense, mot, moma")
@@ -54,16 +55,16 @@ def time_mesh(config, shape, axes, rules):
   """(seconds per trainer step, collective bytes per device) on a `shape` mesh."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.shape, config.mesh.axes, config.mesh.rules = shape, axes, rules
-  mesh, rules = train.make_mesh(config)
-  model = train.build_model(config)
+  mesh, rules = steps.make_mesh(config)
+  model = steps.build_model(config)
   modalities = tuple(config.model.modalities)
-  batch = train.shard_batch(host_batch(modalities, vocab=config.model.vocab_size), mesh, rules)
-  state, state_sh, _ = train.init_or_restore(config, model, None, batch, mesh, rules)
-  step_fn = functools.partial(train.train_step, model=model, loss_fn=decoder.loss_fn,
+  batch = loop.shard_batch(host_batch(modalities, vocab=config.model.vocab_size), mesh, rules)
+  state, state_sh, _, _ = steps.init_or_restore(config, model, None, batch, mesh, rules)
+  step_fn = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,
                               modalities=modalities, seed=config.train.seed)
-  with sharding.activate(mesh, rules):
-    step = train.compile_step(step_fn, state, batch, state_sh)
-  state, out = step(state, batch)  # warm-up
+  task = loop.Task("lm", step_fn, None, 0, 0.0)
+  step = functools.partial(loop.StepCache(lambda t: t.step_fn, state_sh, (mesh, rules)), task)
+  state, out = step(state, batch)  # warm-up (compiles)
   jax.block_until_ready(out)
   start = time.perf_counter()
   for _ in range(STEPS.value):

@@ -9,8 +9,10 @@ A config with an `agd` section trains several tasks on one shared parameter tree
 Each step the schedule names a task (a pure function of (seed, step), so a resumed run continues the
 same sequence); its batch (a pure function of (seed, task, step)) goes through that task's own compiled
 train step, with its own shapes: no padding to a common shape, no recompiling after the first step.
-Tasks reuse the trainer's pieces (`train.create_state`, `train.train_step`, orbax checkpoints, the metric
-writer); `moma.models.encoder.Model` puts the decoder and the encoder heads in one tree.
+`plan(config, workdir)` hands the tasks to the one training loop (moma/loop.py) that also runs plain LM
+runs, built from the same pieces (moma/steps.py); `moma.models.encoder.Model` puts the decoder and the
+encoder heads in one tree. Each task's `batch_size` is global (split over processes), like
+`train.batch_size`.
 """
 
 from __future__ import annotations
@@ -20,21 +22,20 @@ import dataclasses
 import functools
 import json
 import os
-import time
-from typing import Any, Callable
+from typing import Callable
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from moma import agd_data
 from moma import checkpoint
+from moma import console
+from moma import faults
 from moma import flops
-from moma import metrics as metrics_lib
+from moma import loop
 from moma import objectives
-from moma import sharding
-from moma import train
+from moma import steps
 from moma.models import encoder
 
 SCHEDULES = ("sample", "round_robin")
@@ -84,6 +85,9 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> list[Task]:
     for key in ("weight", "loss_weight", "batch_size", "interval"):
       if not cfg[key] > 0:
         raise ValueError(f"{field}.{key}={cfg[key]} must be positive.")
+    if cfg.batch_size % jax.process_count():
+      raise ValueError(f"{field}.batch_size={cfg.batch_size} (global) must divide evenly over "
+                       f"{jax.process_count()} processes.")
     if cfg.objective != "classification" and cfg.seq_len < 1:
       raise ValueError(f"{field}.seq_len={cfg.seq_len} must be positive for {cfg.objective!r}.")
     if not objective.encoder and cfg.image_size:
@@ -171,43 +175,15 @@ def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
 
 def build_model(config: ml_collections.ConfigDict, objective: str) -> encoder.Model:
   """The shared model, running `objective`'s forward pass."""
-  return encoder.Model(train.build_model(config), objective, num_classes=config.agd.num_classes)
+  return encoder.Model(steps.build_model(config), objective, num_classes=config.agd.num_classes)
 
 
 def task_step(config: ml_collections.ConfigDict, task: Task) -> Callable:
   """The trainer's `train_step` for `task` (jit it once per task): (state, batch) → (state, metrics)."""
   loss_fn = functools.partial(objectives.loss_fn(task.objective), loss_weight=task.loss_weight)
-  return functools.partial(train.train_step, model=build_model(config, task.objective), loss_fn=loss_fn,
-                           modalities=tuple(config.model.modalities), seed=config.train.seed)
-
-
-class StepCache:
-  """One compiled step per task, compiled ahead of time on the task's first batch and reused after.
-
-  `traces[name]` counts how often a task's step was traced: once, however many steps the task takes
-  (a batch of another shape raises instead of silently recompiling). The state keeps `state_sh`.
-  """
-
-  def __init__(self, make_step: Callable[[Task], Callable], state_sh=None):
-    self._make_step = make_step
-    self._state_sh = state_sh
-    self._compiled: dict[str, Any] = {}
-    self.traces: collections.Counter = collections.Counter()
-
-  def __call__(self, task: Task, state, batch):
-    compiled = self._compiled.get(task.name)
-    if compiled is None:
-      step = self._make_step(task)
-
-      def traced(state, batch):
-        self.traces[task.name] += 1
-        return step(state, batch)
-
-      t0 = time.perf_counter()
-      compiled = train.compile_step(traced, state, batch, self._state_sh)
-      logging.info("Compiled the step of task %s in %.1fs", task.name, time.perf_counter() - t0)
-      self._compiled[task.name] = compiled
-    return compiled(state, batch)
+  return functools.partial(steps.train_step, model=build_model(config, task.objective), loss_fn=loss_fn,
+                           modalities=tuple(config.model.modalities), seed=config.train.seed,
+                           skip_nonfinite=config.train.nan_policy == "skip")
 
 
 def validate_shapes(task: Task, source, max_seq_len: int) -> None:
@@ -237,7 +213,7 @@ def summarise(window: list[tuple[str, dict]], counts: dict[str, int]) -> dict[st
     by_task[name].append(out)
   row, overall = {}, collections.defaultdict(lambda: [0.0, 0.0])
   for name, rows in by_task.items():
-    mean = train._mean(rows)  # pylint: disable=protected-access
+    mean = steps.mean_rows(rows)
     for key, value in mean.items():
       if key == "objective_loss":
         row[f"task/{name}/loss"] = value
@@ -277,71 +253,42 @@ def _data_sources(config, tasks, split):
   return sources
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains the tasks of `config.agd` in `workdir` (resuming from its latest checkpoint)."""
-  config = train.resolve_config(config)
+def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
+  """The tasks of `config.agd` (config resolved by `train.resolve_config`) as a `loop.Plan`; opens and
+  checks every task's data, the mesh and the shared model (abstract init), and writes nothing."""
   tasks = tasks_from_config(config)
   tcfg = config.train
-  sources = _data_sources(config, tasks, "train")
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.check_compatible(config, workdir)
+  with faults.damaged_data_cache(config.data.cache_dir):
+    sources = _data_sources(config, tasks, "train")
   _check_same_tasks(config, workdir)
-  checkpoint.write_config(config, workdir)
-
   schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
   first = tasks[schedule.task_at(0)]
-  mesh, rules = train.make_mesh(config)
-  shard = functools.partial(train.shard_batch, mesh=mesh, rules=rules)
-  init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
-  mngr = checkpoint.manager(workdir, config)
-  state, state_sh, start = train.init_or_restore(config, build_model(config, first.objective), mngr,
-                                                 init_batch, mesh, rules)
-
-  steps = StepCache(functools.partial(task_step, config), state_sh)
+  mesh, rules = steps.make_mesh(config)
+  shard = functools.partial(loop.shard_batch, mesh=mesh, rules=rules)
+  with faults.damaged_data_cache(config.data.cache_dir):
+    init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
+  model = build_model(config, first.objective)
+  abstract, logical = steps.abstract_state(config, model, init_batch, mesh, rules)
   eval_fns = {t.name: jax.jit(functools.partial(
-      train.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
+      steps.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
       loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
               for t in tasks}
-  tokens = {t.name: _task_tokens(sources[t.name]) for t in tasks}
-  step_flops = {t.name: tokens[t.name] * _flops_per_token(config, sources[t.name]) for t in tasks}
-  counts = dict(zip((t.name for t in tasks), schedule.counts(start).tolist()))
-  lr = train.lr_schedule(tcfg)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  final: dict[str, float] = {"step": start}
-  window: list[tuple[str, dict]] = []
   # Opened on the first evaluation only: a run without eval never touches the validation split.
   eval_sources = functools.cache(lambda: _data_sources(config, tasks, "validation"))
-  try:
-    t0 = time.perf_counter()
-    for step in range(start + 1, tcfg.steps + 1):
-      task = tasks[schedule.task_at(step - 1)]
-      batch = shard(sources[task.name].batch(tcfg.seed, step - 1))
-      with sharding.activate(mesh, rules):  # A task's step compiles on its first use.
-        state, out = steps(task, state, batch)
-      counts[task.name] += 1
-      window.append((task.name, out))
-      if step % tcfg.log_every == 0 or step == tcfg.steps:
-        row = summarise(window, counts)  # Waits for the device: the clock covers the whole window.
-        seconds = time.perf_counter() - t0
-        n_tokens = sum(tokens[name] for name, _ in window)
-        row["tokens_per_s"] = n_tokens / seconds
-        row["flops_per_token"] = sum(step_flops[name] for name, _ in window) / n_tokens
-        row["lr"] = float(lr(step - 1))
-        writer.write(step, row)
-        logging.info("step %d: loss %.4f", step, row["loss"])
-        final.update(row, step=step)
-        window = []
-      train.eval_and_checkpoint(
-          config, step, state, mngr, writer, final, (mesh, rules),
-          lambda params: evaluate(config, tasks, eval_sources(), eval_fns, params, shard))
-      if not window:
-        t0 = time.perf_counter()
-  finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-  final["compilations"] = float(sum(steps.traces.values()))
-  return final
+  loop_tasks = [loop.Task(t.name, task_step(config, t), functools.partial(sources[t.name].batch, tcfg.seed),
+                          _task_tokens(sources[t.name]), _flops_per_token(config, sources[t.name]))
+                for t in tasks]
+  names = [t.name for t in tasks]
+  share = np.array([t.weight * lt.tokens for t, lt in zip(tasks, loop_tasks)])
+  mean_flops = float(np.dot(share, [lt.flops_per_token for lt in loop_tasks]) / share.sum())
+  return loop.Plan(
+      tasks=loop_tasks, task_at=schedule.task_at,
+      summarise=lambda window, step: summarise(window, dict(zip(names, schedule.counts(step).tolist()))),
+      evaluate=lambda params: evaluate(config, tasks, eval_sources(), eval_fns, params, shard),
+      init=lambda mngr: steps.init_or_restore(config, model, mngr, init_batch, mesh, rules, abstract,
+                                              logical),
+      mesh=mesh, rules=rules, lr=steps.lr_schedule(tcfg),
+      describe=console.describe(config, abstract.params, mean_flops))
 
 
 def _check_same_tasks(config, workdir: str) -> None:
@@ -362,7 +309,7 @@ def _check_same_tasks(config, workdir: str) -> None:
 class MixedModel:
   """The mixed-batch baseline: every task's forward pass on its own batch in one step.
 
-  Duck-types `model.apply` for `train.train_step`, so both arms of an AGD-vs-mixed comparison run the
+  Duck-types `model.apply` for `steps.train_step`, so both arms of an AGD-vs-mixed comparison run the
   trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)`.
   """
 

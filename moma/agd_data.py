@@ -8,8 +8,9 @@ and caption bytes are the same ids the decoder sees. Images are upsampled by pix
 `image_size` (e.g. the 8×8 digits at 16×16), which gives IMP-style multi-resolution tasks.
 
 An encoder batch: {"image": sequence batch [B, H*W*C], "text": sequence batch [B, seq_len],
-"label": int32 [B]}; a sequence batch holds tokens, modality, segment, position and image_block
-(= segment, so attention is bidirectional inside each image and caption).
+"label": int32 [B]}, B = this process's rows of the task's global batch_size; a sequence batch holds
+tokens, modality, segment, position and image_block (= segment, so attention is bidirectional inside
+each image and caption).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class DecoderData:
                               process_index=process_index, process_count=process_count)
     self.modality_table = self.packer.modality_table
     self.lengths = {"seq_len": task.seq_len}
+    self.rows = task.batch_size // process_count  # task.batch_size is global
 
   def batch(self, seed: int, step: int) -> dict[str, np.ndarray]:
-    batch = self.packer.batch(task_seed(seed, self.task.name), step, self.task.batch_size)
+    batch = self.packer.batch(task_seed(seed, self.task.name), step, self.rows)
     batch["loss_mask"] = objectives.decoder_loss_mask(batch, self.objective, self.modality_table,
                                                       self.modalities)
     return batch
@@ -58,6 +60,7 @@ class EncoderData:
     entries = [(n, e) for n, e in cfg.mixture.items() if e.weight > 0]
     self.sources = [sources_lib.open_source(n, e, cfg, split) for n, e in entries]
     self.process_index, self.process_count = process_index, process_count
+    self.rows = task.batch_size // process_count  # task.batch_size is global
     for source in self.sources:
       if "label" not in source.roles:
         raise ValueError(f"{field}: objective {task.objective!r} needs labels, but data.mixture."
@@ -95,7 +98,7 @@ class EncoderData:
     return self.vocab.encode_image(image)
 
   def batch(self, seed: int, step: int) -> dict:
-    b_ = self.task.batch_size
+    b_ = self.rows
     rng = np.random.default_rng([task_seed(seed, self.task.name), step])
     entry_B = np.minimum(np.searchsorted(self.cum_weights, rng.random(b_), side="right"),
                          len(self.sources) - 1)

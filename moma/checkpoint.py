@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -41,26 +42,39 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = flatten(json.load(f))
+  old = flatten(_load_json(path))
   new = flatten(config)
   diffs = []
   for key in sorted(set(old) | set(new)):
     if not key.startswith(MUST_MATCH) or key.startswith(MAY_DIFFER):
       continue
     if old.get(key, "<absent>") != new.get(key, "<absent>"):
-      diffs.append(f"  {key}: workdir has {old.get(key, '<absent>')!r}, config has "
+      diffs.append(f"{key}: workdir has {old.get(key, '<absent>')!r}, config has "
                    f"{new.get(key, '<absent>')!r}")
   if diffs:
-    raise ValueError(
-        f"workdir {workdir} holds a run of an incompatible config; differing fields:\n"
-        + "\n".join(diffs) + "\nUse a new --workdir, or revert these fields to resume that run.")
+    raise ValueError(f"workdir {workdir} holds a run of an incompatible config ({'; '.join(diffs)}); use "
+                     "a new --workdir, or revert these fields to resume that run")
+
+
+def _load_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      loaded = json.load(f)
+    if not isinstance(loaded, dict):
+      raise ValueError("not an object")
+    return loaded
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged ({e}); restore it from a copy of the run, or delete it to let "
+                     "this config take over the workdir's checkpoints") from None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """DIR/config.json, replaced atomically (a kill mid-write leaves the old file or the new one)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -70,20 +84,57 @@ def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointMa
       save_interval_steps=1,  # The trainer decides when to save (every_steps and the last step).
       enable_async_checkpointing=config.checkpoint.async_save,
       create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_names=("default", "window"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state))
+def save(mngr: ocp.CheckpointManager, step: int, state, window: dict) -> None:
+  """Saves `state` (item "default") and the trainer's unlogged window (item "window", JSON) as one step."""
+  mngr.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
+                                          window=ocp.args.JsonSave(window)))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(state, step) from the latest checkpoint, or (None, 0) when the workdir has none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, 0
-  state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  return state, step
+  """(state, step, window) from the latest readable checkpoint, or (None, 0, None) when there is none.
+
+  When the latest steps fail to restore (e.g. truncated by a full disk) but an older one restores, the
+  unreadable ones move to DIR/unreadable_checkpoints with a warning (so that the run can save those steps
+  again). When none restores, the latest one's error is raised and nothing moves. `window` is what `save`
+  stored with the state (None for checkpoints written before it existed).
+  """
+  unreadable, first_error = [], None
+  for step in sorted(mngr.all_steps(), reverse=True):
+    has_window = os.path.isdir(os.path.join(str(mngr.directory), str(step), "window"))
+    args = dict(default=ocp.args.StandardRestore(abstract_state))
+    if has_window:
+      args["window"] = ocp.args.JsonRestore()
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # pylint: disable=broad-except (orbax raises many kinds; an older step decides)
+      logging.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", step,
+                      type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+      unreadable.append(step)
+      first_error = first_error or e
+      continue
+    _move_aside(mngr, unreadable)
+    return restored["default"], step, restored["window"] if has_window else None
+  if first_error is not None:
+    raise ValueError(f"no checkpoint under {mngr.directory} is readable (latest: step {unreadable[0]}: "
+                     f"{type(first_error).__name__}: {(str(first_error).splitlines() or [''])[0][:200]}); "
+                     "move the checkpoints directory away to start afresh") from first_error
+  return None, 0, None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  if not steps:
+    return
+  aside = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.replace(os.path.join(str(mngr.directory), str(step)), os.path.join(aside, str(step)))
+  logging.warning("moved unreadable checkpoint steps %s to %s", steps, aside)
+  mngr.reload()
 
 
 def read_config(workdir: str, field: str) -> dict:
@@ -91,8 +142,15 @@ def read_config(workdir: str, field: str) -> dict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{field}={workdir!r}: no config.json there; name the workdir of a finished run")
-  with open(path) as f:
-    return json.load(f)
+  return _load_json(path)
+
+
+def check_source(workdir: str, field: str) -> None:
+  """Raises ValueError naming `field` unless DIR holds a readable config.json and a checkpoint (read-only)."""
+  read_config(workdir, field)
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+    raise ValueError(f"{field}={workdir!r} has no checkpoint under {directory}; train that run first")
 
 
 def restore_params(workdir: str, field: str):

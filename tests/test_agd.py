@@ -7,7 +7,9 @@ import pytest
 
 from moma import agd
 from moma import data
+from moma import loop
 from moma import objectives
+from moma import steps
 from moma import train
 
 
@@ -144,7 +146,7 @@ def test_a_task_longer_than_the_model_takes_is_refused(data_cache_dir, tmp_path)
                                                 image_size=32, seq_len=40)}
   with pytest.raises(ValueError, match=r"agd.tasks.clip32.image_size gives sequences of 1024 tokens, "
                                        r"longer than config.model.max_seq_len=256"):
-    agd.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_schedule_name_is_checked(data_cache_dir):
@@ -162,12 +164,12 @@ def test_one_trace_per_task_and_one_shared_state(data_cache_dir):
   tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
   first = sources["digits8"].batch(0, 0)
-  state = jax.jit(lambda b: train.create_state(config, agd.build_model(config, "classification"), b))(
+  state = jax.jit(lambda b: steps.create_state(config, agd.build_model(config, "classification"), b))(
       first)
   structure = jax.tree.structure(state)
   assert set(state.params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
                                "classifier_bias"}
-  cache = agd.StepCache(lambda task: agd.task_step(config, task))
+  cache = loop.StepCache(lambda task: agd.task_step(config, task))
   before = jax.tree.map(np.asarray, state.params)
   for step, name in enumerate(["image_gen", "digits8", "image_gen", "image_gen", "digits8"]):
     state, out = cache(tasks[name], state, sources[name].batch(0, step))
@@ -193,11 +195,11 @@ def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
   config = train.resolve_config(config)
   tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
-  state = jax.jit(lambda b: train.create_state(config, agd.build_model(config, "classification"), b))(
+  state = jax.jit(lambda b: steps.create_state(config, agd.build_model(config, "classification"), b))(
       sources["digits8"].batch(0, 0))
   experts = lambda s: jax.tree.map(np.asarray, s.params["backbone"]["layers"]["ffn"])
   before = experts(state)
-  cache = agd.StepCache(lambda task: agd.task_step(config, task))
+  cache = loop.StepCache(lambda task: agd.task_step(config, task))
   losses = {name: [] for name in tasks}
   for step, name in enumerate(["image_gen", "digits8"] * 3):
     state, out = cache(tasks[name], state, sources[name].batch(0, step))
@@ -214,7 +216,7 @@ def short_run(data_cache_dir, tmp_path_factory):
   """5 rounds of round-robin over all six objectives (9 steps a round), logged every round."""
   config = small_config(data_cache_dir)
   workdir = str(tmp_path_factory.mktemp("agd_run"))
-  return config, workdir, agd.train_and_evaluate(config, workdir)
+  return config, workdir, train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.slow  # ~2 minutes on 2 busy CPU cores: six compilations, 45 steps.
@@ -245,9 +247,9 @@ def test_resume_continues_the_same_schedule_and_batches(data_cache_dir, tmp_path
     c.checkpoint.every_steps = 4
     return c
 
-  agd.train_and_evaluate(config(8), str(tmp_path / "straight"))
-  agd.train_and_evaluate(config(4), str(tmp_path / "resumed"))
-  final = agd.train_and_evaluate(config(8), str(tmp_path / "resumed"))
+  train.train_and_evaluate(config(8), str(tmp_path / "straight"))
+  train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
+  final = train.train_and_evaluate(config(8), str(tmp_path / "resumed"))
   assert final["compilations"] == len({r for r in agd.Schedule.from_tasks(
       "sample", agd.tasks_from_config(train.resolve_config(config(8))), 0).tasks_at(range(4, 8))})
   straight, resumed = metrics.read(str(tmp_path / "straight")), metrics.read(str(tmp_path / "resumed"))

@@ -61,9 +61,9 @@ def run(data_cache_dir, tmp_path_factory):
     if key not in cache:
       specs, save = {}, checkpoint.save
 
-      def recording_save(mngr, step, state):  # The state the trainer trained, as it saves it.
+      def recording_save(mngr, step, state, *rest):  # The state the trainer trained, as it saves it.
         specs[step] = jax.tree.map(lambda a: a.sharding.spec, state)
-        save(mngr, step, state)
+        save(mngr, step, state, *rest)
 
       with mock.patch.object(checkpoint, "save", recording_save):
         train.train_and_evaluate(make_config(kind, mesh, steps, data_cache_dir),

@@ -3,13 +3,16 @@
 import functools
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
 from moma import checkpoint
+from moma import faults
 from moma import metrics
+from moma import steps
 from moma import train
 from moma.models import decoder
 
@@ -34,6 +37,9 @@ def test_one_step_writes_the_run_directory(tiny_config, tmp_path):
   assert "eval/loss/text" in eval_row
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  with open(tmp_path / "loss.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(tmp_path / "lock")  # Released at the end.
 
 
 def test_loss_falls(tiny_config, tmp_path):
@@ -44,34 +50,44 @@ def test_loss_falls(tiny_config, tmp_path):
   assert losses[-1] < losses[0] - 1.0, losses
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
-  tiny_config.train.update(steps=6, log_every=1, eval_every=0)
-  tiny_config.checkpoint.every_steps = 3
+def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tiny_config, tmp_path, monkeypatch):
+  """SIGTERM while step 5's batch is prepared: step 5 finishes, is saved with its unlogged window, the
+  run stops; the resumed run logs whole windows, every step once, bit-identical to a straight run."""
+  tiny_config.train.update(steps=6, log_every=2, eval_every=0, prefetch=0)
+  tiny_config.checkpoint.update(every_steps=3, async_save=False)
   train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
 
-  real_batches = train._batches
+  real = train.host_batches
 
-  def preempted(config, split, start_step):  # Dies while fetching step 5 (after the save at 3).
-    for step, batch in enumerate(real_batches(config, split, start_step), start_step + 1):
-      if step == 5:
-        raise KeyboardInterrupt
-      yield batch
+  def preempted(config, split):
+    at = real(config, split)
 
-  monkeypatch.setattr(train, "_batches", preempted)
-  with pytest.raises(KeyboardInterrupt):
+    def batch_at(step):
+      if step == 4:  # 0-based: the batch of step 5
+        os.kill(os.getpid(), signal.SIGTERM)
+      return at(step)
+    return batch_at
+
+  monkeypatch.setattr(train, "host_batches", preempted)
+  with pytest.raises(faults.Interrupted, match="SIGTERM: saved step 5") as e:
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
-  assert [s for s, _ in _losses(str(tmp_path / "resumed"))] == [1, 2, 3, 4]
-  monkeypatch.setattr(train, "_batches", real_batches)
+  assert e.value.exit_code == 0 and not os.path.exists(tmp_path / "resumed" / "lock")
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "5"]
+  assert [s for s, _ in _losses(str(tmp_path / "resumed"))] == [2, 4]
+  monkeypatch.setattr(train, "host_batches", real)
   final = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
 
   assert final["step"] == 6
-  straight, resumed = _losses(str(tmp_path / "straight")), _losses(str(tmp_path / "resumed"))
-  assert [s for s, _ in resumed] == list(range(1, 7))
-  np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-6)
-  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+  straight, resumed = metrics.read(str(tmp_path / "straight")), metrics.read(str(tmp_path / "resumed"))
+  assert [r["step"] for r in resumed] == [2, 4, 6]
+  for a, b in zip(straight, resumed):  # Step 6's mean covers steps 5 (before the stop) and 6.
+    assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+        k: v for k, v in b.items() if k != "tokens_per_s"}
+  tags = metrics.tensorboard_steps(str(tmp_path / "resumed"))
+  assert tags["loss"] == [2, 4, 6] and all(len(set(s)) == len(s) for s in tags.values())
   again = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))  # Complete: nothing to do.
   assert again["step"] == 6 and again["loss"] == final["loss"]
-  assert len(metrics.read(str(tmp_path / "resumed"))) == 6
+  assert len(metrics.read(str(tmp_path / "resumed"))) == 3
 
 
 def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
@@ -97,14 +113,14 @@ def test_weight_decay_mask():
   params = {"embed": {"embedding": 0}, "layers": {"attn": {"qkv": {"kernel": 0}},
             "mixer_norm": {"scale": 0, "bias": 0}, "mamba": {"A_log": 0, "D": 0, "dt_bias": 0}},
             "lm_head": {"kernel": 0}}
-  mask = train.weight_decay_mask(params)
+  mask = steps.weight_decay_mask(params)
   decayed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
   assert decayed == {"['layers']['attn']['qkv']['kernel']", "['lm_head']['kernel']"}
 
 
 def test_routing_metrics_average_over_layers():
   sown = {"layers": {"ffn": {"load": (np.array([1.0, 3.0]),)}}, "other": {"load": (np.array(5.0),)}}
-  out = train.routing_metrics(sown)
+  out = steps.routing_metrics(sown)
   assert set(out) == {"routing/load"}
   assert float(out["routing/load"]) == pytest.approx(3.5)  # Mean of per-site means (2, 5).
 
@@ -136,9 +152,9 @@ def test_dense_train_step_traces(data_cache_dir):
   config.data.cache_dir = data_cache_dir
   config = train.resolve_config(config)
   model = train.build_model(config)
-  batch = next(train._batches(config, "train", 0))
-  state = jax.eval_shape(lambda b: train.create_state(config, model, b), batch)
-  step = functools.partial(train.train_step, model=model, loss_fn=decoder.loss_fn,
+  batch = train.host_batches(config, "train")(0)
+  state = jax.eval_shape(lambda b: steps.create_state(config, model, b), batch)
+  step = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,
                            modalities=config.model.modalities, seed=0)
   new_state, out = jax.eval_shape(step, state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)

@@ -1,0 +1,244 @@
+"""The pieces every training run is built from: model, optimizer, train state, and the step functions.
+
+`build_model`, `make_optimizer`, `create_state`, `train_step(state, batch, ...)` (jit it per task or per
+shape), `eval_step`, `init_or_restore` (a checkpoint or a fresh, sharded state). The plain LM run
+(moma/train.py) and AGD (moma/agd.py) both build a `loop.Plan` from them; neither imports the other's
+plan.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from moma import checkpoint
+from moma import sharding
+from moma import upcycle
+
+TrainState = train_state.TrainState
+# Leaf names that never get weight decay: norm scales, biases, embeddings, Mamba's A_log and D.
+NO_DECAY_SUFFIXES = ("scale", "bias", "embedding", "A_log")
+NO_DECAY_NAMES = ("D",)
+# config.train.stage → which parameters train (by their path); the others get zero updates.
+# "aux_routers" (MoMa stage 2): the main model is frozen, only the auxiliary routers learn.
+STAGES = {"main": lambda path: True, "aux_routers": lambda path: "aux_router" in path}
+# config.train.stage → which sown "losses" (by their path) the stage minimises; None: LM loss + all of them.
+STAGE_LOSSES = {"main": None, "aux_routers": lambda path: "aux_router" in path}
+
+def model_module(config: ml_collections.ConfigDict):
+  """The module `moma.models.<config.model.name>` (defines Model, loss_fn, validate_batch)."""
+  try:
+    return importlib.import_module(f"moma.models.{config.model.name}")
+  except ModuleNotFoundError as e:
+    raise ValueError(f"config.model.name={config.model.name!r}: no module moma.models."
+                     f"{config.model.name}; use --config.model.name=decoder (the early-fusion LM)") from e
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  return model_module(config).Model(**config.model)
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                              max(cfg.steps, cfg.warmup_steps + 1), end)
+  if cfg.schedule == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+         optax.linear_schedule(cfg.lr, end, max(cfg.steps - cfg.warmup_steps, 1))],
+        [cfg.warmup_steps])
+  raise ValueError(f"config.train.schedule={cfg.schedule!r} is unknown; choose cosine or linear")
+
+
+def _leaf_name(path) -> str:
+  return str(getattr(path[-1], "key", path[-1]))
+
+
+def weight_decay_mask(params) -> Any:
+  """True for the weights that decay (matmul kernels); False for norms, biases, embeddings, A_log, D."""
+  def decays(path, _):
+    name = _leaf_name(path)
+    return not (name.endswith(NO_DECAY_SUFFIXES) or name in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """Clipping + AdamW (decay masked) for the parameters that train in `cfg.stage`; zero for the rest."""
+  adamw = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  mask=weight_decay_mask))
+  trains = STAGES[cfg.stage]
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if trains(jax.tree_util.keystr(path)) else "freeze", params)
+  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+
+
+def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> TrainState:
+  """Fresh train state (params from `config.train.seed`); `batch` only provides shapes."""
+  rng = jax.random.key(config.train.seed)
+  variables = model.init(rng, batch, deterministic=True)
+  params = nn.unbox(variables["params"])
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(config.train, params))
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """(mesh, rules) of `config.mesh`. A shape without -1 that asks for fewer devices than this single
+  process has (e.g. the default (1,) on an 8-GPU node) uses the first ones, with a warning."""
+  devices = jax.devices()
+  wanted = int(np.prod(config.mesh.shape))
+  if -1 not in tuple(config.mesh.shape) and wanted < len(devices) and jax.process_count() == 1:
+    logging.warning("config.mesh.shape=%s uses %d of %d devices; put -1 on an axis to use them all",
+                    tuple(config.mesh.shape), wanted, len(devices))
+    devices = devices[:wanted]
+  return sharding.mesh_from_config(config.mesh, devices), sharding.rules_from_config(config.mesh)
+
+
+def abstract_state(config, model, batch, mesh, rules):
+  """(abstract sharded TrainState, logical axis names of the params), by `eval_shape` of the init: checks
+  the model against the config and a batch without computing anything."""
+  logical = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0),
+                           batch)["params"]
+  make = functools.partial(create_state, config, model)
+  return sharding.abstract_sharded(make, mesh, rules, batch, logical=logical), logical
+
+
+def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None, logical=None):
+  """(state, its shardings, step, saved window): the latest readable checkpoint in `mngr` (if any)
+  resharded onto `mesh`, else a fresh state at step 0, created sharded (each device computes only its
+  shards). `batch` gives shapes; `abstract, logical` are `abstract_state`'s (computed when omitted).
+
+  A fresh state takes its parameters from `config.init.upcycle_from` (sparse upcycling into the expert
+  layout) or `config.init.params_from` (same architecture, e.g. the aux-router stage) when set; the
+  optimizer state and the schedule start from zero either way.
+  """
+  if abstract is None:
+    abstract, logical = abstract_state(config, model, batch, mesh, rules)
+  make = functools.partial(create_state, config, model)
+  state, step, window = checkpoint.restore_latest(mngr, abstract) if mngr else (None, 0, None)
+  if state is not None:
+    logging.info("Resumed from %s at step %d", mngr.directory, step)
+    return state, jax.tree.map(lambda a: a.sharding, abstract), step, window
+  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
+  source = config.init.upcycle_from or config.init.get("params_from", "")
+  if source:  # The source's weights are read whole on each host, then placed on the mesh.
+    params = initial_params(config, state.params, source)
+    fresh = TrainState.create(apply_fn=model.apply, params=params, tx=state.tx)
+    leaves = jax.device_put(jax.tree.leaves(fresh), jax.tree.leaves(state_sh))
+    state = jax.tree.unflatten(jax.tree.structure(state), leaves)
+  return state, state_sh, 0, None
+
+
+def initial_params(config, params, source: str):
+  """`params` (fresh) with the weights of `source`'s latest checkpoint: upcycled or copied by path."""
+  field = "upcycle_from" if config.init.upcycle_from else "params_from"
+  src_model = checkpoint.read_config(source, f"config.init.{field}")["model"]
+  for key in ("d_model", "num_layers", "vocab_size"):
+    if src_model.get(key) != config.model[key]:
+      raise ValueError(f"config.init.{field}={source!r} has model.{key}={src_model.get(key)}, this config "
+                       f"{config.model[key]}: the source must have the same {key}")
+  src = checkpoint.restore_params(source, f"config.init.{field}")
+  if field == "params_from":
+    return copy_params(src, params, source)
+  if src_model.get("ffn") == "moe" and src_model["moe"]["layout"] != "1t1i":
+    raise ValueError(f"config.init.upcycle_from={source!r} has moe.layout={src_model['moe']['layout']!r}; "
+                     "upcycle from a dense, MoT or 1t1i run")
+  logging.info("Upcycling %s into layout %s", source, config.model.moe.layout)
+  return upcycle.upcycle(model_module(config).upcycle_source(src), params,
+                         layout=config.model.moe.layout, modalities=config.model.modalities)
+
+
+def copy_params(src, dst, source: str):
+  """`dst` with every leaf that `src` has at the same path (shapes must agree); the rest stay fresh."""
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(src)}
+
+  def take(path, fresh):
+    old = flat.get(jax.tree_util.keystr(path))
+    if old is None:
+      return fresh
+    if np.shape(old) != np.shape(fresh):
+      raise ValueError(f"config.init.params_from={source!r}: {jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(old)} there and {np.shape(fresh)} here; use a run of the same architecture")
+    return jnp.asarray(old, fresh.dtype)
+
+  return jax.tree_util.tree_map_with_path(take, dst)
+
+
+def routing_metrics(sown) -> dict[str, jax.Array]:
+  """The "metrics" collection → {"routing/<name>": mean over layers and occurrences}."""
+  by_name: dict[str, list[jax.Array]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(sown)[0]:
+    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
+    by_name.setdefault(f"routing/{name}", []).append(jnp.mean(leaf))
+  return {k: jnp.mean(jnp.stack(v)) for k, v in by_name.items()}
+
+
+def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic, stage="main"):
+  """Next-token loss + the sum of the sown "losses" (aux losses); metrics incl. routing stats.
+
+  In a stage with its own losses (`STAGE_LOSSES`), the objective is the sum of those sown losses only.
+  """
+  logits, sown = model.apply({"params": params}, batch, deterministic=deterministic,
+                             rngs=None if rng is None else {"dropout": rng,
+                                                            "diffusion": jax.random.fold_in(rng, 1)},
+                             mutable=["losses", "metrics"])
+  loss, per_modality = loss_fn(logits, batch, modalities)
+  picks = STAGE_LOSSES[stage] or (lambda path: True)
+  aux_loss = sum((jnp.sum(x) for p, x in jax.tree_util.tree_leaves_with_path(sown.get("losses", {}))
+                  if picks(jax.tree_util.keystr(p))), jnp.float32(0))
+  out = {"loss": loss, "aux_loss": aux_loss, **per_modality, **routing_metrics(sown.get("metrics", {}))}
+  return (aux_loss if STAGE_LOSSES[stage] else loss + aux_loss), out
+
+
+def train_step(state: TrainState, batch, *, model, loss_fn, modalities, seed, stage="main",
+               skip_nonfinite=False):
+  """One optimizer step; a pure function of (state, batch) so it can be jitted per task/shape.
+
+  Train-time randomness (e.g. router noise) comes from the "dropout" rng stream, a function of
+  (seed, step) so that a resumed run draws the same numbers. With `skip_nonfinite`, a step whose
+  objective or gradient norm is not finite keeps the old params and optimizer state (the step counter,
+  hence the data order, still advances) and reports `skipped` = 1.
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+  (objective, out), grads = grad_fn(state.params, batch, rng, model=model, loss_fn=loss_fn,
+                                    modalities=modalities, deterministic=False, stage=stage)
+  out["grad_norm"] = optax.tree_utils.tree_norm(grads)
+  new = state.apply_gradients(grads=grads)
+  if skip_nonfinite:
+    ok = jnp.isfinite(objective) & jnp.isfinite(out["grad_norm"])
+    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
+    new = new.replace(params=keep(new.params, state.params), opt_state=keep(new.opt_state, state.opt_state))
+    out["skipped"] = 1.0 - ok.astype(jnp.float32)
+  return new, out
+
+
+def eval_step(params, batch, *, model, loss_fn, modalities):
+  return loss_and_metrics(params, batch, None, model=model, loss_fn=loss_fn, modalities=modalities,
+                          deterministic=True)[1]
+
+def mean_rows(rows: list[dict]) -> dict[str, float]:
+  """Per-key mean over steps; `loss/<m>` weighted by `tokens/<m>` and left out when m never occurred."""
+  host = jax.device_get(rows)
+  cols = {k: np.array([float(r[k]) for r in host]) for k in host[0]}
+  out = {}
+  for key, vals in cols.items():
+    weights = cols.get(key.replace("loss/", "tokens/", 1)) if key.startswith("loss/") else None
+    if weights is None:
+      out[key] = float(vals.mean())
+    elif weights.sum() > 0:
+      out[key] = float((vals * weights).sum() / weights.sum())
+  return out

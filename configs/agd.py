@@ -23,7 +23,7 @@ BATCH = {"tiny": (4, 16), "S": (32, 256), "M": (64, 512), "1.4B": (128, 1024), "
 def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", untie="all", schedule="sample")
   config = common.base_config(args.size)
-  config.model.untie = common.parse_untie(args.untie, mot.UNTIE_PRESETS)
+  config.model.untie = mot.untie_components(args.untie, config.model)
   rows, examples = BATCH[args.size]
   task = agd.task_config
   config.agd = dict(schedule=args.schedule, num_classes=10, tasks=dict(

@@ -29,7 +29,6 @@ SIZES = {
 
 CPU_SIZES = ("tiny", "small")  # float32 and no remat: what a CPU runs fastest
 MODALITIES = ("text", "image", "audio")
-TRANSFORMER_UNTIE = ("qkv", "o", "ffn", "norm", "qk_norm")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

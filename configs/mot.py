@@ -19,8 +19,13 @@ UNTIE_PRESETS = {
 def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", untie="all", modalities="text+image+audio")
   config = common.base_config(args.size, common.parse_modalities(args.modalities))
-  untie = common.parse_untie(args.untie, UNTIE_PRESETS)
-  if args.untie == "all" and not config.model.qk_norm:
-    untie = tuple(c for c in untie if c != "qk_norm")
-  config.model.untie = untie
+  config.model.untie = untie_components(args.untie, config.model)
   return config
+
+
+def untie_components(value: str, model) -> tuple[str, ...]:
+  """`untie=` → components; the preset "all" unties every weight `model` has (qk_norm only with QK-norm)."""
+  untie = common.parse_untie(value, UNTIE_PRESETS)
+  if value == "all" and not model.qk_norm:
+    untie = tuple(c for c in untie if c != "qk_norm")
+  return untie

@@ -10,7 +10,6 @@ cannot start or go on (a one-line reason on stderr), 3 diverged (non-finite loss
 
 import os
 import sys
-import traceback
 
 from absl import app
 from absl import flags
@@ -24,26 +23,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config, workdir: str, *, tracebacks: bool = False) -> int:
-  """Trains `config` in `workdir`; returns the exit code. User errors (bad config, data, workdir) and
-  faults (lock held, divergence, a signal) are one line on stderr, with the traceback if `tracebacks`."""
-  from moma import faults  # pylint: disable=g-import-not-at-top (after flag parsing: jax is heavy)
-  from moma import train  # pylint: disable=g-import-not-at-top
-
-  try:
-    train.train_and_evaluate(config, workdir)
-    return 0
-  except faults.Interrupted as e:
-    sys.stderr.write(f"{e}\n")
-    return e.exit_code
-  except (faults.RunError, ValueError) as e:
-    if tracebacks:
-      traceback.print_exc()
-    message = " ".join(str(e).split())
-    sys.stderr.write(f"error: {message}\n")
-    return getattr(e, "exit_code", 1)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -51,10 +30,12 @@ def main(argv):
   if not verbose:  # Library INFO chatter (TFDS "Load dataset info", orbax phases) stays off.
     logging.set_verbosity(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from moma import sharding  # pylint: disable=g-import-not-at-top
+  from moma import sharding  # pylint: disable=g-import-not-at-top (after flag parsing: jax is heavy)
 
   sharding.maybe_initialize_distributed(_CONFIG.value)  # Multi-host runs: before any other jax call.
-  sys.exit(run(_CONFIG.value, _WORKDIR.value, tracebacks=verbose))
+  from moma import train  # pylint: disable=g-import-not-at-top
+
+  sys.exit(train.run(_CONFIG.value, _WORKDIR.value, tracebacks=verbose))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
+import traceback
 from typing import Callable, Iterator
 
 import jax
@@ -42,7 +44,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                      "both, or pick them with the config argument modalities=, e.g. "
                      "configs/mot.py:modalities=text+image")
   if config.data.get("image_form") == "patches" and not config.model.get("patch_dim"):
-    config.model.patch_dim = config.data.patch_size ** 2  # one channel; validate_batch checks the data's P
+    # P = patch_size² × the mixture's image channels (grey images join an RGB mixture as 3 channels).
+    config.model.patch_dim = data.Packer(config.data, split="train", seq_len=config.train.seq_len).patch_dim
   if config.train.stage not in steps.STAGES:
     raise ValueError(f"config.train.stage={config.train.stage!r} is unknown; choose one of "
                      f"{list(steps.STAGES)}")
@@ -62,6 +65,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide evenly over "
                      f"{jax.process_count()} processes")
   return config
+
 
 def host_batches(config, split: str) -> Callable[[int], dict]:
   """step → this process's host batch of `split` (a pure function of (seed, step): resumes need no
@@ -126,3 +130,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint.check_compatible(config, workdir)
   plan = agd.plan(config, workdir) if "agd" in config else lm_plan(config)
   return loop.run(config, workdir, plan)
+
+
+def run(config, workdir: str, *, tracebacks: bool = False) -> int:
+  """Trains `config` in `workdir`; returns the exit code. User errors (bad config, data, workdir) and
+  faults (lock held, divergence, a signal) are one line on stderr, with the traceback if `tracebacks`."""
+  try:
+    train_and_evaluate(config, workdir)
+    return 0
+  except faults.Interrupted as e:
+    sys.stderr.write(f"{e}\n")
+    return e.exit_code
+  except (faults.RunError, ValueError) as e:
+    if tracebacks:
+      traceback.print_exc()
+    message = " ".join(str(e).split())
+    sys.stderr.write(f"error: {message}\n")
+    return getattr(e, "exit_code", 1)

@@ -1,7 +1,7 @@
 """The bad-input catalogue: each case exits non-zero with one line naming the field and the fix, before
 anything is compiled, and leaves the workdir byte-identical (or absent, when it was absent).
 
-Cases run in-process through `moma.main.run` (what the CLI calls after flag parsing); the few that only
+Cases run in-process through `moma.train.run` (what the CLI calls after flag parsing); the few that only
 the CLI can meet (flag values, the config argument) run as subprocesses.
 """
 
@@ -15,7 +15,6 @@ import pytest
 
 from moma import checkpoint
 from moma import faults
-from moma import main
 from moma import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +57,8 @@ CASES = [
     ("max_to_keep_zero", _set("checkpoint.max_to_keep", 0), "config.checkpoint.max_to_keep=0", "run"),
     ("num_layers_zero", _set("model.num_layers", 0), "config.model.num_layers=0", "new"),
     ("modalities", _set("model.modalities", ("text", "image")), "config.data.modalities", "new"),
-    ("image_form", _set("data.image_form", "patches"), "config.data.image_form='patches'", "new"),
+    ("patch_size", lambda c: (_set("data.image_form", "patches")(c), _set("data.patch_size", 5)(c)),
+     "data.patch_size=5 does not divide", "new"),
     ("model_name", _set("model.name", "transformer"), "config.model.name='transformer'", "new"),
     ("num_heads", _set("model.num_heads", 3), "config.model.num_heads=3 must divide", "new"),
     ("num_kv_heads", _set("model.num_kv_heads", 3), "config.model.num_kv_heads=3", "new"),
@@ -107,9 +107,9 @@ def run_dir(tiny_config, tmp_path):
 
 
 def _refused(config, workdir, capsys, expect):
-  """Runs main.run and checks: non-zero exit, one stderr line holding `expect`, workdir unchanged."""
+  """Runs train.run and checks: non-zero exit, one stderr line holding `expect`, workdir unchanged."""
   before = _snapshot(workdir)
-  rc = main.run(config, workdir)
+  rc = train.run(config, workdir)
   lines = capsys.readouterr().err.strip().splitlines()
   assert rc != 0
   assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines

@@ -135,8 +135,9 @@ def test_bad_stage_and_mismatched_modalities(tiny_config):
   with pytest.raises(ValueError, match="config.data.modalities"):
     train.resolve_config(bad)
   patches = tiny_config.copy_and_resolve_references()
-  patches.data.image_form = "patches"  # Transfusion: the model gets a patch projection of p² floats
-  assert train.resolve_config(patches).model.patch_dim == patches.data.patch_size ** 2
+  patches.data.image_form = "patches"  # Transfusion: a patch projection of p² × channels floats
+  # The default mixture holds RGB scenes: grey digits join them as three equal channels.
+  assert train.resolve_config(patches).model.patch_dim == 3 * patches.data.patch_size ** 2
 
 
 def test_batches_are_validated_against_the_model(tiny_config, tmp_path):

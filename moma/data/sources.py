@@ -117,7 +117,7 @@ def open_source(name: str, entry, config, split: str) -> Source:
     if config.image_form == "patches" and (image_shape[0] % config.patch_size or
                                            image_shape[1] % config.patch_size):
       raise ValueError(f"data.patch_size={config.patch_size} does not divide the {image_shape[:2]} "
-                       f"images of {_field(name)}.")
+                       f"images of {_field(name)}; set --config.data.patch_size to a divisor (e.g. 2).")
   source = Source(name, parts, examples, roles, label_names, captions, image_shape, 0,
                   {} if isinstance(examples, tuple) else None)
   if entry.dataset == "moma_shapes":

@@ -1,6 +1,7 @@
 """Trainer step time and communication on device meshes: sparse models against dense, same global batch.
 
-  python -m experiments.bench_sharding [--kinds=dense,mot,moma] [--steps=10]
+  python -m experiments.bench_sharding [--kinds=dense,mot,moma] [--steps=10] [--d_model=128 --batch=16
+      --seq_len=64]
 
 The state is created sharded and the step compiled exactly as `train.train_and_evaluate` does
 (`steps.init_or_restore`, `loop.shard_batch`, one `jax.jit(...).lower().compile()` inside
@@ -30,15 +31,21 @@ from moma.models import decoder
 
 KINDS = flags.DEFINE_list("kinds", ["dense", "mot", "moma"], "models to time: dense, mot, moma")
 STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after one compile + warm-up step)")
-MESHES = (((1,), ("data",), ()), ((8,), ("data",), ()), ((2, 2, 2), ("data", "fsdp", "tensor"), ()),
-          ((2, 4), ("data", "expert"), (("modality", None),)))
+D_MODEL = flags.DEFINE_integer("d_model", 128, "model width (d_ff = 4 d_model)")
+BATCH = flags.DEFINE_integer("batch", 16, "global batch (rows)")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "row length")
+MESHES = {"1": ((1,), ("data",), ()), "8": ((8,), ("data",), ()),
+          "2x2x2": ((2, 2, 2), ("data", "fsdp", "tensor"), ()),
+          "2x4": ((2, 4), ("data", "expert"), (("modality", None),))}
+MESH_NAMES = flags.DEFINE_list("meshes", list(MESHES), f"meshes to time, of {list(MESHES)}")
 
 
 def bench_config(kind: str) -> ml_collections.ConfigDict:
-  """The tiny preset widened to d_model 128 (MoMa: 4t4i expert choice over text + image + audio is 3t3i2a)."""
+  """The tiny preset at --d_model (MoMa: expert choice, 3t3i2a over text + image + audio)."""
   config = {"dense": dense, "mot": mot, "moma": moma}[kind].get_config(
       "size=tiny" + (",experts=3t3i2a" if kind == "moma" else ""))
-  config.model.update(vocab_size=256, d_model=128, d_ff=512)
+  config.model.update(vocab_size=256, d_model=D_MODEL.value, d_ff=4 * D_MODEL.value,
+                      max_seq_len=max(SEQ_LEN.value, config.model.max_seq_len))
   return config
 
 
@@ -58,13 +65,14 @@ def time_mesh(config, shape, axes, rules):
   mesh, rules = steps.make_mesh(config)
   model = steps.build_model(config)
   modalities = tuple(config.model.modalities)
-  batch = loop.shard_batch(host_batch(modalities, vocab=config.model.vocab_size), mesh, rules)
+  host = host_batch(modalities, b=BATCH.value, l=SEQ_LEN.value, vocab=config.model.vocab_size)
+  batch = loop.shard_batch(host, mesh, rules)
   state, state_sh, _, _ = steps.init_or_restore(config, model, None, batch, mesh, rules)
   step_fn = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,
                               modalities=modalities, seed=config.train.seed)
-  task = loop.Task("lm", step_fn, None, 0, 0.0)
-  step = functools.partial(loop.StepCache(lambda t: t.step_fn, state_sh, (mesh, rules)), task)
-  state, out = step(state, batch)  # warm-up (compiles)
+  with sharding.activate(mesh, rules):
+    step = jax.jit(step_fn, out_shardings=(state_sh, None), donate_argnums=0).lower(state, batch).compile()
+  state, out = step(state, batch)  # warm-up
   jax.block_until_ready(out)
   start = time.perf_counter()
   for _ in range(STEPS.value):
@@ -77,7 +85,7 @@ def main(_):
   times, comm = {}, {}
   for kind in KINDS.value:
     config = bench_config(kind)
-    for shape, axes, rules in MESHES:
+    for shape, axes, rules in (MESHES[m] for m in MESH_NAMES.value):
       name = "x".join(map(str, shape)) + ":" + ",".join(axes)
       times[f"{kind}@{name}"], comm[f"{kind}@{name}"] = time_mesh(config, shape, axes, rules)
       print(f"{kind:6s} {name:24s} {1e3 * times[f'{kind}@{name}']:8.1f} ms/step "

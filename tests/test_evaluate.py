@@ -6,7 +6,6 @@ covers the pieces (tests/test_transfusion.py: model, cache, sampler; here: the c
 import json
 import os
 
-from absl import flags
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from moma import evaluate
 from moma import metrics
 from moma import sample
 from moma import train
+from tests.test_sample import run_cli
 
 
 def test_frechet_distance_closed_form():
@@ -63,13 +63,8 @@ def test_trainer_logs_the_diffusion_loss(transfusion_run):
 
 @pytest.mark.slow
 def test_sample_then_image_denoises_and_captions(transfusion_run, capsys):
-  argv = ["sample", f"--workdir={transfusion_run}", "--prompt=the digit one.", "--then=image", "--steps=3",
-          "--num_tokens=3", "--num_samples=2", "--cfg_scale=2", "--temperature=0"]
-  flags.FLAGS(argv)
-  try:
-    sample.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_cli([f"--workdir={transfusion_run}", "--prompt=the digit one.", "--then=image", "--steps=3",
+           "--num_tokens=3", "--num_samples=2", "--cfg_scale=2", "--temperature=0"])
   out = capsys.readouterr().out
   assert out.count("--- sample") == 2 and out.count("\n") > 2 * 8  # each sample prints 8 image rows
   docs = sample.sample(transfusion_run, "the digit one.", then="image", num_tokens=2, num_samples=2,

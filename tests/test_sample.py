@@ -38,14 +38,18 @@ def test_sampling_is_reproducible_by_seed(trained_run):
   assert all(doc[0][0] == "text" and doc[0][1].startswith("The ") for doc in first)
 
 
-def test_cli_prints_each_sample(trained_run, capsys):
-  argv = ["sample", f"--workdir={trained_run}", "--prompt=a handwritten ", "--then=image",
-          "--num_tokens=8", "--num_samples=2", "--temperature=0"]
-  flags.FLAGS(argv)
+def run_cli(argv):
+  """`python -m moma.sample ARGV` in-process (flags parsed, then reset for the next test)."""
+  flags.FLAGS(["sample", *argv])
   try:
-    sample.main(argv[:1])
+    sample.main(["sample"])
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_cli_prints_each_sample(trained_run, capsys):
+  run_cli([f"--workdir={trained_run}", "--prompt=a handwritten ", "--then=image", "--num_tokens=8",
+           "--num_samples=2", "--temperature=0"])
   out = capsys.readouterr().out
   assert out.count("--- sample") == 2 and "a handwritten" in out
 

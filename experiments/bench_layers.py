@@ -188,11 +188,17 @@ def compile_seconds(cfg, batch):
   return time.perf_counter() - start
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_parser(doc: str) -> argparse.ArgumentParser:
+  """The model and batch shape flags every layer benchmark takes (a realistic small layer by default)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   for name, default in dict(d_model=256, d_ff=1024, num_heads=4, vocab_size=512, batch_size=8,
                             seq_len=512, num_layers=2, repeats=7).items():
     parser.add_argument(f"--{name}", type=int, default=default)
+  return parser
+
+
+def main():
+  parser = shape_parser(__doc__)
   parser.add_argument("--rows", default="mot,moma,compile", help="comma list of mot, moma, compile")
   args = parser.parse_args()
   rows = args.rows.split(",")

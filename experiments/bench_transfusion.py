@@ -9,7 +9,6 @@ only). Ratios are variant / baseline CPU time (min over interleaved repeats); th
   python -m experiments.bench_transfusion [--d_model 256 --d_ff 1024 --batch_size 8 --seq_len 512 ...]
 """
 
-import argparse
 import json
 
 import flax.linen as nn
@@ -51,10 +50,7 @@ def train_step(cfg, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for name, default in dict(d_model=256, d_ff=1024, num_heads=4, vocab_size=512, batch_size=8,
-                            seq_len=512, num_layers=2, repeats=7).items():
-    parser.add_argument(f"--{name}", type=int, default=default)
+  parser = bench_layers.shape_parser(__doc__)
   parser.add_argument("--pairs", default="mot,mom", help="comma list of mot, mom")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {vars(args)}")

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from moma import expert_parallel
 from moma import kernels
+from moma.kernels.layout import row_groups
 
 
 # ------------------------------------------------------------------------------------------------- meshes
@@ -131,13 +132,6 @@ class Plan:
   def use_if(self, untied: bool) -> Plan:
     """This plan for a layer whose weights are untied, else the identity (plain dense, no sort)."""
     return self if untied or self.num_groups == 1 else identity_plan()
-
-
-def row_groups(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
-  """int32 [R]: the group of each of `num_rows` rows (G past the last group). Per device: call it locally."""
-  ends_G = jnp.cumsum(group_sizes_G)
-  # A count, not searchsorted (which fails on varying values under a partly manual shard_map, jax 0.10).
-  return jnp.sum(jnp.arange(num_rows, dtype=jnp.int32)[:, None] >= ends_G[None, :], axis=1, dtype=jnp.int32)
 
 
 def identity_plan() -> Plan:

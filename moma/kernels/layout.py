@@ -11,6 +11,13 @@ def group_bounds(group_sizes_G: jax.Array, num_rows: int):
   return starts_G, ends_G
 
 
+def row_groups(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
+  """int32 [num_rows]: the group of each row; rows past sum(group_sizes) get G (no group)."""
+  ends_G = jnp.cumsum(group_sizes_G)
+  # A count, not jnp.searchsorted, which fails on varying values under a partly manual shard_map (jax 0.10).
+  return jnp.sum(jnp.arange(num_rows, dtype=jnp.int32)[:, None] >= ends_G[None, :], axis=1, dtype=jnp.int32)
+
+
 def tile(dim: int, preferred: int, minimum: int = 8) -> int:
   """A power-of-two tile ≤ preferred for a dimension (the dimension gets padded to a multiple of it)."""
   t = minimum

@@ -3,11 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-
-def row_groups(group_sizes: jax.Array, num_rows: int) -> jax.Array:
-  """Group id of each row [num_rows]; rows past sum(group_sizes) get G (no group)."""
-  ends = jnp.cumsum(group_sizes)
-  return jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
+from moma.kernels.layout import row_groups
 
 
 def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype):

@@ -34,7 +34,7 @@ STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after one compi
 D_MODEL = flags.DEFINE_integer("d_model", 128, "model width (d_ff = 4 d_model)")
 BATCH = flags.DEFINE_integer("batch", 16, "global batch (rows)")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "row length")
-MESHES = {"1": ((1,), ("data",), ()), "8": ((8,), ("data",), ()),
+MESHES = {"1": ((1,), ("data",), ()), "8": ((8,), ("data",), ()), "8fsdp": ((8,), ("fsdp",), ()),
           "2x2x2": ((2, 2, 2), ("data", "fsdp", "tensor"), ()),
           "2x4": ((2, 4), ("data", "expert"), (("modality", None),))}
 MESH_NAMES = flags.DEFINE_list("meshes", list(MESHES), f"meshes to time, of {list(MESHES)}")

@@ -154,6 +154,17 @@ def test_windows_cover_every_row_once():
   _check_xla_pair(37, [5, 0, 19, 1, 9], k=6, n=7, bulk=16, step=4)
 
 
+def test_no_tile_spans_every_row():
+  """A tile as long as lhs is loop-invariant and XLA hoists its dot out of the (zero-trip) window loop, so
+  it ran for every group (2.6x the forward time at M=1024, G=2): no dot of the compiled gmm may produce all
+  M rows. (tgmm walks the same `_for_each_window` tiles.)"""
+  m, n = 64, 16
+  lhs, rhs, group_sizes = _operands(m, [40, 24], k=8, n=n)
+  hlo = jax.jit(lambda *a: xla.gmm(*a, jnp.float32)).lower(lhs, rhs, group_sizes).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert dots and not [line for line in dots if f"f32[{m},{n}]" in line.split(" dot(")[0]], dots
+
+
 # Few distinct shapes (4 groups, trailing ones possibly empty) keep jit caches warm; the group sizes, which
 # decide every tile boundary, vary freely since they are traced.
 @hypothesis.settings(max_examples=25, deadline=None)

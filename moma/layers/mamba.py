@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
+from moma.layers.scale import scale_features
 from moma.layers.selective_scan import selective_scan  # noqa: F401  (the DESIGN.md entry point)
 
 UNTIE_COMPONENTS = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv")
@@ -111,7 +112,7 @@ def causal_conv(prev_BKI, x_BLI, w_KI, b_I, segment_BL=None):
     seg_ext = jnp.concatenate([jnp.broadcast_to(segment_BL[:, :1], (batch, k - 1)), segment_BL], 1)
   out = b_I
   for j in range(k):  # tap j looks back k-1-j tokens
-    tap = ext[:, j:j + length] * w_KI[..., j, :]
+    tap = scale_features(ext[:, j:j + length], w_KI[..., j, :])
     if seg_ext is not None:
       tap = jnp.where((seg_ext[:, j:j + length] == segment_BL)[..., None], tap, 0)
     out = out + tap

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moma.layers.scale import scale_features
+
 NORM_KINDS = ("rms", "layer")
 
 
@@ -37,7 +39,7 @@ class Norm(nn.Module):
     if self.kind == "layer":
       xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    y = y * self._param("scale", nn.initializers.ones, x, groups)
+    y = scale_features(y, self._param("scale", nn.initializers.ones, x, groups))
     if self.kind == "layer":
       y = y + self._param("bias", nn.initializers.zeros, x, groups)
     return y.astype(self.dtype)

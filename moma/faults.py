@@ -1,7 +1,8 @@
 """What a run survives: another trainer on its workdir, preemption signals, and a diverging loss.
 
 `WorkdirLock` keeps one trainer per workdir (an flock, released by the kernel if the holder dies, so a
-kill -9 leaves no stale lock). `Preemption` turns SIGTERM / SIGINT into a request that the trainer
+kill -9 leaves no stale lock); the processes of one multi-host trainer each hold their own (DIR/lock for
+process 0, DIR/lock.<i> for the others), so they share a workdir while a second trainer is refused. `Preemption` turns SIGTERM / SIGINT into a request that the trainer
 honours at the next step boundary (checkpoint, flush, exit); a second signal exits at once.
 `first_nonfinite` finds the step and metric where a run diverged. The exceptions below are what the CLI
 turns into one line and an exit code (moma/main.py).
@@ -45,10 +46,11 @@ class Interrupted(RunError):
 
 
 class WorkdirLock:
-  """An exclusive lock on DIR/lock naming its holder (pid, host, start time); removed on release."""
+  """An exclusive lock on DIR/lock (process 0; DIR/lock.<i> for process i) naming its holder (pid, host,
+  start time); removed on release."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, workdir: str, process_index: int = 0):
+    self.path = os.path.join(workdir, LOCK_FILE + (f".{process_index}" if process_index else ""))
     self._fd = None
 
   def __enter__(self) -> "WorkdirLock":

@@ -143,7 +143,7 @@ def _stop_signal(preemption: faults.Preemption) -> int:
 def run(config: ml_collections.ConfigDict, workdir: str, plan: Plan) -> dict[str, float]:
   """Trains `plan` in `workdir` (validated by the caller: nothing was written before this call)."""
   tcfg = config.train
-  with faults.WorkdirLock(workdir), faults.Preemption() as preemption:
+  with faults.WorkdirLock(workdir, jax.process_index()), faults.Preemption() as preemption:
     checkpoint.write_config(config, workdir)
     mngr = checkpoint.manager(workdir, config)
     try:

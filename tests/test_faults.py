@@ -150,12 +150,12 @@ def test_damaged_workdir_resumes_from_the_previous_checkpoint(tiny_config, tmp_p
 # --- through the CLI ----------------------------------------------------------------------------------
 
 
-def _start(workdir, cache, *overrides):
+def _start(workdir, cache, *overrides, env=None):
   args = [sys.executable, "-m", "moma.main", "--config=configs/mot.py:size=tiny", f"--workdir={workdir}",
           f"--config.data.cache_dir={cache}", "--config.train.progress_bar=False",
           "--config.train.eval_every=0", *overrides]
   return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO})
+                          env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):
@@ -200,6 +200,30 @@ def test_a_second_signal_exits_at_once():
                           env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
   assert result.returncode == 128 + signal.SIGTERM, result.stderr
   assert "SIGTERM again: exiting now without saving" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path, data_cache_dir):
+  """Two processes (one CPU device each, gloo collectives) train one run on a shared workdir; SIGTERM
+  reaches process 1 only. Both agree on the stop (an all-gather of the signal each step), save the same
+  step together and exit 0; the locks (DIR/lock, DIR/lock.1) are gone and the run resumes."""
+  env = lambda i: {"JAX_COORDINATOR_ADDRESS": f"localhost:{12400 + os.getpid() % 1000}",
+                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+                   "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  flags = ("--config.train.steps=100000", "--config.train.log_every=1", "--config.checkpoint.every_steps=100000",
+           "--config.mesh.shape=(-1,)")
+  procs = [_start(tmp_path, data_cache_dir, *flags, env=env(i)) for i in range(2)]
+  _wait_for_step(tmp_path, 3, procs[0])
+  assert sorted(os.listdir(tmp_path))[:3] == ["checkpoints", "config.json", "lock"]
+  assert (tmp_path / "lock.1").exists()
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  saved = {int(err.strip().splitlines()[-1].split("saved step ")[1].split()[0]) for err in errs}
+  assert len(saved) == 1, errs
+  assert os.listdir(tmp_path / "checkpoints") == [str(saved.pop())]
+  assert not (tmp_path / "lock").exists() and not (tmp_path / "lock.1").exists()
 
 
 @pytest.mark.slow

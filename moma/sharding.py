@@ -73,7 +73,8 @@ def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -
   if len(shape) != len(axes):
     raise ValueError(f"config.mesh.shape {shape} and config.mesh.axes {axes} must have the same length")
   if len(set(axes)) != len(axes):
-    raise ValueError(f"config.mesh.axes {axes} repeats an axis name")
+    raise ValueError(f"config.mesh.axes {axes} repeats an axis name: name each axis once with "
+                     "--config.mesh.axes (and one size per axis in --config.mesh.shape)")
   if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
     raise ValueError(f"config.mesh.shape {shape}: sizes must be >= 1 with at most one -1")
   known = math.prod(s for s in shape if s != -1)

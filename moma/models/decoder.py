@@ -206,7 +206,8 @@ def check_config(cfg: Any) -> None:
                      "(or set config.model.head_dim)")
   kv_heads = cfg.num_kv_heads or cfg.num_heads
   if cfg.num_heads % kv_heads:
-    raise ValueError(f"config.model.num_kv_heads={kv_heads} must divide num_heads={cfg.num_heads}")
+    raise ValueError(f"config.model.num_kv_heads={kv_heads} must divide num_heads={cfg.num_heads}: set "
+                     f"--config.model.num_kv_heads to a divisor of {cfg.num_heads} (0: num_heads)")
   if cfg.block not in UNTIE_COMPONENTS:
     raise ValueError(f"config.model.block={cfg.block!r}: expected one of {tuple(UNTIE_COMPONENTS)}")
   allowed = UNTIE_COMPONENTS[cfg.block]
@@ -316,7 +317,8 @@ def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
   if len(shape) != 2:
     raise ValueError(f"batch['tokens'] must be [B, L], got shape {shape}")
   if shape[1] > model_config.max_seq_len:
-    raise ValueError(f"batch length {shape[1]} exceeds config.model.max_seq_len={model_config.max_seq_len}")
+    raise ValueError(f"batch length {shape[1]} exceeds config.model.max_seq_len={model_config.max_seq_len}: "
+                     f"raise --config.model.max_seq_len to at least {shape[1]} (or lower --config.train.seq_len)")
   num_modalities = len(model_config.modalities)
   _check_range(batch, "modality", num_modalities,
                f"config.model.modalities={tuple(model_config.modalities)}")

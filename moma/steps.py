@@ -157,7 +157,7 @@ def initial_params(config, params, source: str):
     raise ValueError(f"config.init.upcycle_from={source!r} has moe.layout={src_model['moe']['layout']!r}; "
                      "upcycle from a dense, MoT or 1t1i run")
   logging.info("Upcycling %s into layout %s", source, config.model.moe.layout)
-  return upcycle.upcycle(model_module(config).upcycle_source(src), params,
+  return upcycle.upcycle(src, params,
                          layout=config.model.moe.layout, modalities=config.model.modalities)
 
 

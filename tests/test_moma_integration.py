@@ -108,16 +108,16 @@ def test_upcycled_model_first_forward_equals_the_1t1i_model():
   src = init(src_model, batch)["params"]
   fresh = init(dst_model, batch)["params"]
   from moma import upcycle  # pylint: disable=g-import-not-at-top
-  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(src), fresh, layout="4t4i", modalities=MODS))
+  up = nn.meta.unbox(upcycle.upcycle(src, fresh, layout="4t4i", modalities=MODS))
   up["layers"]["ffn"]["router"] = jnp.zeros_like(up["layers"]["ffn"]["router"])
   forward = lambda model, params: jax.jit(functools.partial(apply, model))({"params": params}, batch)
   np.testing.assert_allclose(forward(dst_model, up), forward(src_model, src), rtol=1e-5, atol=1e-5)
-  # A dense (MoT) source: the fused SwiGLU gate/up kernel is split for the experts.
+  # A MoT source: its untied FFN has the experts' kernel layout, one group per modality.
   mot = decoder.Model(**BASE, untie=("ffn",))
   mot_params = init(mot, batch)["params"]
-  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(mot_params), fresh, layout="4t4i", modalities=MODS))
+  up = nn.meta.unbox(upcycle.upcycle(mot_params, fresh, layout="4t4i", modalities=MODS))
   wi = nn.meta.unbox(mot_params)["layers"]["ffn"]["wi"]["kernel"]  # [layers, modality, d, 2, F]
-  np.testing.assert_array_equal(up["layers"]["ffn"]["wi_up"][:, 5], wi[:, 1, :, 1])
+  np.testing.assert_array_equal(up["layers"]["ffn"]["wi"]["kernel"][:, 5], wi[:, 1])
 
 
 @pytest.mark.parametrize("kw,match", [

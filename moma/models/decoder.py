@@ -347,19 +347,6 @@ def _check_range(batch, key, upper, what):
     raise ValueError(f"batch[{key!r}] holds {bad}, outside [0, {upper}) set by {what}")
 
 
-def upcycle_source(params: Mapping[str, Any]) -> dict:
-  """A dense / MoT / 1t1i parameter tree with each SwiGLU FFN's weights under the names `moma.upcycle`
-  reads: the fused gate/up kernel `wi` [..., d, 2, F] becomes `wi_gate` / `wi_up`, `wo/kernel` `wo`."""
-  params = nn.meta.unbox(params)
-  if not isinstance(params, Mapping):
-    return params
-  out = {k: upcycle_source(v) for k, v in params.items()}
-  if isinstance(params.get("wi"), Mapping) and "kernel" in params["wi"] and "wo" in params:
-    wi = out.pop("wi")["kernel"]
-    out.update(wi_gate=wi[..., 0, :], wi_up=wi[..., 1, :], wo=out["wo"]["kernel"])
-  return out
-
-
 def target_modality(batch: Mapping[str, jax.Array]) -> jax.Array:
   """Modality of each position's target: token i+1 when it is in the same document, else token i."""
   modality_BL, segment_BL = batch["modality"], batch["segment"]

@@ -46,9 +46,11 @@ class Model(nn.Module):
         name, nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes), shape)
     proj_DE = kernel("contrastive_proj", (d_model, self.embed_dim or d_model), ("embed", None))
     # CLIP's learnable temperature, initialised at 1/0.07 and capped at 100.
-    logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
+    logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
+        nn.initializers.constant(np.log(1 / 0.07)), ()), ())
     classifier_DC = kernel("classifier", (d_model, self.num_classes), ("embed", None))
-    classifier_bias_C = self.param("classifier_bias", nn.initializers.zeros, (self.num_classes,))
+    classifier_bias_C = self.param("classifier_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                                   (self.num_classes,))
 
     if self.objective == "classification":
       return self.pooled(batch["image"], deterministic) @ classifier_DC + classifier_bias_C

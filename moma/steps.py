@@ -36,7 +36,7 @@ STAGES = {"main": lambda path: True, "aux_routers": lambda path: "aux_router" in
 STAGE_LOSSES = {"main": None, "aux_routers": lambda path: "aux_router" in path}
 
 def model_module(config: ml_collections.ConfigDict):
-  """The module `moma.models.<config.model.name>` (defines Model, loss_fn, validate_batch)."""
+  """The module `moma.models.<config.model.name>` (defines as_model, loss_fn, validate_batch)."""
   try:
     return importlib.import_module(f"moma.models.{config.model.name}")
   except ModuleNotFoundError as e:
@@ -45,7 +45,8 @@ def model_module(config: ml_collections.ConfigDict):
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  return model_module(config).Model(**config.model)
+  """The model of `config.model`, validated once (`model_module(config).as_model`)."""
+  return model_module(config).as_model(config.model)
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:

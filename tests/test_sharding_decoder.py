@@ -36,7 +36,7 @@ def loss(logits, batch):
 
 @functools.cache
 def run(kind, shape, axes, rules=()):
-  model = decoder.Model(**TINY, untie=UNTIE[kind])
+  model = decoder.as_model(dict(TINY, untie=UNTIE[kind]))
   return lib.run(model, make_batch(), shape, axes, rules, steps=2, loss=loss)
 
 
@@ -59,7 +59,7 @@ def test_decoder_on_mesh_matches_single_device(kind, shape, axes, rules):
 def test_cached_generation_on_mesh_matches_single_device():
   """Greedy decoding with MoT params sharded over (data, fsdp, tensor) and the prompt over the batch axes
   gives the single-device tokens (the KV cache follows the activations' sharding)."""
-  model = decoder.Model(**TINY, untie=UNTIE["mot"], max_seq_len=16)
+  model = decoder.as_model(dict(TINY, untie=UNTIE["mot"], max_seq_len=16))
   host = {k: v for k, v in make_batch().items() if k in ("tokens", "modality", "segment", "position")}
   table = jax.numpy.arange(TINY["vocab_size"], dtype=jax.numpy.int32) % len(MODALITIES)
   cfg = lib.mesh_config((2, 2, 2), ("data", "fsdp", "tensor"))
@@ -88,7 +88,7 @@ EVERY_PARAM = {
 @pytest.mark.parametrize("kind", EVERY_PARAM)
 def test_every_parameter_carries_logical_axes(kind):
   """Shardings come from the boxes alone: an unboxed parameter would be replicated, so there is none."""
-  model = encoder.Model(decoder.Model(**{**TINY, **EVERY_PARAM[kind]}), "lm")  # encoder heads too
+  model = encoder.Model(decoder.as_model({**TINY, **EVERY_PARAM[kind]}), "lm")  # encoder heads too
   batch = make_batch(b=2)
   if model.backbone.patch_dim:
     batch["image_block"] = np.where(batch["modality"] == 1, batch["segment"], 0).astype(np.int32)

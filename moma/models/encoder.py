@@ -1,6 +1,6 @@
 """The IMP model: one backbone for decoder objectives and for the encoder's perception objectives.
 
-`Model(backbone=decoder.Model(**config.model), objective=...)` holds the decoder (dense, MoT, MoMa:
+`Model(backbone=decoder.as_model(config.model), objective=...)` holds the decoder (dense, MoT, MoMa:
 whatever `config.model` builds) under "backbone" plus small encoder heads, so every AGD task trains the
 same parameter tree and one optimizer state:
 
@@ -41,7 +41,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Mapping, deterministic: bool = True):
-    d_model = self.backbone.d_model
+    d_model = self.backbone.config.d_model
     kernel = lambda name, shape, axes: self.param(
         name, nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes), shape)
     proj_DE = kernel("contrastive_proj", (d_model, self.embed_dim or d_model), ("embed", None))

@@ -90,7 +90,7 @@ def test_every_parameter_carries_logical_axes(kind):
   """Shardings come from the boxes alone: an unboxed parameter would be replicated, so there is none."""
   model = encoder.Model(decoder.as_model({**TINY, **EVERY_PARAM[kind]}), "lm")  # encoder heads too
   batch = make_batch(b=2)
-  if model.backbone.patch_dim:
+  if model.backbone.config.patch_dim:
     batch["image_block"] = np.where(batch["modality"] == 1, batch["segment"], 0).astype(np.int32)
     batch["modality"] = (batch["image_block"] > 0).astype(np.int32)
     batch["patches"] = np.ones((*batch["tokens"].shape, 4), np.float32)

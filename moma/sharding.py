@@ -148,7 +148,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, require_boxed:
   """
 
   def one(path, leaf):
-    value = leaf.value if _is_box(leaf) else leaf  # .unbox() would add a sharding constraint
+    value = leaf.value if _is_box(leaf) else leaf
     where = jax.tree_util.keystr(path, simple=True, separator="/")
     names = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else None
     if names is None and require_boxed and np.ndim(value):
@@ -158,7 +158,18 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, require_boxed:
     _check_divisible(where, value.shape, names, spec, mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=_is_box)
+  return jax.tree_util.tree_map_with_path(one, _without_empty_boxes(abstract_tree), is_leaf=_is_box)
+
+
+def _without_empty_boxes(tree):
+  """Boxes holding no array (optax's `MaskedNode` for a masked-out parameter) replaced by their contents."""
+  empty = lambda x: _is_box(x) and not jax.tree.leaves(x.value)
+  return jax.tree.map(lambda x: x.value if empty(x) else x, tree, is_leaf=_is_box)
+
+
+def _unbox(tree):
+  # .unbox() would add a sharding constraint (and fails on a box holding no array).
+  return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
 def _is_box(x) -> bool:
@@ -175,12 +186,7 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *arg
   with activate(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_shardings(abstract, mesh, rules, require_boxed=require_boxed)
-
-  def one(leaf, sharding):
-    value = leaf.value if _is_box(leaf) else leaf
-    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
-
-  return jax.tree.map(one, abstract, shardings, is_leaf=_is_box)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _unbox(abstract), shardings)
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, require_boxed: bool = False):
@@ -193,7 +199,7 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, r
   abstract = abstract_sharded(init_fn, mesh, rules, *args, require_boxed=require_boxed)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   # Flat outputs: static pytree metadata (e.g. a TrainState's tx) differs between traces.
-  leaves_fn = lambda *a: jax.tree.leaves(nn.meta.unbox(init_fn(*a)))
+  leaves_fn = lambda *a: jax.tree.leaves(_unbox(init_fn(*a)))
   with activate(mesh, rules):
     leaves = jax.jit(leaves_fn, out_shardings=jax.tree.leaves(shardings))(*args)
   return jax.tree.unflatten(jax.tree.structure(abstract), leaves), shardings

@@ -89,7 +89,8 @@ def test_aux_router_generation_path_is_causal():
                                 mod=dict(enabled=True, aux_router=True, capacity=0.5)))
   batch = make_batch()
   variables = init(model, batch)
-  causal = jax.jit(functools.partial(apply, model.clone(config=dataclasses.replace(model.config, causal=True))))  # one compilation, two batches
+  causal_model = model.clone(config=dataclasses.replace(model.config, causal=True))
+  causal = jax.jit(functools.partial(apply, causal_model))  # one compilation, two batches
   logits = causal(variables, batch)
   t = 11
   future = dict(batch, tokens=batch["tokens"].at[:, t:].set(7), modality=batch["modality"].at[:, t:].set(1))
@@ -105,8 +106,8 @@ def test_upcycled_model_first_forward_equals_the_1t1i_model():
   """Token choice over identical copies: 1t1i top-1 has gate 1; 4t4i top-4 with zero routers has four gates
   of 1/4 that sum to 1. So the upcycled model computes exactly the 1t1i model's function."""
   batch = make_batch()
-  src_model = decoder.as_model(dict(BASE, ffn="moe", moe=dict(layout="1t1i", routing="topk", top_k=1, dropless=True)))
-  dst_model = decoder.as_model(dict(BASE, ffn="moe", moe=dict(layout="4t4i", routing="topk", top_k=4, dropless=True)))
+  moe = lambda layout, k: dict(BASE, ffn="moe", moe=dict(layout=layout, routing="topk", top_k=k, dropless=True))
+  src_model, dst_model = decoder.as_model(moe("1t1i", 1)), decoder.as_model(moe("4t4i", 4))
   src = init(src_model, batch)["params"]
   fresh = init(dst_model, batch)["params"]
   from moma import upcycle  # pylint: disable=g-import-not-at-top

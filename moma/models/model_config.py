@@ -115,7 +115,7 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   max_seq_len: int = 2048
   tie_embeddings: bool = False
-  scale_tied_logits: bool = False  # tied: logits / sqrt(d_model) (unit-variance initial logits); off in the references
+  scale_tied_logits: bool = False  # tied: logits / sqrt(d_model) (unit-variance initial logits); off in references
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False

@@ -29,6 +29,9 @@ def test_config_dict_and_its_json_round_trip_give_one_hashable_config():
     (dict(MODEL, d_modle=16), r"config.model has unknown keys \['d_modle'\]"),
     (dict(MODEL, moe=dict(layuot="2t2i")), r"config.model.moe has unknown keys \['layuot'\]"),
     (dict(MODEL, moe=dict(layout="2t2x")), r"config.model.moe.layout='2t2x'"),
+    (dict(MODEL, moe=dict(layout="2t2i", gate="relu")), r"config.model.moe.gate='relu'"),
+    (dict(MODEL, moe=dict(layout="2t2i", token_fractions=(1.0,))), r"config.model.moe.token_fractions=\(1.0,\)"),
+    (dict(MODEL, mod=dict(enabled=True, routing_rows=-1)), r"config.model.mod.routing_rows=-1"),
 ])
 def test_unknown_or_bad_fields_are_named(model, match):
   with pytest.raises(ValueError, match=match):

@@ -66,7 +66,7 @@ class Block(nn.Module):
                attention_span=None):
     """attention_span: how far apart a query and its keys can be (MoD's packed rows; see Attention)."""
     s = self.config
-    norm = lambda name: Norm(s.norm, s.groups("norm"), s.norm_eps, **_dtypes(s), name=name)
+    norm = lambda name: Norm(kind=s.norm, num_groups=s.groups("norm"), eps=s.norm_eps, **_dtypes(s), name=name)
     mixer = make_mixer(s, "mixer")
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
                attention_span=attention_span)

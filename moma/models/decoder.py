@@ -74,8 +74,8 @@ class Model(nn.Module):
       rng = self.make_rng("diffusion") if self.has_rng("diffusion") else jax.random.key(0)
       image_in = diffusion.inputs(batch, cfg.diffusion, rng)
       segment_BL = image_in.segment
-      x_BLD, skip = patches.PatchIn(cfg.d_model, cfg.patch_proj, dtype, param_dtype,
-                                    name="patch_in")(x_BLD, image_in)
+      x_BLD, skip = patches.PatchIn(d_model=cfg.d_model, kind=cfg.patch_proj, dtype=dtype,
+                                    param_dtype=param_dtype, name="patch_in")(x_BLD, image_in)
 
     unit, depth = (ModGroup, cfg.num_layers // cfg.mod.every) if cfg.mod.enabled else (Block, cfg.num_layers)
     # `deterministic` is argument 7 counting self: static under remat.
@@ -87,8 +87,8 @@ class Model(nn.Module):
                      length=depth, metadata_params={nn.PARTITION_NAME: None})
     x_BLD, _ = layers(unit(cfg, name="layers"), x_BLD, plan, modality_BL, segment_BL,
                       batch["position"], batch.get("image_block"))
-    x_BLD = Norm(cfg.norm, cfg.groups("norm"), cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
-                 name="final_norm")(x_BLD, modality_BL)
+    x_BLD = Norm(kind=cfg.norm, num_groups=cfg.groups("norm"), eps=cfg.norm_eps, dtype=dtype,
+                 param_dtype=param_dtype, name="final_norm")(x_BLD, modality_BL)
     if cfg.tie_embeddings:
       logits_BLV = embed.attend(x_BLD)
       if cfg.scale_tied_logits:  # embeddings are N(0, 1): unit-variance initial logits
@@ -101,8 +101,8 @@ class Model(nn.Module):
     logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
     if image_in is None:
       return logits_BLV
-    prediction_BLP = patches.PatchOut(cfg.patch_dim, cfg.patch_proj, dtype, param_dtype,
-                                      name="patch_out")(x_BLD, skip)
+    prediction_BLP = patches.PatchOut(patch_dim=cfg.patch_dim, kind=cfg.patch_proj, dtype=dtype,
+                                      param_dtype=param_dtype, name="patch_out")(x_BLD, skip)
     return diffusion.Output(logits_BLV, prediction_BLP, image_in.target, image_in.weight,
                             cfg.diffusion.loss_weight)
 

@@ -239,6 +239,15 @@ def _check_moe(cfg: ModelConfig) -> None:
     raise ValueError(f"config.model.moe.capacity_factor={moe.capacity_factor} must be > 0")
   if moe.routing not in ("ec", "topk"):
     raise ValueError(f"config.model.moe.routing={moe.routing!r}: expected 'ec' or 'topk'")
+  if moe.gate not in ("softmax", "sigmoid"):
+    raise ValueError(f"config.model.moe.gate={moe.gate!r}: expected 'softmax' or 'sigmoid'")
+  groups = len(layout.sizes)
+  if moe.token_fractions is not None and (len(moe.token_fractions) != groups
+                                          or any(not 0 < f <= 1 for f in moe.token_fractions)):
+    raise ValueError(f"config.model.moe.token_fractions={moe.token_fractions} needs {groups} values in (0, 1] "
+                     f"(one per expert group of layout {moe.layout!r}), or None for equal shares")
+  if moe.routing_rows < 0:
+    raise ValueError(f"config.model.moe.routing_rows={moe.routing_rows} must be >= 0 (0: each device's rows)")
   if moe.routing == "topk" and not 1 <= moe.top_k <= min(layout.sizes):
     raise ValueError(f"config.model.moe.top_k={moe.top_k} must be in [1, {min(layout.sizes)}], the "
                      f"smallest expert group of layout {moe.layout!r}")
@@ -254,6 +263,8 @@ def _check_mod(cfg: ModelConfig) -> None:
     raise ValueError(f"config.model.mod.every={mod.every} must divide num_layers={cfg.num_layers}")
   if mod.selection not in ("batch", "sequence"):
     raise ValueError(f"config.model.mod.selection={mod.selection!r}: expected 'batch' or 'sequence'")
+  if mod.routing_rows < 0:
+    raise ValueError(f"config.model.mod.routing_rows={mod.routing_rows} must be >= 0 (0: each device's rows)")
   if cfg.causal and not mod.aux_router:
     raise ValueError("causal=True with config.model.mod.enabled needs config.model.mod.aux_router=True")
 

@@ -22,6 +22,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import matplotlib
 import numpy as np
@@ -120,13 +121,13 @@ def evaluate(config, params, num_batches):
 
 def main(argv):
   del argv
-  steps = _STEPS.value
-  full = make_config(steps)
-  mixed = make_config(steps, batch_divisor=len(TASKS))
+  num_steps = _STEPS.value
+  full = make_config(num_steps)
+  mixed = make_config(num_steps, batch_divisor=len(TASKS))
   tasks, sources = _sources(full, "train")
   init_task = tasks[0]
   create = functools.partial(steps.create_state, full, agd.build_model(full, init_task.objective))
-  init = jax.jit(create)(sources[init_task.name].batch(0, 0))
+  init = nn.unbox(jax.jit(create)(sources[init_task.name].batch(0, 0)))
   copy = lambda: jax.tree.map(lambda x: x.copy(), init)
 
   results, curves = {}, {}
@@ -135,7 +136,7 @@ def main(argv):
     results[arm] = dict(eval=evaluate(full, state.params, _EVAL_BATCHES.value), **timing)
 
   lines = [f"Tasks: {', '.join(f'{n} ({o}, batch {b})' for n, (o, _, b, _) in TASKS.items())}; "
-           f"{steps} steps per arm, tiny MoT (configs/agd.py:size=tiny, d_model 64, 2 layers), "
+           f"{num_steps} steps per arm, tiny MoT (configs/agd.py:size=tiny, d_model 64, 2 layers), "
            f"{jax.devices()[0].device_kind}.", "",
            "| task | metric | AGD | mixed |", "|---|---|---|---|"]
   for name in TASKS:

@@ -26,10 +26,10 @@ import numpy as np
 from experiments import bench_layers
 from moma import flops
 from moma.layers import attention
-from moma.models import decoder
+from moma.models.model_config import ModelConfig
 
 IMPLS = ("xla", "blockwise")
-HAS_IMPLS = "attention_impl" in decoder.Model.__dataclass_fields__
+HAS_IMPLS = "attention_impl" in ModelConfig.__dataclass_fields__
 
 
 def lm_args(seq_len, batch_size=1, **kw):

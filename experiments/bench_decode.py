@@ -81,7 +81,7 @@ def main():
   table = jnp.arange(COMMON["vocab_size"], dtype=jnp.int32) % 2  # token id → modality, as in `prompt`
   results = {}
   for name in args.models.split(","):
-    model = decoder.Model(**MODELS[name], max_seq_len=total)
+    model = decoder.as_model(dict(MODELS[name], max_seq_len=total))
     variables = {"params": model.init(jax.random.key(0), batch)["params"]}
     cached = lambda: generate.generate(model, variables, batch, args.new_tokens, modality_table=table)[0]
     recompute = recompute_fn(model, args.prompt_len, args.new_tokens)

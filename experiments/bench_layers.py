@@ -28,7 +28,6 @@ import numpy as np
 
 from moma import dispatch
 from moma import flops
-from moma.layers import routing
 from moma.models import blocks
 from moma.models import decoder
 
@@ -97,12 +96,12 @@ def sum_losses(state):
 
 def model_step(cfg, batch):
   """(jitted value_and_grad of the LM loss plus aux losses, (params, batch))."""
-  model = decoder.Model(**cfg)
+  model = decoder.as_model(cfg)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch))["params"]
 
   def loss(p, batch):
     logits, state = model.apply({"params": p}, batch, mutable=["losses", "metrics"])
-    return decoder.loss_fn(logits, batch, model.modalities)[0] + sum_losses(state)
+    return decoder.loss_fn(logits, batch, model.config.modalities)[0] + sum_losses(state)
 
   return jax.jit(jax.value_and_grad(loss)), (params, batch)
 
@@ -112,21 +111,19 @@ def unit_step(cfg, batch, unit="layer"):
 
   unit "layer": a decoder block (a MoD group of one routed block when MoD is on); "ffn": the FFN alone.
   """
-  model = decoder.Model(**cfg)
-  spec = model.spec
+  cfg = decoder.as_model(cfg).config
   # As in the decoder: a modality expert layout reads its groups off a one-group-per-modality plan.
-  moe_by_modality = spec.ffn == "moe" and not routing.parse_layout(model.moe_config["layout"],
-                                                                   model.modalities).shared
-  num_groups = spec.num_modalities if spec.untie or moe_by_modality else 1
-  x = jax.random.normal(jax.random.key(1), (*batch["tokens"].shape, spec.d_model))
+  moe_by_modality = cfg.ffn == "moe" and not cfg.moe_layout().shared
+  num_groups = cfg.num_modalities if cfg.untie or moe_by_modality else 1
+  x = jax.random.normal(jax.random.key(1), (*batch["tokens"].shape, cfg.d_model))
   ctx = (batch["modality"], batch["segment"], batch["position"])
   if unit == "ffn":
-    module = blocks.make_ffn(spec, "ffn")
-    kw = dict(segment=batch["segment"]) if spec.ffn == "moe" else {}
+    module = blocks.make_ffn(cfg, "ffn")
+    kw = dict(segment=batch["segment"]) if cfg.ffn == "moe" else {}
     apply = lambda p, x, plan, *ctx: module.apply({"params": p}, x, plan, mutable=["losses", "metrics"],
                                                   **kw)
   else:
-    module = (blocks.ModGroup if spec.mod else blocks.Block)(spec)
+    module = (blocks.ModGroup if cfg.mod.enabled else blocks.Block)(cfg)
     apply = lambda p, x, plan, *ctx: module.apply({"params": p}, x, plan, *ctx, None,
                                                   mutable=["losses", "metrics"])
 

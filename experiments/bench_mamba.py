@@ -118,11 +118,11 @@ def bench_models(batch, length, d_model, num_layers, num_modalities, reps):
   tx = optax.adamw(1e-3)
   calls = {}
   for name, untie in VARIANTS.items():
-    model = decoder.Model(**config, untie=untie)
+    model = decoder.as_model(dict(config, untie=untie))
 
     @jax.jit
     def train_step(params, opt_state, data, model=model):
-      loss_fn = lambda p: decoder.loss_fn(model.apply({"params": p}, data), data, model.modalities)[0]
+      loss_fn = lambda p: decoder.loss_fn(model.apply({"params": p}, data), data, model.config.modalities)[0]
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss

@@ -39,12 +39,12 @@ def transfusion_batch(args):
 
 
 def train_step(cfg, batch):
-  model = decoder.Model(**cfg)
+  model = decoder.as_model(cfg)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch))["params"]
 
   def loss(p, batch, rng):
     out, state = model.apply({"params": p}, batch, rngs={"diffusion": rng}, mutable=["losses", "metrics"])
-    return decoder.loss_fn(out, batch, model.modalities)[0] + bench_layers.sum_losses(state)
+    return decoder.loss_fn(out, batch, model.config.modalities)[0] + bench_layers.sum_losses(state)
 
   return jax.jit(jax.value_and_grad(loss)), (params, batch, jax.random.key(1))
 

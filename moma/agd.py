@@ -268,7 +268,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
   with faults.damaged_data_cache(config.data.cache_dir):
     init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
   model = build_model(config, first.objective)
-  abstract, logical = steps.abstract_state(config, model, init_batch, mesh, rules)
+  abstract = steps.abstract_state(config, model, init_batch, mesh, rules)
   eval_fns = {t.name: jax.jit(functools.partial(
       steps.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
       loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
@@ -285,8 +285,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
       tasks=loop_tasks, task_at=schedule.task_at,
       summarise=lambda window, step: summarise(window, dict(zip(names, schedule.counts(step).tolist()))),
       evaluate=lambda params: evaluate(config, tasks, eval_sources(), eval_fns, params, shard),
-      init=lambda mngr: steps.init_or_restore(config, model, mngr, init_batch, mesh, rules, abstract,
-                                              logical),
+      init=lambda mngr: steps.init_or_restore(config, model, mngr, init_batch, mesh, rules, abstract),
       mesh=mesh, rules=rules, lr=steps.lr_schedule(tcfg),
       describe=console.describe(config, abstract.params, mean_flops))
 

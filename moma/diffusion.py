@@ -17,7 +17,8 @@ before the document's first image moves to a segment of its own, so that image i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Mapping
 
 import flax
 import jax
@@ -25,27 +26,41 @@ import jax.numpy as jnp
 import numpy as np
 
 OBJECTIVES = ("ddpm", "flow")
-DEFAULTS = dict(objective="ddpm", timesteps=1000, loss_weight=5.0, noise_limit=500, caption_dropout=0.1,
-                flow_mean=0.0, flow_std=1.0, flow_shift=1.0)
 COSINE_OFFSET = 0.008  # s of the cosine schedule: ᾱ(t) = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2)
 MAX_BETA = 0.999
 
 
-def check(settings: Mapping[str, Any]) -> None:
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  """config.model.diffusion (read when config.model.patch_dim > 0); see the module docstring."""
+
+  objective: str = "ddpm"
+  timesteps: int = 1000
+  loss_weight: float = 5.0
+  noise_limit: int = 500
+  caption_dropout: float = 0.1
+  flow_mean: float = 0.0
+  flow_std: float = 1.0
+  flow_shift: float = 1.0
+
+
+DEFAULTS = dataclasses.asdict(DiffusionConfig())  # what presets start from (configs/transfusion.py)
+
+
+def check(s: DiffusionConfig) -> None:
   """Raises ValueError naming the config.model.diffusion field for settings that cannot train."""
-  s = settings
-  if s["objective"] not in OBJECTIVES:
-    raise ValueError(f"config.model.diffusion.objective={s['objective']!r}: expected one of {OBJECTIVES}")
-  if s["timesteps"] < 1:
-    raise ValueError(f"config.model.diffusion.timesteps={s['timesteps']} must be >= 1")
-  if not s["loss_weight"] >= 0:
-    raise ValueError(f"config.model.diffusion.loss_weight={s['loss_weight']} (λ) must be >= 0")
-  if not 1 <= s["noise_limit"] <= s["timesteps"]:
-    raise ValueError(f"config.model.diffusion.noise_limit={s['noise_limit']} must be in [1, timesteps="
-                     f"{s['timesteps']}] (the t cap for images that precede their caption)")
-  if not 0 <= s["caption_dropout"] <= 1:
-    raise ValueError(f"config.model.diffusion.caption_dropout={s['caption_dropout']} must be in [0, 1]")
-  if not (s["flow_std"] > 0 and s["flow_shift"] > 0):
+  if s.objective not in OBJECTIVES:
+    raise ValueError(f"config.model.diffusion.objective={s.objective!r}: expected one of {OBJECTIVES}")
+  if s.timesteps < 1:
+    raise ValueError(f"config.model.diffusion.timesteps={s.timesteps} must be >= 1")
+  if not s.loss_weight >= 0:
+    raise ValueError(f"config.model.diffusion.loss_weight={s.loss_weight} (λ) must be >= 0")
+  if not 1 <= s.noise_limit <= s.timesteps:
+    raise ValueError(f"config.model.diffusion.noise_limit={s.noise_limit} must be in [1, timesteps="
+                     f"{s.timesteps}] (the t cap for images that precede their caption)")
+  if not 0 <= s.caption_dropout <= 1:
+    raise ValueError(f"config.model.diffusion.caption_dropout={s.caption_dropout} must be in [0, 1]")
+  if not (s.flow_std > 0 and s.flow_shift > 0):
     raise ValueError("config.model.diffusion.flow_std and flow_shift must be > 0")
 
 
@@ -82,20 +97,20 @@ class Output:
 
 def add_noise(x0, eps, time, settings):
   """(x_t, target) for clean x0 and noise eps at `time` in [0, 1] (broadcast over the last axis)."""
-  if settings["objective"] == "flow":
+  if settings.objective == "flow":
     return (1 - time) * x0 + time * eps, eps - x0
-  alpha_bar = jnp.asarray(cosine_alpha_bar(settings["timesteps"]), jnp.float32)
-  ab = alpha_bar[jnp.rint(time * settings["timesteps"]).astype(jnp.int32)]
+  alpha_bar = jnp.asarray(cosine_alpha_bar(settings.timesteps), jnp.float32)
+  ab = alpha_bar[jnp.rint(time * settings.timesteps).astype(jnp.int32)]
   return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * eps, eps
 
 
 def sample_time(rng, shape, cap, settings) -> jax.Array:
   """Training times in (0, cap] (cap ≤ 1, broadcastable to `shape`); ddpm: multiples of 1 / T."""
-  if settings["objective"] == "flow":
-    t = jax.nn.sigmoid(settings["flow_mean"] + settings["flow_std"] * jax.random.normal(rng, shape))
-    s = settings["flow_shift"]
+  if settings.objective == "flow":
+    t = jax.nn.sigmoid(settings.flow_mean + settings.flow_std * jax.random.normal(rng, shape))
+    s = settings.flow_shift
     return cap * (s * t / (1 + (s - 1) * t))
-  steps = settings["timesteps"]
+  steps = settings.timesteps
   top = jnp.maximum(jnp.rint(cap * steps), 1)  # t uniform over {1, …, top}
   return (1 + jnp.floor(jax.random.uniform(rng, shape) * top)) / steps
 
@@ -127,7 +142,7 @@ def drop_captions(rng, rate, segment_BL, position_BL, image_block_BL) -> jax.Arr
   return jnp.where(dropped_BL, segment_BL + length, segment_BL)
 
 
-def inputs(batch: Mapping[str, jax.Array], settings: Mapping[str, Any], rng: jax.Array) -> Inputs:
+def inputs(batch: Mapping[str, jax.Array], settings: DiffusionConfig, rng: jax.Array) -> Inputs:
   """The decoder's image inputs for a batch with `patches` and `image_block`.
 
   Training (no `timestep` in the batch): `patches` are clean x_0; each image draws its time (noise
@@ -141,14 +156,14 @@ def inputs(batch: Mapping[str, jax.Array], settings: Mapping[str, Any], rng: jax
                   batch["segment"])
   segment_BL, position_BL = batch["segment"], batch["position"]
   rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
-  limit = settings["noise_limit"] / settings["timesteps"]
+  limit = settings.noise_limit / settings.timesteps
   cap_BN = jnp.where(noise_limited(segment_BL, position_BL, image_block_BL), limit, 1.0)
   time_BN = sample_time(rng_t, cap_BN.shape, cap_BN, settings)
   time_BL = jnp.take_along_axis(time_BN, image_block_BL, axis=1) * weight_BL
   x0_BLP = batch["patches"].astype(jnp.float32)
   eps_BLP = jax.random.normal(rng_eps, x0_BLP.shape, jnp.float32)
   xt_BLP, target_BLP = add_noise(x0_BLP, eps_BLP, time_BL[..., None], settings)
-  segment_BL = drop_captions(rng_drop, settings["caption_dropout"], segment_BL, position_BL, image_block_BL)
+  segment_BL = drop_captions(rng_drop, settings.caption_dropout, segment_BL, position_BL, image_block_BL)
   mask = weight_BL[..., None]
   return Inputs(xt_BLP * mask, time_BL, target_BLP * mask, weight_BL, segment_BL)
 
@@ -165,11 +180,11 @@ def loss(prediction_BLP, target_BLP, weight_BL) -> tuple[jax.Array, jax.Array]:
 
 def sampling_times(settings, num_steps: int) -> np.ndarray:
   """float32 [num_steps + 1]: the times a sampler visits, from pure noise (1) down to clean (0)."""
-  if settings["objective"] == "flow":
+  if settings.objective == "flow":
     t = np.linspace(1.0, 0.0, num_steps + 1)
-    s = settings["flow_shift"]
+    s = settings.flow_shift
     return (s * t / (1 + (s - 1) * t)).astype(np.float32)
-  steps = settings["timesteps"]  # evenly spaced timesteps T … 1, then 0 (DDIM respacing)
+  steps = settings.timesteps  # evenly spaced timesteps T … 1, then 0 (DDIM respacing)
   ts = np.round(np.linspace(steps, 0, num_steps + 1)).astype(np.int64)
   return (ts / steps).astype(np.float32)
 
@@ -177,10 +192,10 @@ def sampling_times(settings, num_steps: int) -> np.ndarray:
 def sampler_step(x_t, prediction, time, next_time, settings, *, eta=0.0, rng=None):
   """One step from `time` to `next_time` < time. ddpm: DDIM with stochasticity `eta` (1: DDPM ancestral
   on the respaced schedule; needs `rng`), x_0 clipped to [-1, 1]; flow: an Euler step of the velocity."""
-  if settings["objective"] == "flow":
+  if settings.objective == "flow":
     return x_t + (next_time - time) * prediction
-  alpha_bar = jnp.asarray(cosine_alpha_bar(settings["timesteps"]), jnp.float32)
-  index = lambda tm: jnp.rint(tm * settings["timesteps"]).astype(jnp.int32)
+  alpha_bar = jnp.asarray(cosine_alpha_bar(settings.timesteps), jnp.float32)
+  index = lambda tm: jnp.rint(tm * settings.timesteps).astype(jnp.int32)
   ab, ab_next = alpha_bar[index(time)], alpha_bar[index(next_time)]
   x0 = jnp.clip((x_t - jnp.sqrt(1 - ab) * prediction) / jnp.sqrt(ab), -1.0, 1.0)
   eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)  # consistent with the clipped x0

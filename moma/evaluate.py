@@ -93,7 +93,7 @@ def named_digit(text: str) -> int:
 
 def diffusion_losses(config, model, variables, eval_batches: int) -> dict[str, float]:
   """Validation diffusion loss at each time of `GRID` (fixed noise, every image of the batches)."""
-  settings = model.diffusion_config
+  settings = model.config.diffusion
   apply = jax.jit(model.apply)
   totals = {t: [0.0, 0.0] for t in GRID}
   it = data.batches(config.data, split="validation", batch_size=config.train.batch_size,
@@ -109,7 +109,7 @@ def diffusion_losses(config, model, variables, eval_batches: int) -> dict[str, f
       mse, count = diffusion.loss(out.prediction, target * weight_BL[..., None], weight_BL)
       totals[t][0] += float(mse) * float(count)
       totals[t][1] += float(count)
-  scale = settings["timesteps"] if settings["objective"] == "ddpm" else 1
+  scale = settings.timesteps if settings.objective == "ddpm" else 1
   return {f"diffusion_loss/t={t * scale:g}": s / max(n, 1.0) for t, (s, n) in totals.items()}
 
 
@@ -118,7 +118,7 @@ def evaluate(workdir: str, *, per_digit: int = 10, num_captions: int = 100, eval
   """All of the module docstring's numbers for the Transfusion run in `workdir`; also written to
   `workdir/evaluation.json`."""
   config, model, variables = sample.load(workdir)
-  if not model.patch_dim:
+  if not model.config.patch_dim:
     raise ValueError(f"--workdir={workdir!r} is not a Transfusion run (config.model.patch_dim=0); "
                      "train one with configs/transfusion.py")
   classifier = Classifier(config.data.cache_dir)

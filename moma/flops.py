@@ -22,37 +22,41 @@ from moma.layers import mamba as mamba_layer
 from moma.layers import mod as mod_lib
 from moma.layers import moe as moe_lib
 from moma.layers import patches
-from moma.models import decoder
+from moma.models.model_config import ModelConfig
 
 TRAIN_MULTIPLIER = 3
 
 
+def _config(model_config: Any) -> ModelConfig:
+  """config.model, a ModelConfig or a decoder Model → its ModelConfig."""
+  return ModelConfig.from_config(getattr(model_config, "config", model_config))
+
+
 def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Forward FLOPs per token, split into "attention_proj", "attention", "ffn", "lm_head"."""
-  model = decoder.as_model(model_config)
-  spec = model.spec
-  if spec.block == "mamba":
-    return mamba_forward_per_token(model)
-  if spec.block != "transformer":
-    raise ValueError(f"flops: config.model.block={spec.block!r} not counted yet (have: 'transformer')")
-  d, d_ff, layers, vocab = spec.d_model, spec.d_ff, model.num_layers, model.vocab_size
-  heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+  cfg = _config(model_config)
+  if cfg.block == "mamba":
+    return mamba_forward_per_token(cfg)
+  if cfg.block != "transformer":
+    raise ValueError(f"flops: config.model.block={cfg.block!r} not counted yet (have: 'transformer')")
+  d, d_ff, layers, vocab = cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.vocab_size
+  heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   ffn = 2 * 3 * d * d_ff  # SwiGLU gate, up, down
-  if spec.ffn == "moe":
-    ffn = moe_layer(model)["forward_flops"]
+  if cfg.ffn == "moe":
+    ffn = moe_layer(cfg)["forward_flops"]
   per_layer = {"attention_proj": 2 * d * (2 * heads + 2 * kv_heads) * head_dim,  # q, k, v, o
                "attention": 2 * 2 * seq_len * heads * head_dim,  # scores and weighted values
                "ffn": ffn}
   out = {k: layers * v for k, v in per_layer.items()}
-  if spec.mod:
-    cfg = model.mod_config
-    n_mod = layers // cfg["every"]  # one MoD layer per group of `every`
-    routed = dict(per_layer, attention=per_layer["attention"] * cfg["capacity"])
-    mod = mod_lib.flops_per_token(d, sum(routed.values()), capacity=cfg["capacity"],
-                                  aux_router=cfg["aux_router"])
+  if cfg.mod.enabled:
+    mod = cfg.mod
+    n_mod = layers // mod.every  # one MoD layer per group of `every`
+    routed = dict(per_layer, attention=per_layer["attention"] * mod.capacity)
+    mod_flops = mod_lib.flops_per_token(d, sum(routed.values()), capacity=mod.capacity,
+                                        aux_router=mod.aux_router)
     for k in per_layer:
-      out[k] -= n_mod * (per_layer[k] - cfg["capacity"] * routed[k])
-    out["mod_router"] = n_mod * mod["router_flops"]
+      out[k] -= n_mod * (per_layer[k] - mod.capacity * routed[k])
+    out["mod_router"] = n_mod * mod_flops["router_flops"]
   out["lm_head"] = 2 * d * vocab
   return out
 
@@ -60,36 +64,33 @@ def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
 def moe_layer(model_config: Any) -> dict[str, float]:
   """`moma.layers.moe.flops_per_token` of one MoE layer of config.model: forward FLOPs, active and total
   parameters (expert weights, router, aux router)."""
-  model = decoder.as_model(model_config)
-  cfg = model.moe_config
-  return moe_lib.flops_per_token(model.d_model, model.d_ff, modalities=model.modalities,
-                                 layout=cfg["layout"], routing=cfg["routing"],
-                                 capacity_factor=cfg["capacity_factor"], top_k=cfg["top_k"],
-                                 aux_router=cfg["aux_router"])
+  cfg = _config(model_config)
+  moe = cfg.moe
+  return moe_lib.flops_per_token(cfg.d_model, cfg.d_ff, modalities=cfg.modalities, layout=moe.layout,
+                                 routing=moe.routing, capacity_factor=moe.capacity_factor, top_k=moe.top_k,
+                                 aux_router=moe.aux_router)
 
 
 def ffn_params(model_config: Any) -> dict[str, float]:
   """FFN parameters of the whole model: {"active": used per token, "total": stored} (MoE: all experts)."""
-  model = decoder.as_model(model_config)
-  if model.ffn == "moe":
-    layer = moe_layer(model)
-    return {"active": model.num_layers * layer["active_params"],
-            "total": model.num_layers * layer["total_params"]}
-  copies = len(model.modalities) if "ffn" in decoder.parse_untie(model.untie) else 1
-  dense = model.num_layers * 3 * model.d_model * model.d_ff
-  return {"active": dense, "total": copies * dense}
+  cfg = _config(model_config)
+  if cfg.ffn == "moe":
+    layer = moe_layer(cfg)
+    return {"active": cfg.num_layers * layer["active_params"],
+            "total": cfg.num_layers * layer["total_params"]}
+  dense = cfg.num_layers * 3 * cfg.d_model * cfg.d_ff
+  return {"active": dense, "total": cfg.groups("ffn") * dense}
 
 
 def per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   """Training FLOPs per token: {"total": ..., "<modality>": ...} (for dense / MoT all equal, but for
   Transfusion's image positions, which add the patch projections)."""
-  total = float(TRAIN_MULTIPLIER * sum(forward_per_token(model_config, seq_len).values()))
-  model = decoder.as_model(model_config)
+  cfg = _config(model_config)
+  total = float(TRAIN_MULTIPLIER * sum(forward_per_token(cfg, seq_len).values()))
   out = {"total": total}
-  out.update({m: total for m in model.modalities})
-  if model.patch_dim and "image" in out:
-    out["image"] += TRAIN_MULTIPLIER * patches.flops_per_image_token(model.d_model, model.patch_dim,
-                                                                     model.patch_proj)
+  out.update({m: total for m in cfg.modalities})
+  if cfg.patch_dim and "image" in out:
+    out["image"] += TRAIN_MULTIPLIER * patches.flops_per_image_token(cfg.d_model, cfg.patch_dim, cfg.patch_proj)
   return out
 
 
@@ -102,15 +103,12 @@ def mamba_forward_per_token(model_config: Any) -> dict[str, float]:
   recurrence has no L x L term). Untying (MoM) changes no active FLOPs; "ffn" counts an FFN sublayer
   (dense SwiGLU or MoE) when d_ff > 0 (the papers' Mamba has none).
   """
-  model = decoder.as_model(model_config)
-  spec = model.spec
-  if spec.mod:
+  cfg = _config(model_config)
+  if cfg.mod.enabled:
     raise ValueError("flops: config.model.mod with block='mamba' is not counted yet")
-  settings, d = model.mamba_config, spec.d_model
-  block = mamba_layer.mamba_flops_per_token(d, settings["d_state"], settings["d_conv"], settings["expand"],
-                                            settings["dt_rank"])
+  m, d = cfg.mamba, cfg.d_model
+  block = mamba_layer.mamba_flops_per_token(d, m.d_state, m.d_conv, m.expand, m.dt_rank)
   ffn = 0
-  if spec.d_ff:
-    ffn = moe_layer(model)["forward_flops"] if spec.ffn == "moe" else 2 * 3 * d * spec.d_ff
-  return {"mamba": model.num_layers * block, "ffn": model.num_layers * ffn,
-          "lm_head": 2 * d * model.vocab_size}
+  if cfg.d_ff:
+    ffn = moe_layer(cfg)["forward_flops"] if cfg.ffn == "moe" else 2 * 3 * d * cfg.d_ff
+  return {"mamba": cfg.num_layers * block, "ffn": cfg.num_layers * ffn, "lm_head": 2 * d * cfg.vocab_size}

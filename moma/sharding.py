@@ -13,7 +13,7 @@ A trainer uses it like this (nothing else is needed for data, FSDP, tensor and e
   maybe_initialize_distributed(config)              # first thing in main, before any other jax call
   mesh, rules = mesh_from_config(config.mesh), rules_from_config(config.mesh)
   batch = shard_batch(host_batch, mesh, rules)       # this process's rows → global arrays
-  state, state_sh = init_sharded(create_state, mesh, rules, batch, logical=boxed_params)  # never on one host
+  state, state_sh = init_sharded(create_state, mesh, rules, batch)  # boxed params → sharded, never on one host
   with activate(mesh, rules):                        # makes `constrain` / nn.with_logical_constraint live
     step = jax.jit(train_step, out_shardings=(state_sh, None), donate_argnums=0)
     state, metrics = step(state, batch)
@@ -73,7 +73,8 @@ def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -
   if len(shape) != len(axes):
     raise ValueError(f"config.mesh.shape {shape} and config.mesh.axes {axes} must have the same length")
   if len(set(axes)) != len(axes):
-    raise ValueError(f"config.mesh.axes {axes} repeats an axis name")
+    raise ValueError(f"config.mesh.axes {axes} repeats an axis name: name each axis once with "
+                     "--config.mesh.axes (and one size per axis in --config.mesh.shape)")
   if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
     raise ValueError(f"config.mesh.shape {shape}: sizes must be >= 1 with at most one -1")
   known = math.prod(s for s in shape if s != -1)
@@ -136,72 +137,69 @@ def _check_divisible(path: str, shape: Sequence[int], logical, spec: PartitionSp
           f"config.mesh.rules (e.g. ({name!r}, None))")
 
 
-def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules, logical=None):
+def logical_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, require_boxed: bool = False):
   """NamedShardings for an abstract (e.g. `jax.eval_shape`) tree, matching its unboxed structure.
 
-  Leaves boxed with `nn.LogicallyPartitioned` follow the rules. `logical`, a boxed parameter tree (e.g.
-  `jax.eval_shape(model.init, key, batch)["params"]`), annotates an *unboxed* state: a leaf whose path ends
-  with a parameter's path and has its shape (the params, optimizer moments under any optax wrapper) gets
-  that parameter's logical axes. Everything else is replicated. Every sharded dimension is checked for
+  Leaves boxed with `nn.LogicallyPartitioned` (Flax parameters made with `nn.with_logical_partitioning`,
+  and the optax moments of such parameters: optax maps over the boxes) follow the rules; other leaves are
+  replicated. `require_boxed`: an unboxed leaf that is not a scalar (step, count) is an error instead, so
+  that no parameter or moment is replicated by accident. Every sharded dimension is checked for
   divisibility, naming the leaf's path in the error.
   """
-  table = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(logical, is_leaf=_is_box)[0] if logical else ():
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      table[_names(path)] = (tuple(leaf.value.shape), tuple(leaf.names))
-  longest = max((len(k) for k in table), default=0)
 
   def one(path, leaf):
-    value = leaf.value if _is_box(leaf) else leaf  # .unbox() would add a sharding constraint
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      names = tuple(leaf.names)
-    else:
-      key = _names(path)
-      hits = (table.get(key[len(key) - n:]) for n in range(min(len(key), longest), 0, -1))
-      names = next((h[1] for h in hits if h is not None and h[0] == tuple(value.shape)), None)
+    value = leaf.value if _is_box(leaf) else leaf
+    where = jax.tree_util.keystr(path, simple=True, separator="/")
+    names = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else None
+    if names is None and require_boxed and np.ndim(value):
+      raise ValueError(f"{where}: a state leaf of shape {tuple(value.shape)} has no logical axes and would be "
+                       "replicated on every device; create the parameter with nn.with_logical_partitioning")
     spec = mesh_spec(names, rules) if names is not None else PartitionSpec()
-    _check_divisible(jax.tree_util.keystr(path, simple=True, separator="/"), value.shape, names, spec, mesh)
+    _check_divisible(where, value.shape, names, spec, mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(one, abstract_tree, is_leaf=_is_box)
+  return jax.tree_util.tree_map_with_path(one, _without_empty_boxes(abstract_tree), is_leaf=_is_box)
 
 
-def _names(path) -> tuple:
-  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+def _without_empty_boxes(tree):
+  """Boxes holding no array (optax's `MaskedNode` for a masked-out parameter) replaced by their contents."""
+  empty = lambda x: _is_box(x) and not jax.tree.leaves(x.value)
+  return jax.tree.map(lambda x: x.value if empty(x) else x, tree, is_leaf=_is_box)
+
+
+def _unbox(tree):
+  # .unbox() would add a sharding constraint (and fails on a box holding no array).
+  return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
 def _is_box(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, logical=None):
-  """Unboxed `jax.ShapeDtypeStruct` tree of `init_fn(*args)` carrying the rules' shardings on `mesh`.
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, require_boxed: bool = False):
+  """Unboxed `jax.ShapeDtypeStruct` tree of `init_fn(*args)` (boxed) carrying the rules' shardings on `mesh`.
 
   Nothing is computed: this is the target for an orbax restore onto any mesh (resharding on restore):
   `ocp.StandardCheckpointer().restore(path, abstract_sharded(init_state, new_mesh, rules, key, batch))`.
+  `require_boxed`: see `logical_shardings`.
   """
   with activate(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules, logical)
-
-  def one(leaf, sharding):
-    value = leaf.value if _is_box(leaf) else leaf
-    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
-
-  return jax.tree.map(one, abstract, shardings, is_leaf=_is_box)
+  shardings = logical_shardings(abstract, mesh, rules, require_boxed=require_boxed)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _unbox(abstract), shardings)
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, logical=None):
-  """Runs `init_fn(*args)` (params or a whole train state, boxed or annotated by `logical`) sharded.
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, require_boxed: bool = False):
+  """Runs `init_fn(*args)` (params, or a whole train state built from boxed params) sharded.
 
-  See `logical_shardings` for `logical`. The init is traced abstractly first to get shapes and logical
-  names, then jitted with out_shardings, so each device creates only its own shards. Returns (unboxed
-  state, its NamedSharding tree).
+  The init is traced abstractly first to get shapes and logical names (`logical_shardings`), then jitted
+  with out_shardings, so each device creates only its own shards. Returns (unboxed state, its
+  NamedSharding tree).
   """
-  abstract = abstract_sharded(init_fn, mesh, rules, *args, logical=logical)
+  abstract = abstract_sharded(init_fn, mesh, rules, *args, require_boxed=require_boxed)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   # Flat outputs: static pytree metadata (e.g. a TrainState's tx) differs between traces.
-  leaves_fn = lambda *a: jax.tree.leaves(nn.meta.unbox(init_fn(*a)))
+  leaves_fn = lambda *a: jax.tree.leaves(_unbox(init_fn(*a)))
   with activate(mesh, rules):
     leaves = jax.jit(leaves_fn, out_shardings=jax.tree.leaves(shardings))(*args)
   return jax.tree.unflatten(jax.tree.structure(abstract), leaves), shardings

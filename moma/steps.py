@@ -36,7 +36,7 @@ STAGES = {"main": lambda path: True, "aux_routers": lambda path: "aux_router" in
 STAGE_LOSSES = {"main": None, "aux_routers": lambda path: "aux_router" in path}
 
 def model_module(config: ml_collections.ConfigDict):
-  """The module `moma.models.<config.model.name>` (defines Model, loss_fn, validate_batch)."""
+  """The module `moma.models.<config.model.name>` (defines as_model, loss_fn, validate_batch)."""
   try:
     return importlib.import_module(f"moma.models.{config.model.name}")
   except ModuleNotFoundError as e:
@@ -45,7 +45,8 @@ def model_module(config: ml_collections.ConfigDict):
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  return model_module(config).Model(**config.model)
+  """The model of `config.model`, validated once (`model_module(config).as_model`)."""
+  return model_module(config).as_model(config.model)
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -63,7 +64,8 @@ def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _leaf_name(path) -> str:
-  return str(getattr(path[-1], "key", path[-1]))
+  """The parameter's name: the last dict key (a boxed leaf's path ends in the box's `.value`)."""
+  return next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
 
 
 def weight_decay_mask(params) -> Any:
@@ -74,25 +76,28 @@ def weight_decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
-  """Clipping + AdamW (decay masked) for the parameters that train in `cfg.stage`; zero for the rest."""
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clipping + AdamW (decay masked) for the parameters that train in `cfg.stage`; zero for the rest.
+  Masks and labels are functions of the parameter tree, so the same optimizer takes boxed or plain params."""
   adamw = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                   mask=weight_decay_mask))
   trains = STAGES[cfg.stage]
-  labels = jax.tree_util.tree_map_with_path(
+  labels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: "train" if trains(jax.tree_util.keystr(path)) else "freeze", params)
   return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
 
 
 def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> TrainState:
-  """Fresh train state (params from `config.train.seed`); `batch` only provides shapes."""
+  """Fresh train state (params from `config.train.seed`); `batch` only provides shapes.
+
+  Params and optimizer moments are `nn.LogicallyPartitioned` boxes (optax maps over them), from which
+  `sharding.init_sharded` reads every leaf's sharding; `nn.unbox` gives the plain state.
+  """
   rng = jax.random.key(config.train.seed)
-  variables = model.init(rng, batch, deterministic=True)
-  params = nn.unbox(variables["params"])
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=make_optimizer(config.train, params))
+  params = model.init(rng, batch, deterministic=True)["params"]
+  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train))
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -108,31 +113,29 @@ def make_mesh(config: ml_collections.ConfigDict):
 
 
 def abstract_state(config, model, batch, mesh, rules):
-  """(abstract sharded TrainState, logical axis names of the params), by `eval_shape` of the init: checks
-  the model against the config and a batch without computing anything."""
-  logical = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0),
-                           batch)["params"]
+  """The abstract sharded TrainState, by `eval_shape` of the init: checks the model against the config and
+  a batch without computing anything. Every parameter and moment must carry logical axes."""
   make = functools.partial(create_state, config, model)
-  return sharding.abstract_sharded(make, mesh, rules, batch, logical=logical), logical
+  return sharding.abstract_sharded(make, mesh, rules, batch, require_boxed=True)
 
 
-def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None, logical=None):
+def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None):
   """(state, its shardings, step, saved window): the latest readable checkpoint in `mngr` (if any)
   resharded onto `mesh`, else a fresh state at step 0, created sharded (each device computes only its
-  shards). `batch` gives shapes; `abstract, logical` are `abstract_state`'s (computed when omitted).
+  shards). `batch` gives shapes; `abstract` is `abstract_state`'s (computed when omitted).
 
   A fresh state takes its parameters from `config.init.upcycle_from` (sparse upcycling into the expert
   layout) or `config.init.params_from` (same architecture, e.g. the aux-router stage) when set; the
   optimizer state and the schedule start from zero either way.
   """
   if abstract is None:
-    abstract, logical = abstract_state(config, model, batch, mesh, rules)
+    abstract = abstract_state(config, model, batch, mesh, rules)
   make = functools.partial(create_state, config, model)
   state, step, window = checkpoint.restore_latest(mngr, abstract) if mngr else (None, 0, None)
   if state is not None:
     logging.info("Resumed from %s at step %d", mngr.directory, step)
     return state, jax.tree.map(lambda a: a.sharding, abstract), step, window
-  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, logical=logical)
+  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, require_boxed=True)
   source = config.init.upcycle_from or config.init.get("params_from", "")
   if source:  # The source's weights are read whole on each host, then placed on the mesh.
     params = initial_params(config, state.params, source)
@@ -157,7 +160,7 @@ def initial_params(config, params, source: str):
     raise ValueError(f"config.init.upcycle_from={source!r} has moe.layout={src_model['moe']['layout']!r}; "
                      "upcycle from a dense, MoT or 1t1i run")
   logging.info("Upcycling %s into layout %s", source, config.model.moe.layout)
-  return upcycle.upcycle(model_module(config).upcycle_source(src), params,
+  return upcycle.upcycle(src, params,
                          layout=config.model.moe.layout, modalities=config.model.modalities)
 
 

@@ -97,7 +97,7 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
 
   module.validate_batch(first_host, model_config=config.model)
   first = loop.shard_batch(first_host, mesh, rules)  # Shapes for init and compilation.
-  abstract, logical = steps.abstract_state(config, model, first, mesh, rules)
+  abstract = steps.abstract_state(config, model, first, mesh, rules)
   statics = dict(model=model, loss_fn=module.loss_fn, modalities=tuple(config.model.modalities))
   step_fn = functools.partial(steps.train_step, seed=tcfg.seed, stage=tcfg.stage,
                               skip_nonfinite=tcfg.nan_policy == "skip", **statics)
@@ -116,7 +116,7 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
 
   return loop.Plan(
       tasks=[task], task_at=lambda step: 0, summarise=summarise, evaluate=evaluate,
-      init=lambda mngr: steps.init_or_restore(config, model, mngr, first, mesh, rules, abstract, logical),
+      init=lambda mngr: steps.init_or_restore(config, model, mngr, first, mesh, rules, abstract),
       mesh=mesh, rules=rules, lr=steps.lr_schedule(tcfg),
       describe=console.describe(config, abstract.params, flops_per_token))
 

@@ -10,6 +10,8 @@ that `moma.models.generate` continues in text; `caption_images` is image in, tex
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,29 +61,21 @@ def generate_patches(config, model, variables, captions, *, num_steps: int = 250
     caption_rows = [(np.arange(len(r)) >= 1) & (np.arange(len(r)) < len(r) - 1) for r in rows]
     uncond = _rows(config, rows, caption_rows)
     prompt = {k: jnp.concatenate([prompt[k], uncond[k]]) for k in prompt}
-  n, p = _num_patches(config), model.patch_dim
+  n, p = _num_patches(config), model.config.patch_dim
   x_T = jax.random.normal(jax.random.key(seed), (len(captions), n, p), jnp.float32)
   denoise = _denoiser(model, config.model.modalities.index("image"), num_steps, float(eta),
                       float(cfg_scale))
   return np.asarray(denoise(variables, prompt, x_T, jax.random.key(seed + 1)))
 
 
-_DENOISERS: dict[tuple, tuple] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _denoiser(model, image_id, num_steps, eta, cfg_scale):
-  """The jitted denoising loop, kept per (model, settings); models hold config dicts, so keyed by id and
-  kept alive in the entry (as `moma.models.generate` does)."""
-  key = (id(model), image_id, num_steps, eta, cfg_scale)
-  if key not in _DENOISERS:
-    while len(_DENOISERS) >= 8:
-      _DENOISERS.pop(next(iter(_DENOISERS)))
-    _DENOISERS[key] = (model, _make_denoiser(model, image_id, num_steps, eta, cfg_scale))
-  return _DENOISERS[key][1]
+  """The jitted denoising loop, kept per (model, settings): a model (its frozen config) is hashable."""
+  return _make_denoiser(model, image_id, num_steps, eta, cfg_scale)
 
 
 def _make_denoiser(model, image_id, num_steps, eta, cfg_scale):
-  settings = model.diffusion_config
+  settings = model.config.diffusion
   times = diffusion.sampling_times(settings, num_steps)
 
   def run(variables, prompt, x_T, rng):

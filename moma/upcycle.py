@@ -1,12 +1,13 @@
 """Sparse upcycling: start a MoMa / MoE model from a 1t1i, MoT (untied FFN) or dense parameter tree.
 
 `upcycle(src, dst, layout=..., modalities=...)` walks the freshly initialised target tree `dst`. An MoE layer
-(a dict holding `router` and the expert weights `wi_gate`, `wi_up`, `wo`, see `moma.layers.moe.MoE`) takes
-its expert weights from the FFN at the same path in `src`: every expert of modality m's group gets a copy
-of modality m's FFN (a per-modality weight [..., G, a, b]) or of the shared FFN (a plain [..., a, b]); the
-routers (and aux routers) stay freshly initialised. Every other leaf is copied from `src` when the same path
-exists there and kept from `dst` otherwise. Leading layer-stack axes (nn.scan) pass through. Boxed
-(logically partitioned) leaves keep their boxes. The trainer resets the optimiser and schedule.
+(a dict holding `router` and the expert kernels `wi/kernel` [E, d, 2, F], `wo/kernel` [E, F, d], see
+`moma.layers.moe.MoE`) takes its expert weights from the SwiGLU FFN at the same path in `src` (`wi/kernel`
+[(G,) d, 2, F], `wo/kernel` [(G,) F, d]: the MoT FFN's and the 1t1i experts' layout): every expert of
+modality m's group gets a copy of modality m's FFN (a per-modality weight) or of the shared FFN (no group
+axis); the routers (and aux routers) stay freshly initialised. Every other leaf is copied from `src` when
+the same path exists there and kept from `dst` otherwise. Leading layer-stack axes (nn.scan) pass through.
+Boxed (logically partitioned) leaves keep their boxes. The trainer resets the optimiser and schedule.
 """
 
 from __future__ import annotations
@@ -19,61 +20,63 @@ import numpy as np
 
 from moma.layers import routing
 
-EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")
+# Expert kernel → the number of dimensions of one expert's weight (wi: [d, 2, F], wo: [F, d]).
+EXPERT_WEIGHTS = {"wi": 3, "wo": 2}
 FRESH = ("router", "aux_router")
 
 
-def upcycle(src: Mapping[str, Any], dst: Mapping[str, Any], *, layout: str, modalities: Sequence[str],
-            names: Mapping[str, str] | None = None) -> dict:
-  """New `dst` tree with the experts copied from `src`'s FFNs. `names` maps expert → source weight names."""
+def upcycle(src: Mapping[str, Any], dst: Mapping[str, Any], *, layout: str,
+            modalities: Sequence[str]) -> dict:
+  """New `dst` tree with the experts copied from `src`'s FFNs."""
   lay = routing.parse_layout(layout, modalities)
-  names = {n: n for n in EXPERT_WEIGHTS} | dict(names or {})
-  return _walk(nn.meta.unbox(src), dst, lay, len(tuple(modalities)), names, path=())
+  return _walk(nn.meta.unbox(src), dst, lay, len(tuple(modalities)), path=())
 
 
 def upcycle_weight(src_w: Any, dst_shape: Sequence[int], layout: routing.Layout, num_modalities: int,
-                   path: str = "") -> jnp.ndarray:
-  """One FFN weight → expert weight of `dst_shape` ([..., E, a, b]): each group gets its modality's copy."""
+                   path: str = "", weight_ndim: int = 2) -> jnp.ndarray:
+  """One FFN weight → expert weight of `dst_shape` ([..., E, *w], `weight_ndim` dims in w): each group gets
+  its modality's copy."""
   src_w, dst_shape = jnp.asarray(src_w), tuple(dst_shape)
-  lead, trail = dst_shape[:-3], dst_shape[-2:]
-  if tuple(src_w.shape[-2:]) != trail:
+  axis = len(dst_shape) - weight_ndim - 1  # the expert axis
+  lead, trail = dst_shape[:axis], dst_shape[axis + 1:]
+  if tuple(src_w.shape[-weight_ndim:]) != trail:
     raise ValueError(f"upcycle: source {path} has shape {src_w.shape}, the target needs [..., {trail}]: the "
                      "source checkpoint has a different d_model or d_ff")
-  if src_w.ndim == len(dst_shape) - 1 and tuple(src_w.shape[:-2]) == lead:  # shared FFN
-    return jnp.broadcast_to(jnp.expand_dims(src_w, -3), dst_shape).astype(src_w.dtype)
-  if src_w.ndim != len(dst_shape) or tuple(src_w.shape[:-3]) != lead:
+  if src_w.ndim == len(dst_shape) - 1 and tuple(src_w.shape[:axis]) == lead:  # shared FFN
+    return jnp.broadcast_to(jnp.expand_dims(src_w, axis), dst_shape).astype(src_w.dtype)
+  if src_w.ndim != len(dst_shape) or tuple(src_w.shape[:axis]) != lead:
     raise ValueError(f"upcycle: source {path} has shape {src_w.shape}, not a shared or per-modality FFN "
                      f"weight for target {dst_shape} (different num_layers?)")
-  if layout.shared or src_w.shape[-3] != num_modalities:
-    raise ValueError(f"upcycle: source {path} has {src_w.shape[-3]} groups; a per-modality source needs "
+  if layout.shared or src_w.shape[axis] != num_modalities:
+    raise ValueError(f"upcycle: source {path} has {src_w.shape[axis]} groups; a per-modality source needs "
                      f"{num_modalities} (one per modality) and a modality layout, not {layout.sizes}")
-  return jnp.repeat(src_w, np.asarray(layout.sizes), axis=-3, total_repeat_length=dst_shape[-3])
+  return jnp.repeat(src_w, np.asarray(layout.sizes), axis=axis, total_repeat_length=dst_shape[axis])
 
 
-def _walk(src, dst, lay, num_modalities, names, path):
+def _walk(src, dst, lay, num_modalities, path):
   if not isinstance(dst, Mapping):
     return _copy_leaf(src, dst, path)
   if "router" in dst and all(n in dst for n in EXPERT_WEIGHTS):
-    return _moe_layer(src, dst, lay, num_modalities, names, path)
-  return {k: _walk(src.get(k) if isinstance(src, Mapping) else None, v, lay, num_modalities, names,
-                   path + (k,)) for k, v in dst.items()}
+    return _moe_layer(src, dst, lay, num_modalities, path)
+  return {k: _walk(src.get(k) if isinstance(src, Mapping) else None, v, lay, num_modalities, path + (k,))
+          for k, v in dst.items()}
 
 
-def _moe_layer(src, dst, lay, num_modalities, names, path):
+def _moe_layer(src, dst, lay, num_modalities, path):
   where = "/".join(path) or "<root>"
   out = dict(dst)
-  for n in EXPERT_WEIGHTS:
-    w = src.get(names[n]) if isinstance(src, Mapping) else None
-    w = w.get("kernel") if isinstance(w, Mapping) else w
+  for n, weight_ndim in EXPERT_WEIGHTS.items():
+    w = src.get(n) if isinstance(src, Mapping) else None
+    w = w.get("kernel") if isinstance(w, Mapping) else None
     if w is None:
-      raise ValueError(f"upcycle: source has no FFN weight {names[n]!r} (or {names[n]}/kernel) at {where}; "
-                       "upcycle from a dense, MoT or 1t1i checkpoint of the same architecture")
-    target = nn.meta.unbox(dst[n])
-    new = upcycle_weight(w, target.shape, lay, num_modalities, f"{where}/{names[n]}").astype(target.dtype)
-    out[n] = _rebox(dst[n], new)
+      raise ValueError(f"upcycle: source has no FFN weight '{n}/kernel' at {where}; upcycle from a dense, MoT "
+                       "or 1t1i checkpoint of the same architecture")
+    target = nn.meta.unbox(dst[n]["kernel"])
+    new = upcycle_weight(w, target.shape, lay, num_modalities, f"{where}/{n}/kernel", weight_ndim)
+    out[n] = {"kernel": _rebox(dst[n]["kernel"], new.astype(target.dtype))}
   for k in dst:
     if k not in EXPERT_WEIGHTS and k not in FRESH:
-      out[k] = _walk(src.get(k) if isinstance(src, Mapping) else None, dst[k], lay, num_modalities, names,
+      out[k] = _walk(src.get(k) if isinstance(src, Mapping) else None, dst[k], lay, num_modalities,
                      path + (k,))
   return out
 

@@ -38,7 +38,7 @@ def make_batch(b, l=16, seed=0):
 
 @functools.cache
 def step_collectives(kind, batch_size):
-  model = decoder.Model(**{**TINY, **MODELS[kind]})
+  model = decoder.as_model({**TINY, **MODELS[kind]})
   loss = lambda logits, batch: decoder.loss_fn(logits, batch, MODALITIES)[0]
   *_, step, _ = lib.setup(model, make_batch(batch_size), (8,), ("data",), loss=loss)
   return sharding.collective_bytes(step.as_text())

@@ -18,7 +18,7 @@ from moma import train
 def test_every_preset_builds_a_valid_model(family, size):
   config = train.resolve_config(family.get_config(f"size={size}"))
   model = train.build_model(config)  # Validates config.model (no parameters built).
-  assert model.max_seq_len >= config.train.seq_len
+  assert model.config.max_seq_len >= config.train.seq_len
   for key in ("train.steps", "train.batch_size", "train.seed", "train.log_every",
               "checkpoint.every_steps", "mesh.shape", "mesh.axes"):
     section, field = key.split(".")
@@ -32,9 +32,9 @@ def test_mamba_presets_match_dense_flops(size):
   for family in (mamba, mom):
     config = train.resolve_config(family.get_config(f"size={size}"))
     model = train.build_model(config)
-    assert (model.block, model.d_ff, dict(model.mamba)["d_state"], dict(model.mamba)["expand"]) == (
-        "mamba", 0, 16, 2)
-    assert model.max_seq_len >= config.train.seq_len
+    cfg = model.config
+    assert (cfg.block, cfg.d_ff, cfg.mamba.d_state, cfg.mamba.expand) == ("mamba", 0, 16, 2)
+    assert cfg.max_seq_len >= config.train.seq_len
     assert flops.per_token(config.model, config.train.seq_len)["total"] == pytest.approx(dense_flops,
                                                                                         rel=0.1)
 
@@ -129,8 +129,8 @@ def test_moma_presets_build(arg, modalities, layout):
   from configs import moma  # pylint: disable=g-import-not-at-top
   config = train.resolve_config(moma.get_config(arg))
   model = train.build_model(config)
-  assert tuple(config.data.modalities) == modalities and model.moe_config["layout"] == layout
-  assert model.mod_config["enabled"] == ("mod=true" in arg)
+  assert tuple(config.data.modalities) == modalities and model.config.moe.layout == layout
+  assert model.config.mod.enabled == ("mod=true" in arg)
 
 
 @pytest.mark.parametrize("arg,match", [("experts=4t4x", "letter 'x'"), ("routing=hash", "routing='hash'")])

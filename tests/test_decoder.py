@@ -57,8 +57,8 @@ def tie_copies(mot_vars, dense_vars):
 @pytest.mark.parametrize("placement,norm", [("pre", "rms"), ("swin", "layer")])
 def test_untied_with_equal_copies_is_dense(placement, norm):
   batch = make_batch()
-  dense = decoder.Model(**BASE, norm=norm, norm_placement=placement)
-  mot = decoder.Model(**BASE, norm=norm, norm_placement=placement, untie=ALL)
+  dense = decoder.as_model(dict(BASE, norm=norm, norm_placement=placement))
+  mot = decoder.as_model(dict(BASE, norm=norm, norm_placement=placement, untie=ALL))
   dense_vars = init(dense, batch)
   # perturb the dense weights so norms' scales/biases are not trivially 1/0
   dense_vars = jax.tree.map(lambda p: p + 0.05, dense_vars)
@@ -69,10 +69,10 @@ def test_untied_with_equal_copies_is_dense(placement, norm):
 
 def test_one_modality_batch_is_dense_with_that_modalitys_weights():
   batch = make_batch()
-  mot = decoder.Model(**BASE, untie=ALL)
+  mot = decoder.as_model(dict(BASE, untie=ALL))
   mot_vars = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(7), p.shape),
                           init(mot, batch))
-  mot_apply, dense_apply = jax.jit(mot.apply), jax.jit(decoder.Model(**BASE).apply)
+  mot_apply, dense_apply = jax.jit(mot.apply), jax.jit(decoder.as_model(BASE).apply)
   for m in range(3):
     one = dict(batch, modality=jnp.full_like(batch["modality"], m))
     dense_vars = _map_modality_axis(mot_vars, lambda v, axis: jnp.take(v, m, axis=axis))
@@ -82,7 +82,7 @@ def test_one_modality_batch_is_dense_with_that_modalitys_weights():
 
 @pytest.fixture(scope="module")
 def mot_model():
-  model = decoder.Model(**BASE, untie=ALL)
+  model = decoder.as_model(dict(BASE, untie=ALL))
   batch = make_batch()
   return model, init(model, batch), jax.jit(model.apply)
 
@@ -123,9 +123,9 @@ def test_image_block_is_bidirectional():
 def test_per_modality_losses_sum_to_total(mot_model):
   model, variables, apply = mot_model
   batch = make_batch(seed=3)
-  loss, metrics = decoder.loss_fn(apply(variables, batch), batch, model.modalities)
-  weights = np.array([metrics[f"tokens/{m}"] for m in model.modalities])
-  losses = np.array([metrics[f"loss/{m}"] for m in model.modalities])
+  loss, metrics = decoder.loss_fn(apply(variables, batch), batch, model.config.modalities)
+  weights = np.array([metrics[f"tokens/{m}"] for m in model.config.modalities])
+  losses = np.array([metrics[f"loss/{m}"] for m in model.config.modalities])
   assert weights.sum() == np.asarray(batch["loss_mask"]).sum()
   np.testing.assert_allclose((weights * losses).sum() / weights.sum(), loss, rtol=1e-5)
 
@@ -138,14 +138,14 @@ def test_target_modality_follows_next_token_in_document():
 @pytest.mark.parametrize("untie", [(), ALL])
 def test_one_train_step_lowers_loss(untie):
   batch = make_batch(seed=4)
-  model = decoder.Model(**BASE, untie=untie, remat=True, tie_embeddings=True)
+  model = decoder.as_model(dict(BASE, untie=untie, remat=True, tie_embeddings=True))
   params = nn.meta.unbox(init(model, batch))["params"]
   opt = optax.adam(1e-2)
 
   @jax.jit
   def step(params, opt_state):
     def loss(p):
-      return decoder.loss_fn(model.apply({"params": p}, batch), batch, model.modalities)[0]
+      return decoder.loss_fn(model.apply({"params": p}, batch), batch, model.config.modalities)[0]
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
@@ -173,13 +173,13 @@ def test_one_train_step_lowers_loss(untie):
 ])
 def test_bad_config_names_the_field(override, field):
   with pytest.raises(ValueError, match=field):
-    decoder.Model(**{**BASE, **override})
+    decoder.as_model({**BASE, **override})
 
 
 @pytest.mark.parametrize("key,value,field", [
     ("modality", 3, "modalities"), ("tokens", 48, "vocab_size"), ("targets", -1, "vocab_size")])
 def test_validate_batch_names_the_field(key, value, field):
-  model = decoder.Model(**BASE)
+  model = decoder.as_model(BASE)
   batch = {k: np.asarray(v) for k, v in make_batch().items()}
   decoder.validate_batch(batch, model)
   batch[key] = batch[key].copy()
@@ -191,4 +191,4 @@ def test_validate_batch_names_the_field(key, value, field):
 def test_validate_batch_refuses_continuous_patches():
   batch = dict(make_batch(), patches=np.zeros((2, 12, 4), np.float32))
   with pytest.raises(ValueError, match="data.image_form='discrete'"):
-    decoder.validate_batch(batch, decoder.Model(**BASE))
+    decoder.validate_batch(batch, decoder.as_model(BASE))

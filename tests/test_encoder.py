@@ -28,20 +28,20 @@ def _seq(tokens, modality, length=8):
 def setup():
   batch = {"image": _seq([[1, 2, 3, 4, 5], [6, 7, 8]], 1), "text": _seq([[9, 10], [11, 12, 13]], 0),
            "label": np.array([3, 7], np.int32)}
-  model = encoder.Model(decoder.Model(**MODEL), "contrastive", num_classes=10, embed_dim=8)
+  model = encoder.Model(decoder.as_model(MODEL), "contrastive", num_classes=10, embed_dim=8)
   params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
   return model, params, batch
 
 
 def test_the_backbone_subtree_is_the_decoders_own_tree(setup):
   _, params, _ = setup
-  dec = decoder.Model(**MODEL)
+  dec = decoder.as_model(MODEL)
   dec_params = jax.eval_shape(dec.init, jax.random.key(0), _seq([[1, 2]], 0))["params"]
   assert jax.tree.structure(params["backbone"]) == jax.tree.structure(dec_params)
   assert set(params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
                          "classifier_bias"}
   # A decoder objective gives the decoder's logits from the same parameters.
-  lm = encoder.Model(decoder.Model(**MODEL), "lm", embed_dim=8)
+  lm = encoder.Model(decoder.as_model(MODEL), "lm", embed_dim=8)
   seq = _seq([[1, 2, 3]], 0)
   np.testing.assert_allclose(jax.jit(lm.apply)({"params": params}, seq),
                              jax.jit(dec.apply)({"params": params["backbone"]}, seq), rtol=1e-6)
@@ -73,7 +73,7 @@ def test_heads_shapes_and_temperature(setup):
   out = apply({"params": params}, batch)
   assert out["image"].shape == out["text"].shape == (2, 8)
   np.testing.assert_allclose(out["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
-  cls = encoder.Model(decoder.Model(**MODEL), "classification", num_classes=10, embed_dim=8)
+  cls = encoder.Model(decoder.as_model(MODEL), "classification", num_classes=10, embed_dim=8)
   assert jax.eval_shape(cls.apply, {"params": params}, batch).shape == (2, 10)
   capped = jax.tree.map(lambda x: x, params)
   capped["logit_scale"] = jnp.float32(10.0)

@@ -18,7 +18,7 @@ def xla_train_flops_per_token(model, batch):
   params = nn.meta.unbox(variables)["params"]
 
   def loss(p):
-    return decoder.loss_fn(model.apply({"params": p}, batch), batch, model.modalities)[0]
+    return decoder.loss_fn(model.apply({"params": p}, batch), batch, model.config.modalities)[0]
 
   compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
   cost = compiled.cost_analysis()
@@ -34,7 +34,7 @@ def test_dense_matches_xla_cost_analysis():
                segment=jnp.ones((b, l), jnp.int32), position=jnp.broadcast_to(jnp.arange(l), (b, l)),
                targets=jnp.zeros((b, l), jnp.int32), loss_mask=jnp.ones((b, l)))
   analytic = flops.per_token(CONFIG, l)
-  measured = xla_train_flops_per_token(decoder.Model(**CONFIG), batch)
+  measured = xla_train_flops_per_token(decoder.as_model(CONFIG), batch)
   assert analytic["total"] == pytest.approx(measured, rel=0.1)
   assert analytic["text"] == analytic["image"] == analytic["total"]
 

@@ -39,7 +39,7 @@ class Compiled:
   """One model with random variables and jitted forward / prefill / decode step."""
 
   def __init__(self, **overrides):
-    self.model = decoder.Model(**{**BASE, **overrides})
+    self.model = decoder.as_model({**BASE, **overrides})
     self.variables = random_variables(self.model, make_batch(l=L))
     self.apply = jax.jit(self.model.apply)
     self.prefill = jax.jit(lambda v, b: generate.prefill(self.model, v, b))
@@ -149,7 +149,7 @@ def test_flops_match_xla_cost_analysis():
                position=jnp.broadcast_to(jnp.arange(l), (b, l)), targets=jnp.zeros((b, l), jnp.int32),
                loss_mask=jnp.ones((b, l)))
   analytic = flops.per_token(config, l)
-  assert analytic["total"] == pytest.approx(xla_train_flops_per_token(decoder.Model(**config), batch),
+  assert analytic["total"] == pytest.approx(xla_train_flops_per_token(decoder.as_model(config), batch),
                                             rel=0.1)
   assert analytic["text"] == analytic["image"] == analytic["total"]
   assert analytic == flops.per_token(dict(config, untie=PROJECTIONS), l)
@@ -175,7 +175,7 @@ def test_tiny_mom_config_trains(data_cache_dir, tmp_path):
 ])
 def test_bad_config_names_the_field(override, match):
   with pytest.raises(ValueError, match=match):
-    decoder.Model(**{**BASE, **override})
+    decoder.as_model({**BASE, **override})
 
 
 def test_decoding_past_max_len_is_refused(mamba_model):

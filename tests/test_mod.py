@@ -115,9 +115,9 @@ def test_packed_batch_attention_is_banded_and_exact():
   """A decoder MoD block over 8 rows of 64 tokens at capacity 0.75 packs 384 tokens into one row; with
   `block_attends` its attention is blockwise with span 64 (no [384, 384] array) and equals the xla twin."""
   from moma.models import blocks
-  from moma.models import decoder
-  model = lambda impl: decoder.Model(modalities=("text", "image"), vocab_size=8, d_model=16, num_heads=2,
-                                     d_ff=16, num_layers=1, max_seq_len=64, attention_impl=impl)
+  from moma.models.model_config import ModelConfig
+  config = lambda impl: ModelConfig(modalities=("text", "image"), vocab_size=8, d_model=16, num_heads=2, d_ff=16,
+                                    num_layers=1, max_seq_len=64, attention_impl=impl)
   b, length = 8, 64
   x = jax.random.normal(jax.random.key(0), (b, length, 16))
   segment = jnp.asarray(np.repeat(np.arange(1, 5), 16)[None].repeat(b, 0), jnp.int32)  # 4 docs per row
@@ -125,7 +125,7 @@ def test_packed_batch_attention_is_banded_and_exact():
   modality = jax.random.randint(jax.random.key(1), (b, length), 0, 2)
   plan = dispatch.partition(modality, 2)
   ctx = dict(modality=modality, segment=segment, position=position)
-  make = lambda impl, attends: mod.MixtureOfDepths(blocks.Block(model(impl).spec), capacity=0.75,
+  make = lambda impl, attends: mod.MixtureOfDepths(blocks.Block(config(impl)), capacity=0.75,
                                                    block_attends=attends)
   variables = make("xla", False).init(jax.random.key(2), x, plan, **ctx)
   full = make("xla", False).apply(variables, x, plan, **ctx)

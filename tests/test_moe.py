@@ -38,8 +38,9 @@ def _params(variables):
 
 def _expert_ffn(p, x_MD):
   """[M, E, d]: every expert applied to every token (the per-token reference)."""
-  h = nn.silu(jnp.einsum("md,edf->mef", x_MD, p["wi_gate"])) * jnp.einsum("md,edf->mef", x_MD, p["wi_up"])
-  return jnp.einsum("mef,efd->med", h, p["wo"])
+  wi, wo = p["wi"]["kernel"], p["wo"]["kernel"]  # [E, d, 2, F], [E, F, d]
+  h = nn.silu(jnp.einsum("md,edf->mef", x_MD, wi[..., 0, :])) * jnp.einsum("md,edf->mef", x_MD, wi[..., 1, :])
+  return jnp.einsum("mef,efd->med", h, wo)
 
 
 @pytest.mark.parametrize("layout,mods,sizes", [("4t4i", MODS, (4, 4)), ("6t2i", MODS, (6, 2)),
@@ -87,9 +88,10 @@ def test_no_token_reaches_another_modalitys_expert(kw):
   expert_group = routing.parse_layout(layer.layout, MODS).expert_group
   assert not np.any(np.asarray(chosen) & (modality.reshape(-1, 1) != expert_group[None]))
   # Perturbing the image experts must leave every text token's output bit-identical.
-  image = jnp.asarray(expert_group == 1)[:, None, None]
   p = _params(variables)
-  p = {**p, **{k: jnp.where(image, p[k] + 1.0, p[k]) for k in ("wi_gate", "wi_up", "wo")}}
+  image = lambda w: jnp.asarray(expert_group == 1).reshape(-1, *(1,) * (w.ndim - 1))
+  p = {**p, **{k: {"kernel": jnp.where(image(p[k]["kernel"]), p[k]["kernel"] + 1.0, p[k]["kernel"])}
+               for k in ("wi", "wo")}}
   _, y2, _ = _run(layer, x, plan, {"params": p})
   text = modality == 0
   np.testing.assert_array_equal(np.asarray(y)[text], np.asarray(y2)[text])
@@ -131,10 +133,9 @@ def test_1t1i_full_capacity_equals_untied_swiglu():
   layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
   variables, y, _ = _run(layer, x, plan)
   p = _params(variables)
-  rows = plan.dispatch(x)
-  dense = lambda n, k, r: dispatch.GroupedDense(n, num_groups=2).apply({"params": {"kernel": k}}, r, plan)
-  h = nn.silu(dense(F, p["wi_gate"], rows)) * dense(F, p["wi_up"], rows)
-  ffn = plan.combine(dense(D, p["wo"], h), modality.shape)
+  # Expert e of 1t1i is modality e's FFN: the per-token reference at each token's own modality.
+  per_expert = _expert_ffn(p, x.reshape(-1, D))  # [M, 2, D]
+  ffn = jnp.take_along_axis(per_expert, modality.reshape(-1, 1, 1), axis=1).reshape(x.shape)
   gate = jnp.take_along_axis(jax.nn.sigmoid(x @ p["router"]), modality[..., None], axis=-1)
   np.testing.assert_allclose(y, gate * ffn, rtol=1e-5, atol=1e-5)
 
@@ -172,7 +173,7 @@ def test_gradients_reach_the_router(kw):
 
   grads = nn.meta.unbox(jax.grad(loss)(variables["params"]))
   assert float(jnp.abs(grads["router"]).sum()) > 0
-  assert all(float(jnp.abs(grads[k]).sum()) > 0 for k in ("wi_gate", "wi_up", "wo"))
+  assert all(float(jnp.abs(grads[k]["kernel"]).sum()) > 0 for k in ("wi", "wo"))
 
 
 def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
@@ -193,7 +194,7 @@ def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
     return st["losses"]["aux_router_bce"][0]
 
   grads = nn.meta.unbox(jax.grad(aux_loss)(variables["params"]))
-  assert float(jnp.abs(grads["router"]).sum()) == 0 and float(jnp.abs(grads["wo"]).sum()) == 0
+  assert float(jnp.abs(grads["router"]).sum()) == 0 and float(jnp.abs(grads["wo"]["kernel"]).sum()) == 0
   assert float(jnp.abs(grads["aux_router"]["w1"]["kernel"]).sum()) > 0
 
 
@@ -300,7 +301,7 @@ def test_scan_over_layers_in_bfloat16():
   # init_with_output: the forward pass and the stacked collections from one compiled function.
   y, state = jax.jit(lambda x, plan: Stack().init_with_output(jax.random.key(0), x, plan))(x, plan)
   (stacked,) = nn.meta.unbox(state)["params"].values()  # the one scanned MoE layer
-  assert stacked["wi_gate"].shape == (2, 8, D, F)
+  assert stacked["wi"]["kernel"].shape == (2, 8, D, 2, F)
   assert y.dtype == x.dtype and np.isfinite(np.asarray(y)).all()
   leaves = jax.tree.leaves(state["losses"])
   assert leaves and all(v.shape[0] == 2 for v in leaves)

@@ -24,7 +24,7 @@ def test_upcycled_4t4i_layer_equals_1t1i_when_every_copy_is_selected():
   src = src_layer.init(jax.random.key(2), x, plan)["params"]
   dst = dst_layer.init(jax.random.key(3), x, plan)["params"]
   up = upcycle.upcycle(src, dst, layout="4t4i", modalities=MODS)
-  assert isinstance(up["wi_gate"], nn.Partitioned)  # boxes (logical axes) survive
+  assert isinstance(up["wi"]["kernel"], nn.Partitioned)  # boxes (logical axes) survive
   np.testing.assert_array_equal(nn.meta.unbox(up["router"]), nn.meta.unbox(dst["router"]))  # fresh
   y_src = src_layer.apply({"params": src}, x, plan, mutable=["metrics", "intermediates"])[0]
   y_up = dst_layer.apply({"params": up}, x, plan, mutable=["metrics", "intermediates"])[0]
@@ -34,46 +34,43 @@ def test_upcycled_4t4i_layer_equals_1t1i_when_every_copy_is_selected():
   np.testing.assert_allclose(y_up / pick(s_up), y_src / pick(s_src), rtol=1e-5, atol=1e-6)
 
 
+def _ffn(lead, d=D):
+  """An FFN's kernels with leading dims `lead` (layers, groups): fused gate/up [..., d, 2, F], down."""
+  return {"wi": {"kernel": jax.random.normal(jax.random.key(0), (*lead, d, 2, F))},
+          "wo": {"kernel": jnp.full((*lead, F, d), 3.0)}}
+
+
+def _dst(lead=(), d=D):
+  return {"ffn": {"router": jnp.zeros((*lead, d, 8)), **jax.tree.map(jnp.zeros_like, _ffn((*lead, 8), d))}}
+
+
 def test_upcycle_tree_from_stacked_mot_ffn():
-  """A MoT-style tree (nn.scan stack of 3 layers, per-modality GroupedDense FFN) → 6t2i experts."""
+  """A MoT-style tree (nn.scan stack of 3 layers, per-modality FFN) → 6t2i experts."""
   layers, groups = 3, 2
-  src = {"embed": jnp.ones((5, D)),
-         "layers": {"ffn": {"wi_gate": {"kernel": jax.random.normal(jax.random.key(0), (layers, groups, D, F))},
-                            "wi_up": {"kernel": jnp.ones((layers, groups, D, F))},
-                            "wo": {"kernel": jnp.ones((layers, groups, F, D))}},
-                    "norm": jnp.full((layers, D), 2.0)}}
-  dst = {"embed": jnp.zeros((5, D)),
-         "layers": {"ffn": {"router": jnp.zeros((layers, D, 8)), "wi_gate": jnp.zeros((layers, 8, D, F)),
-                            "wi_up": jnp.zeros((layers, 8, D, F)), "wo": jnp.zeros((layers, 8, F, D))},
-                    "norm": jnp.zeros((layers, D))}}
+  src = {"embed": jnp.ones((5, D)), "layers": {"ffn": _ffn((layers, groups)), "norm": jnp.full((layers, D), 2.0)}}
+  dst = {"embed": jnp.zeros((5, D)), "layers": {**_dst((layers,)), "norm": jnp.zeros((layers, D))}}
   up = upcycle.upcycle(src, dst, layout="6t2i", modalities=MODS)
-  w, s = up["layers"]["ffn"]["wi_gate"], src["layers"]["ffn"]["wi_gate"]["kernel"]
-  for e in range(8):
-    np.testing.assert_array_equal(w[:, e], s[:, 0 if e < 6 else 1])
+  for name in ("wi", "wo"):
+    w, s = up["layers"]["ffn"][name]["kernel"], src["layers"]["ffn"][name]["kernel"]
+    for e in range(8):
+      np.testing.assert_array_equal(w[:, e], s[:, 0 if e < 6 else 1])
   np.testing.assert_array_equal(up["embed"], 1.0)
   np.testing.assert_array_equal(up["layers"]["norm"], 2.0)
   np.testing.assert_array_equal(up["layers"]["ffn"]["router"], 0.0)
 
 
 def test_upcycle_from_dense_ffn_to_shared_experts():
-  src = {"ffn": {"wi_gate": jnp.ones((D, F)), "wi_up": jnp.ones((D, F)), "wo": jnp.full((F, D), 3.0)}}
-  dst = {"ffn": {"router": jnp.zeros((D, 8)), "wi_gate": jnp.zeros((8, D, F)), "wi_up": jnp.zeros((8, D, F)),
-                 "wo": jnp.zeros((8, F, D))}}
-  up = upcycle.upcycle(src, dst, layout="8shared", modalities=MODS)
-  np.testing.assert_array_equal(up["ffn"]["wo"], 3.0)
-
-
-def _dst(d=D):
-  return {"ffn": {"router": jnp.zeros((d, 8)), "wi_gate": jnp.zeros((8, d, F)), "wi_up": jnp.zeros((8, d, F)),
-                  "wo": jnp.zeros((8, F, d))}}
+  src = {"ffn": _ffn(())}
+  up = upcycle.upcycle(src, _dst(), layout="8shared", modalities=MODS)
+  np.testing.assert_array_equal(up["ffn"]["wo"]["kernel"], 3.0)
+  for e in range(8):
+    np.testing.assert_array_equal(up["ffn"]["wi"]["kernel"][e], src["ffn"]["wi"]["kernel"])
 
 
 @pytest.mark.parametrize("src,match", [
-    ({"ffn": {"wi_gate": jnp.ones((2, 4, F)), "wi_up": jnp.ones((2, 4, F)), "wo": jnp.ones((2, F, 4))}},
-     "different d_model or d_ff"),
-    ({"ffn": {"attn": jnp.ones((D, D))}}, "no FFN weight 'wi_gate'"),
-    ({"ffn": {"wi_gate": jnp.ones((3, D, F)), "wi_up": jnp.ones((3, D, F)), "wo": jnp.ones((3, F, D))}},
-     "3 groups"),
+    ({"ffn": _ffn((2,), d=4)}, "different d_model or d_ff"),
+    ({"ffn": {"attn": jnp.ones((D, D))}}, "no FFN weight 'wi/kernel'"),
+    ({"ffn": _ffn((3,))}, "3 groups"),
 ])
 def test_upcycle_errors(src, match):
   with pytest.raises(ValueError, match=match):

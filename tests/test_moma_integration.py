@@ -1,5 +1,6 @@
 """MoMa / MoE / MoD inside the decoder and the trainer: FLOPs, gradients, causality, upcycling, stages."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ from moma import flops
 from moma import metrics as metrics_lib
 from moma import train
 from moma.models import decoder
+from moma.models import model_config
 
 MODS = ("text", "image")
 BASE = dict(modalities=MODS, vocab_size=40, d_model=16, num_layers=2, num_heads=2, d_ff=32)
@@ -43,7 +45,7 @@ def apply(model, variables, batch, **kw):
 @functools.lru_cache
 def _train_step_flops(ffn):
   cfg = dict(BASE, d_model=32, d_ff=128, num_layers=1, vocab_size=64, ffn=ffn)
-  model = decoder.Model(**cfg)
+  model = decoder.as_model(cfg)
   batch = make_batch(4, 64)
   params = init(model, batch)["params"]
 
@@ -72,7 +74,7 @@ def test_4t4i_at_capacity_one_costs_the_dense_model():
 @pytest.mark.parametrize("kw", [dict(ffn="moe"), dict(ffn="moe", moe=dict(routing="topk")),
                                 dict(mod=dict(enabled=True)), dict(ffn="moe", mod=dict(enabled=True))])
 def test_gradients_reach_the_routers_through_the_decoder(kw):
-  model = decoder.Model(**BASE, **kw)
+  model = decoder.as_model(dict(BASE, **kw))
   batch = make_batch()
   loss = lambda p: decoder.loss_fn(apply(model, {"params": p}, batch), batch, MODS)[0]
   # Init and gradient in one compiled function (one compilation per config).
@@ -83,11 +85,12 @@ def test_gradients_reach_the_routers_through_the_decoder(kw):
 
 
 def test_aux_router_generation_path_is_causal():
-  model = decoder.Model(**BASE, ffn="moe", moe=dict(aux_router=True),
-                        mod=dict(enabled=True, aux_router=True, capacity=0.5))
+  model = decoder.as_model(dict(BASE, ffn="moe", moe=dict(aux_router=True),
+                                mod=dict(enabled=True, aux_router=True, capacity=0.5)))
   batch = make_batch()
   variables = init(model, batch)
-  causal = jax.jit(functools.partial(apply, model.clone(causal=True)))  # one compilation, two batches
+  causal_model = model.clone(config=dataclasses.replace(model.config, causal=True))
+  causal = jax.jit(functools.partial(apply, causal_model))  # one compilation, two batches
   logits = causal(variables, batch)
   t = 11
   future = dict(batch, tokens=batch["tokens"].at[:, t:].set(7), modality=batch["modality"].at[:, t:].set(1))
@@ -96,28 +99,28 @@ def test_aux_router_generation_path_is_causal():
   assert not np.allclose(logits[:, t:], logits_future[:, t:])
   # The batch-level routing of training does look ahead: the same check would not hold there.
   with pytest.raises(ValueError, match="moe.aux_router=True"):
-    decoder.Model(**BASE, ffn="moe", causal=True)
+    decoder.as_model(dict(BASE, ffn="moe", causal=True))
 
 
 def test_upcycled_model_first_forward_equals_the_1t1i_model():
   """Token choice over identical copies: 1t1i top-1 has gate 1; 4t4i top-4 with zero routers has four gates
   of 1/4 that sum to 1. So the upcycled model computes exactly the 1t1i model's function."""
   batch = make_batch()
-  src_model = decoder.Model(**BASE, ffn="moe", moe=dict(layout="1t1i", routing="topk", top_k=1, dropless=True))
-  dst_model = decoder.Model(**BASE, ffn="moe", moe=dict(layout="4t4i", routing="topk", top_k=4, dropless=True))
+  moe = lambda layout, k: dict(BASE, ffn="moe", moe=dict(layout=layout, routing="topk", top_k=k, dropless=True))
+  src_model, dst_model = decoder.as_model(moe("1t1i", 1)), decoder.as_model(moe("4t4i", 4))
   src = init(src_model, batch)["params"]
   fresh = init(dst_model, batch)["params"]
   from moma import upcycle  # pylint: disable=g-import-not-at-top
-  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(src), fresh, layout="4t4i", modalities=MODS))
+  up = nn.meta.unbox(upcycle.upcycle(src, fresh, layout="4t4i", modalities=MODS))
   up["layers"]["ffn"]["router"] = jnp.zeros_like(up["layers"]["ffn"]["router"])
   forward = lambda model, params: jax.jit(functools.partial(apply, model))({"params": params}, batch)
   np.testing.assert_allclose(forward(dst_model, up), forward(src_model, src), rtol=1e-5, atol=1e-5)
-  # A dense (MoT) source: the fused SwiGLU gate/up kernel is split for the experts.
-  mot = decoder.Model(**BASE, untie=("ffn",))
+  # A MoT source: its untied FFN has the experts' kernel layout, one group per modality.
+  mot = decoder.as_model(dict(BASE, untie=("ffn",)))
   mot_params = init(mot, batch)["params"]
-  up = nn.meta.unbox(upcycle.upcycle(decoder.upcycle_source(mot_params), fresh, layout="4t4i", modalities=MODS))
+  up = nn.meta.unbox(upcycle.upcycle(mot_params, fresh, layout="4t4i", modalities=MODS))
   wi = nn.meta.unbox(mot_params)["layers"]["ffn"]["wi"]["kernel"]  # [layers, modality, d, 2, F]
-  np.testing.assert_array_equal(up["layers"]["ffn"]["wi_up"][:, 5], wi[:, 1, :, 1])
+  np.testing.assert_array_equal(up["layers"]["ffn"]["wi"]["kernel"][:, 5], wi[:, 1])
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -130,7 +133,7 @@ def test_upcycled_model_first_forward_equals_the_1t1i_model():
 ])
 def test_bad_moe_and_mod_configs_name_the_field(kw, match):
   with pytest.raises(ValueError, match=match):
-    decoder.Model(**{**BASE, **kw})
+    decoder.as_model({**BASE, **kw})
 
 
 def _config(arg, data_cache_dir, **train):
@@ -209,4 +212,5 @@ def test_aux_router_stage_needs_aux_routers(data_cache_dir):
 
 
 def test_dense_config_still_has_no_moe():
-  assert train.build_model(train.resolve_config(dense_configs.get_config())).spec.moe == ()
+  config = train.build_model(train.resolve_config(dense_configs.get_config())).config
+  assert config.ffn == "dense" and config.moe == model_config.MoeConfig()

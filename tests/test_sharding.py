@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -62,21 +61,20 @@ def test_parameter_shardings_follow_rules():
   assert state["params"]["embedding"].sharding.spec == P(None, None)
 
 
-def test_unboxed_train_state_takes_parameter_axes_from_logical():
-  """The trainer's path: params unboxed before a masked, multi-transform optax init; moments still shard."""
+def test_train_state_from_boxed_params_shards_params_and_moments():
+  """The trainer's path: a masked, multi-transform optax init over boxed params boxes the moments too."""
   model = TinyLM()
   mesh, rules, *_, batch = setup(*MESHES["data_fsdp_tensor"])
 
   def create_state(batch):
-    params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
-    labels = {k: "frozen" if k == "embedding" else "train" for k in params}
-    decay = jax.tree.map(lambda p: p.ndim > 1, params)
+    params = model.init(jax.random.key(0), batch)["params"]
+    labels = lambda p: {k: "frozen" if k == "embedding" else "train" for k in p}
+    decay = lambda p: jax.tree.map(lambda w: w.ndim > 1, p)
     tx = optax.multi_transform({"train": optax.adamw(1e-3, mask=decay), "frozen": optax.set_to_zero()},
                                labels)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  logical = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
-  state, shardings = sharding.init_sharded(create_state, mesh, rules, batch, logical=logical)
+  state, shardings = sharding.init_sharded(create_state, mesh, rules, batch, require_boxed=True)
   up_spec = P(None, "fsdp", "tensor")  # (modality, embed, mlp)
   assert state.params["up"].sharding.spec == up_spec and shardings.params["up"].spec == up_spec
   moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == state.params["up"].shape]

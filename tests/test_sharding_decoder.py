@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from moma import sharding
 from moma.models import decoder
+from moma.models import encoder
 from moma.models import generate
 from tests import sharding_model as lib
 
@@ -34,7 +36,7 @@ def loss(logits, batch):
 
 @functools.cache
 def run(kind, shape, axes, rules=()):
-  model = decoder.Model(**TINY, untie=UNTIE[kind])
+  model = decoder.as_model(dict(TINY, untie=UNTIE[kind]))
   return lib.run(model, make_batch(), shape, axes, rules, steps=2, loss=loss)
 
 
@@ -57,7 +59,7 @@ def test_decoder_on_mesh_matches_single_device(kind, shape, axes, rules):
 def test_cached_generation_on_mesh_matches_single_device():
   """Greedy decoding with MoT params sharded over (data, fsdp, tensor) and the prompt over the batch axes
   gives the single-device tokens (the KV cache follows the activations' sharding)."""
-  model = decoder.Model(**TINY, untie=UNTIE["mot"], max_seq_len=16)
+  model = decoder.as_model(dict(TINY, untie=UNTIE["mot"], max_seq_len=16))
   host = {k: v for k, v in make_batch().items() if k in ("tokens", "modality", "segment", "position")}
   table = jax.numpy.arange(TINY["vocab_size"], dtype=jax.numpy.int32) % len(MODALITIES)
   cfg = lib.mesh_config((2, 2, 2), ("data", "fsdp", "tensor"))
@@ -70,3 +72,43 @@ def test_cached_generation_on_mesh_matches_single_device():
   single = jax.device_get(variables)
   want, _ = generate.generate(model, single, host, 6, modality_table=table)
   np.testing.assert_array_equal(jax.device_get(tokens), want)
+
+
+# Together these create every kind of parameter the decoder, its Transfusion patch layers and the AGD
+# encoder heads have.
+EVERY_PARAM = {
+    "mot_layer_norms": dict(untie=UNTIE["mot"], norm="layer", qk_norm_kind="layer"),
+    "moma_mod": dict(ffn="moe", moe=dict(layout="2t1i1a", aux_router=True), num_layers=2,
+                     mod=dict(enabled=True, aux_router=True)),
+    "mom": dict(block="mamba", d_ff=0, untie=("in_proj", "x_proj", "dt_proj", "out_proj", "conv", "norm")),
+    "transfusion_unet": dict(modalities=("text", "image"), patch_dim=4, patch_proj="unet", tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("kind", EVERY_PARAM)
+def test_every_parameter_carries_logical_axes(kind):
+  """Shardings come from the boxes alone: an unboxed parameter would be replicated, so there is none."""
+  model = encoder.Model(decoder.as_model({**TINY, **EVERY_PARAM[kind]}), "lm")  # encoder heads too
+  batch = make_batch(b=2)
+  if model.backbone.config.patch_dim:
+    batch["image_block"] = np.where(batch["modality"] == 1, batch["segment"], 0).astype(np.int32)
+    batch["modality"] = (batch["image_block"] > 0).astype(np.int32)
+    batch["patches"] = np.ones((*batch["tokens"].shape, 4), np.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_box)
+  assert [jax.tree_util.keystr(p) for p, leaf in leaves if not is_box(leaf)] == []
+  if kind == "transfusion_unet":
+    assert any("patch_in" in jax.tree_util.keystr(p) for p, _ in leaves)
+
+
+def test_an_unboxed_parameter_is_refused_naming_it():
+  class Unboxed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x @ self.param("w", nn.initializers.ones, (4, 4))
+
+  mesh = sharding.mesh_from_config(lib.mesh_config((1,), ("data",)), jax.devices()[:1])
+  abstract = jax.eval_shape(Unboxed().init, jax.random.key(0), np.ones((1, 4), np.float32))
+  with pytest.raises(ValueError, match=r"params/w: a state leaf of shape \(4, 4\) has no logical axes"):
+    sharding.logical_shardings(abstract, mesh, sharding.default_rules(("data",)), require_boxed=True)

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -116,6 +117,9 @@ def test_weight_decay_mask():
   mask = steps.weight_decay_mask(params)
   decayed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
   assert decayed == {"['layers']['attn']['qkv']['kernel']", "['lm_head']['kernel']"}
+  # Boxed params (the optimizer's init): the same mask, inside the boxes.
+  boxed = jax.tree.map(lambda v: nn.LogicallyPartitioned(v, ("embed",)), params)
+  assert nn.meta.unbox(steps.weight_decay_mask(boxed)) == mask
 
 
 def test_routing_metrics_average_over_layers():
@@ -154,7 +158,7 @@ def test_dense_train_step_traces(data_cache_dir):
   config = train.resolve_config(config)
   model = train.build_model(config)
   batch = train.host_batches(config, "train")(0)
-  state = jax.eval_shape(lambda b: steps.create_state(config, model, b), batch)
+  state = jax.eval_shape(lambda b: nn.unbox(steps.create_state(config, model, b)), batch)
   step = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,
                            modalities=config.model.modalities, seed=0)
   new_state, out = jax.eval_shape(step, state, batch)

@@ -1,6 +1,8 @@
 """Transfusion: schedules and noising against closed forms, the diffusion loss, attention inside image blocks,
 MoT ≡ dense, every architecture, cached denoising ≡ the full forward, sampling by seed, clear errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +59,7 @@ def documents_batch(seed=0):
       targets=targets, loss_mask=loss_mask, patches=patches, image_block=image_block).items()}
 
 
-SETTINGS = dict(diffusion.DEFAULTS)
+SETTINGS = diffusion.DiffusionConfig()
 
 
 def test_cosine_schedule_matches_its_closed_form():
@@ -71,7 +73,7 @@ def test_cosine_schedule_matches_its_closed_form():
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_add_noise_closed_form(objective):
-  s = dict(SETTINGS, objective=objective)
+  s = dataclasses.replace(SETTINGS, objective=objective)
   x0, eps = jnp.full((3, P), 0.5), jnp.full((3, P), -2.0)
   time = jnp.array([[0.0], [0.25], [1.0]])
   x_t, target = diffusion.add_noise(x0, eps, time, s)
@@ -108,7 +110,7 @@ def test_noise_limiting_caps_images_that_precede_their_caption(objective):
   batch = documents_batch()
   limited = diffusion.noise_limited(batch["segment"], batch["position"], batch["image_block"])
   np.testing.assert_array_equal(limited[:, 1:3], [[False, True], [True, False]])
-  s = dict(SETTINGS, objective=objective)
+  s = dataclasses.replace(SETTINGS, objective=objective)
   times = np.stack([np.asarray(diffusion.inputs(batch, s, jax.random.key(i)).time) for i in range(200)])
   first = times[:, 0, 4]  # row 0's first image: caption → image, not limited
   second = times[:, 0, 12]  # row 0's second image precedes its caption
@@ -134,7 +136,7 @@ def test_caption_dropout_moves_only_captions_before_an_image():
 
 @pytest.fixture(scope="module")
 def dense_model():
-  model = decoder.Model(**BASE)
+  model = decoder.as_model(BASE)
   return model, random_variables(model, documents_batch())
 
 
@@ -159,7 +161,7 @@ def test_image_blocks_attend_both_ways_and_text_stays_causal(dense_model):
 
 def test_mot_with_equal_copies_is_dense(dense_model):
   model, variables = dense_model
-  mot = decoder.Model(**MOT)
+  mot = decoder.as_model(MOT)
   batch = documents_batch()
   mot_vars = tie_copies(jax.eval_shape(mot.init, jax.random.key(0), batch), variables)
   rng = {"diffusion": jax.random.key(3)}
@@ -175,7 +177,7 @@ def test_mot_with_equal_copies_is_dense(dense_model):
 def test_every_architecture_trains_on_patches_and_decodes_images_from_its_cache(arch):
   """One gradient of L_LM + λ·L_diffusion reaches the patch projections; and denoising the second image of
   row 1 on top of its prefix cache (prefill, then the image block alone) equals the full forward there."""
-  model = decoder.Model(**ARCHS[arch])
+  model = decoder.as_model(ARCHS[arch])
   batch = documents_batch()
   variables = random_variables(model, batch)
 
@@ -210,23 +212,23 @@ def test_every_architecture_trains_on_patches_and_decodes_images_from_its_cache(
 ])
 def test_bad_diffusion_config_names_the_field(override, field):
   with pytest.raises(ValueError, match=field):
-    decoder.Model(**{**BASE, **override})
+    decoder.as_model({**BASE, **override})
 
 
 def test_bad_patches_name_the_field():
   batch = {k: np.asarray(v) for k, v in documents_batch().items()}
   with pytest.raises(ValueError, match=r"config.model.patch_dim=4 expects \(2, 20, 4\)"):
-    decoder.validate_batch(dict(batch, patches=np.zeros((2, 20, 12), np.float32)), decoder.Model(**BASE))
+    decoder.validate_batch(dict(batch, patches=np.zeros((2, 20, 12), np.float32)), decoder.as_model(BASE))
   with pytest.raises(ValueError, match="needs a patch projection: set config.model.patch_dim"):
-    decoder.validate_batch(batch, decoder.Model(**dict(BASE, patch_dim=0)))
-  decoder.validate_batch(batch, decoder.Model(**BASE))
+    decoder.validate_batch(batch, decoder.as_model(dict(BASE, patch_dim=0)))
+  decoder.validate_batch(batch, decoder.as_model(BASE))
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_a_sampler_step_with_the_true_prediction_recovers_the_image(objective):
   """DDIM (eta 0) from any time and an Euler step of the straight flow land on x_0 given the true ε / v;
   the sampled times run from noise (1) to clean (0)."""
-  s = dict(SETTINGS, objective=objective, flow_shift=3.0)
+  s = dataclasses.replace(SETTINGS, objective=objective, flow_shift=3.0)
   times = diffusion.sampling_times(s, 10)
   assert times[0] == 1 and times[-1] == 0 and (np.diff(times) < 0).all() and len(times) == 11
   x0 = jnp.linspace(-0.9, 0.9, 2 * P).reshape(2, P)
@@ -241,7 +243,7 @@ def test_sampling_is_deterministic_given_a_seed_and_captioning_runs(data_cache_d
   config.data.cache_dir = data_cache_dir
   config.model.update(vocab_size=data.vocab_size(config.data), d_model=16, num_heads=2, num_kv_heads=2,
                       d_ff=32)
-  model = decoder.Model(**config.model)
+  model = decoder.as_model(config.model)
   variables = random_variables(model, documents_batch())
   draw = lambda seed, eta: transfusion_sample.generate_patches(
       config, model, variables, ["the digit one.", "a handwritten two."], num_steps=3, cfg_scale=2.0,
@@ -270,7 +272,7 @@ def test_flops_count_the_patch_projections(patch_proj):
   assert analytic["image"] - analytic["text"] == 3 * patches.flops_per_image_token(CONFIG["d_model"], P,
                                                                                   patch_proj)
   assert analytic["text"] == analytic["total"] == flops.per_token(CONFIG, l)["total"]
-  measured = xla_train_flops_per_token(decoder.Model(**config), batch)  # noise from the fixed eval key
+  measured = xla_train_flops_per_token(decoder.as_model(config), batch)  # noise from the fixed eval key
   assert analytic["image"] == pytest.approx(measured, rel=0.1)
 
 
@@ -279,7 +281,7 @@ def test_every_transfusion_config_builds(arch):
   from moma import train  # pylint: disable=g-import-not-at-top
   config = train.resolve_config(transfusion.get_config(f"arch={arch},objective=flow,patch_proj=unet"))
   model = train.build_model(config)
-  assert model.patch_dim == 4 and model.patch_proj == "unet" and config.data.image_form == "patches"
-  assert model.diffusion_config["objective"] == "flow" and model.modalities == ("text", "image")
+  assert model.config.patch_dim == 4 and model.config.patch_proj == "unet" and config.data.image_form == "patches"
+  assert model.config.diffusion.objective == "flow" and model.config.modalities == ("text", "image")
   with pytest.raises(ValueError, match="arch='gpt'"):
     transfusion.get_config("arch=gpt")

@@ -119,6 +119,7 @@ def validate(config) -> None:
       raise ValueError(f"data.mixture.{name}.template={entry.template!r} needs modalities "
                        f"{sorted(missing)} missing from data.modalities={modalities}.")
     if not entry.weight >= 0:
-      raise ValueError(f"data.mixture.{name}.weight={entry.weight} must be >= 0.")
+      raise ValueError(f"data.mixture.{name}.weight={entry.weight} must be >= 0: set "
+                       f"--config.data.mixture.{name}.weight to 0 (off) or a positive weight.")
   if sum(entry.weight for entry in config.mixture.values()) <= 0:
     raise ValueError("data.mixture weights are all zero: give at least one entry a positive weight.")

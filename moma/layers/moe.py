@@ -33,7 +33,8 @@ from moma.layers import routing as rt
 
 
 class MoE(nn.Module):
-  """Routed SwiGLU experts. Params: router [d, E], wi_gate/wi_up [E, d, d_ff], wo [E, d_ff, d]."""
+  """Routed SwiGLU experts. Params: router [d, E], `wi/kernel` [E, d, 2, d_ff] (gate and up fused, as the
+  MoT FFN's), `wo/kernel` [E, d_ff, d]: `dispatch.GroupedKernel`s on the logical axis "expert"."""
 
   d_ff: int
   modalities: Sequence[str] = ("text", "image")
@@ -90,12 +91,12 @@ class MoE(nn.Module):
     logits_ME = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
     if self.router_noise > 0 and not deterministic:
       logits_ME += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
-    expert_init = nn.with_logical_partitioning
-    w = {name: self.param(name, expert_init(dispatch.per_group_init(nn.initializers.lecun_normal()),
-                                            ("expert", *axes)), (e, *shape), self.param_dtype)
-         for name, shape, axes in (("wi_gate", (d, self.d_ff), ("embed", "mlp")),
-                                   ("wi_up", (d, self.d_ff), ("embed", "mlp")),
-                                   ("wo", (self.d_ff, d), ("mlp", "embed")))}
+    kernel = lambda name, features, in_axis, out_axes, in_dim: dispatch.GroupedKernel(
+        features, num_groups=e, in_axis=in_axis, out_axes=out_axes, group_axis="expert",
+        param_dtype=self.param_dtype, name=name)(in_dim)
+    # The MoT FFN's weights with one group per expert: gate and up fused, [E, D, 2, F]; down [E, F, D].
+    w = {"wi": kernel("wi", (2, self.d_ff), "embed", (None, "mlp"), d),
+         "wo": kernel("wo", d, "mlp", ("embed",), self.d_ff)}
     aux = rt.AuxRouter(e, len(layout.sizes), self.dtype, self.param_dtype, self.gmm_impl, name="aux_router")
     x_in = x_MD.astype(self.dtype)
     slice_tokens = rt.slice_tokens(self.routing_rows, x_BLD.shape, "moe")
@@ -121,7 +122,7 @@ class MoE(nn.Module):
     return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
 
   def _experts(self, rows_RD, plan, w, equal_groups=False):
-    return dispatch.grouped_swiglu(rows_RD, plan, (w["wi_gate"], w["wi_up"]), w["wo"], impl=self.gmm_impl,
+    return dispatch.grouped_swiglu(rows_RD, plan, w["wi"], w["wo"], impl=self.gmm_impl,
                                    dtype=self.dtype, group_axis="expert", equal_groups=equal_groups)
 
   def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, slice_tokens):
@@ -171,7 +172,7 @@ class MoE(nn.Module):
     cand_MK = jnp.where(in_group, cand_MK, 0)
     use_MK = jnp.take_along_axis(use_ME, cand_MK, axis=1) & in_group
     gates_MK = jnp.where(use_MK, jnp.take_along_axis(scores_ME, cand_MK, axis=1), 0.0)
-    return self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w)
+    return self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w, e)
 
   def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w, slice_tokens):
     m, e = allowed_ME.shape
@@ -204,7 +205,7 @@ class MoE(nn.Module):
       keep_MK &= dispatch.on_shards(under_capacity, (top_MK, onehot_KME.transpose(1, 0, 2)))
       dropped = 1 - keep_MK.sum() / jnp.maximum(valid_M.sum() * k, 1)
       self.sow("metrics", "dropped_frac", dropped.astype(jnp.float32))
-    y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w)
+    y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w, e)
     chosen_ME = jnp.zeros((m, e), bool).at[jnp.arange(m)[:, None], top_MK].max(keep_MK)
     if not self.causal:
       self._sow_token_choice_losses(layout, allowed_ME, valid_M, logits_ME, probs_ME, onehot_KME.sum(0))
@@ -224,9 +225,9 @@ class MoE(nn.Module):
     self.sow("losses", "load_balance", self.load_balance_weight * balance)
     self.sow("losses", "router_z", self.z_loss_weight * z_loss)
 
-  def _routed(self, x_MD, ids_MK, gates_MK, w):
+  def _routed(self, x_MD, ids_MK, gates_MK, w, num_experts):
     """Rows (token, choice) grouped by expert id (E: an unused choice, no row), experts, weighted combine."""
-    plan = dispatch.token_choice(ids_MK, w["wo"].shape[0])
+    plan = dispatch.token_choice(ids_MK, num_experts)
     return plan.combine(self._experts(plan.dispatch(x_MD), plan, w), (x_MD.shape[0],), gates_MK)
 
   def _sow_metrics(self, layout, allowed_ME, valid_M, chosen_ME, probs_ME):

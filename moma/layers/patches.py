@@ -34,7 +34,8 @@ def timestep_features(time: jax.Array, dim: int, max_period: float = 10_000.0) -
 
 def _dense(features, axes, dtype, param_dtype, name):
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes))
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
 class _ResBlock(nn.Module):

@@ -1,5 +1,6 @@
 """The layers the decoder stacks: `Block` (mixer then FFN sublayer) and `ModGroup` (Mixture-of-Depths).
 
+Both read the decoder's `ModelConfig` (field `config`) and hand each layer its settings by keyword.
 Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `norm_placement`).
 `make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
 `mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)` (MoE:
@@ -12,9 +13,9 @@ attention keeps its keys and values (`moma.layers.attention`), Mamba its recurre
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from moma import sharding
 from moma.layers.attention import Attention
@@ -23,81 +24,49 @@ from moma.layers import mamba as mamba_layer
 from moma.layers.mod import MixtureOfDepths
 from moma.layers.moe import MoE
 from moma.layers.norms import Norm
+from moma.models.model_config import ModelConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """The resolved, hashable model settings the blocks read (built from `Model`'s fields)."""
-
-  num_modalities: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  d_ff: int
-  block: str
-  ffn: str
-  untie: tuple[str, ...]
-  norm: str
-  norm_placement: str
-  qk_norm: bool
-  rope_theta: float
-  dtype: Any
-  param_dtype: Any
-  gmm_impl: str
-  modalities: tuple[str, ...] = ()
-  moe: tuple[tuple[str, Any], ...] = ()  # resolved config.model.moe items (ffn="moe")
-  mod: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mod items (MoD enabled)
-  causal: bool = False
-  num_layers: int = 1
-  max_seq_len: int = 0
-  mamba: tuple[tuple[str, Any], ...] = ()  # resolved config.model.mamba items (block="mamba")
-  norm_eps: float = 1e-6
-  qk_norm_kind: str = "rms"
-  attention_impl: str = "auto"
-  attention_block: int = 128
-
-  def groups(self, component: str) -> int:
-    return self.num_modalities if component in self.untie else 1
+def _dtypes(cfg: ModelConfig) -> dict:
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def make_mixer(spec: Spec, name: str) -> nn.Module:
-  if spec.block == "transformer":
-    return Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_modalities, spec.untie,
-                     spec.qk_norm, spec.rope_theta, spec.dtype, spec.param_dtype, spec.gmm_impl,
-                     max_len=spec.max_seq_len, qk_norm_kind=spec.qk_norm_kind, norm_eps=spec.norm_eps,
-                     attention_impl=spec.attention_impl, attention_block=spec.attention_block, name=name)
-  if spec.block == "mamba":
+def make_mixer(cfg: ModelConfig, name: str) -> nn.Module:
+  if cfg.block == "transformer":
+    return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                     num_modalities=cfg.num_modalities, untie=cfg.untie, qk_norm=cfg.qk_norm,
+                     rope_theta=cfg.rope_theta, gmm_impl=cfg.gmm_impl, max_len=cfg.max_seq_len,
+                     qk_norm_kind=cfg.qk_norm_kind, norm_eps=cfg.norm_eps, attention_impl=cfg.attention_impl,
+                     attention_block=cfg.attention_block, **_dtypes(cfg), name=name)
+  if cfg.block == "mamba":
     return mamba_layer.MambaBlock(
-        spec.d_model, **dict(spec.mamba), num_modalities=spec.num_modalities,
-        untie=tuple(c for c in spec.untie if c in mamba_layer.UNTIE_COMPONENTS),
-        num_layers=spec.num_layers, max_len=spec.max_seq_len, dtype=spec.dtype,
-        param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.block={spec.block!r} is not available (have: 'transformer', 'mamba')")
+        d_model=cfg.d_model, **dataclasses.asdict(cfg.mamba), num_modalities=cfg.num_modalities,
+        untie=tuple(c for c in cfg.untie if c in mamba_layer.UNTIE_COMPONENTS), num_layers=cfg.num_layers,
+        max_len=cfg.max_seq_len, gmm_impl=cfg.gmm_impl, **_dtypes(cfg), name=name)
+  raise ValueError(f"config.model.block={cfg.block!r} is not available (have: 'transformer', 'mamba')")
 
 
-def make_ffn(spec: Spec, name: str) -> nn.Module:
-  if spec.ffn == "dense":
-    return SwiGLU(spec.d_ff, spec.num_modalities, spec.untie, spec.dtype, spec.param_dtype,
-                  spec.gmm_impl, name=name)
-  if spec.ffn == "moe":
-    return MoE(spec.d_ff, spec.modalities, **dict(spec.moe), causal=spec.causal, dtype=spec.dtype,
-               param_dtype=spec.param_dtype, gmm_impl=spec.gmm_impl, name=name)
-  raise ValueError(f"config.model.ffn={spec.ffn!r} is not available yet (have: 'dense')")
+def make_ffn(cfg: ModelConfig, name: str) -> nn.Module:
+  if cfg.ffn == "dense":
+    return SwiGLU(d_ff=cfg.d_ff, num_modalities=cfg.num_modalities, untie=cfg.untie, gmm_impl=cfg.gmm_impl,
+                  **_dtypes(cfg), name=name)
+  if cfg.ffn == "moe":
+    return MoE(d_ff=cfg.d_ff, modalities=cfg.modalities, **dataclasses.asdict(cfg.moe), causal=cfg.causal,
+               gmm_impl=cfg.gmm_impl, **_dtypes(cfg), name=name)
+  raise ValueError(f"config.model.ffn={cfg.ffn!r} is not available yet (have: 'dense')")
 
 
 class Block(nn.Module):
   """One layer: mixer sublayer then FFN sublayer, each `x + f(norm(x))` (pre) or `x + norm(f(x))` (swin)."""
 
-  spec: Spec
+  config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True,
                attention_span=None):
     """attention_span: how far apart a query and its keys can be (MoD's packed rows; see Attention)."""
-    s = self.spec
-    norm = lambda name: Norm(s.norm, s.groups("norm"), s.norm_eps, dtype=s.dtype, param_dtype=s.param_dtype,
-                             name=name)
+    s = self.config
+    norm = lambda name: Norm(kind=s.norm, num_groups=s.groups("norm"), eps=s.norm_eps, **_dtypes(s), name=name)
     mixer = make_mixer(s, "mixer")
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
                attention_span=attention_span)
@@ -129,7 +98,7 @@ class Block(nn.Module):
     return y_BLD
 
   def _sublayer(self, norm, modality_BL, layer, x_BLD):
-    if self.spec.norm_placement == "pre":
+    if self.config.norm_placement == "pre":
       return layer(norm(x_BLD, modality_BL))
     return norm(layer(x_BLD), modality_BL)
 
@@ -138,20 +107,18 @@ class ModGroup(nn.Module):
   """`mod.every` layers: plain blocks `block_<i>`, then a block that only a `mod.capacity` share of the
   tokens (chosen by a router over the whole batch) goes through (`mod`)."""
 
-  spec: Spec
+  config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BLD, plan, modality, segment, position, image_block=None, deterministic=True):
-    s, mod = self.spec, dict(self.spec.mod)
+    s, mod = self.config, self.config.mod
     ctx = dict(modality=modality, segment=segment, position=position, image_block=image_block,
                deterministic=deterministic)
-    for i in range(mod["every"] - 1):
+    for i in range(mod.every - 1):
       x_BLD = Block(s, name=f"block_{i}")(x_BLD, plan, **ctx)
     # parent=None: the block is adopted by the MoD wrapper (params under layers/mod/block).
-    routed = MixtureOfDepths(Block(s, parent=None), capacity=mod["capacity"], selection=mod["selection"],
-                             block_attends=s.block == "transformer",
-                             router_noise=mod["router_noise"], aux_router=mod["aux_router"],
-                             aux_loss_weight=mod["aux_loss_weight"], routing_rows=mod["routing_rows"],
-                             causal=s.causal, dtype=s.dtype,
-                             param_dtype=s.param_dtype, name="mod")
+    routed = MixtureOfDepths(Block(s, parent=None), capacity=mod.capacity, selection=mod.selection,
+                             block_attends=s.block == "transformer", router_noise=mod.router_noise,
+                             aux_router=mod.aux_router, aux_loss_weight=mod.aux_loss_weight,
+                             routing_rows=mod.routing_rows, causal=s.causal, **_dtypes(s), name="mod")
     return routed(x_BLD, plan, **ctx)

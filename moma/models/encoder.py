@@ -1,6 +1,6 @@
 """The IMP model: one backbone for decoder objectives and for the encoder's perception objectives.
 
-`Model(backbone=decoder.Model(**config.model), objective=...)` holds the decoder (dense, MoT, MoMa:
+`Model(backbone=decoder.as_model(config.model), objective=...)` holds the decoder (dense, MoT, MoMa:
 whatever `config.model` builds) under "backbone" plus small encoder heads, so every AGD task trains the
 same parameter tree and one optimizer state:
 
@@ -41,14 +41,16 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Mapping, deterministic: bool = True):
-    d_model = self.backbone.d_model
+    d_model = self.backbone.config.d_model
     kernel = lambda name, shape, axes: self.param(
         name, nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes), shape)
     proj_DE = kernel("contrastive_proj", (d_model, self.embed_dim or d_model), ("embed", None))
     # CLIP's learnable temperature, initialised at 1/0.07 and capped at 100.
-    logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
+    logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
+        nn.initializers.constant(np.log(1 / 0.07)), ()), ())
     classifier_DC = kernel("classifier", (d_model, self.num_classes), ("embed", None))
-    classifier_bias_C = self.param("classifier_bias", nn.initializers.zeros, (self.num_classes,))
+    classifier_bias_C = self.param("classifier_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                                   (self.num_classes,))
 
     if self.objective == "classification":
       return self.pooled(batch["image"], deterministic) @ classifier_DC + classifier_bias_C

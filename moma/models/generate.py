@@ -12,11 +12,12 @@ Decoded tokens continue each row's last prompt document. A Mamba step costs O(1)
 an attention step attends over the `max_seq_len` cache slots (masked past the tokens so far). Prompts of
 different lengths are left-padded with `segment` 0, which no later token attends to (attention) and which a
 document start wipes (Mamba). Batch-level routing (MoE expert choice, MoD) would let later tokens change
-earlier ones, so decoding runs `model.clone(causal=True)`: the auxiliary routers decide per token.
+earlier ones, so decoding runs the model with `config.causal=True`: the auxiliary routers decide per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -28,15 +29,15 @@ from moma.layers import mamba as mamba_layer
 
 def _causal(model):
   """The model decoding runs: per-token (aux router) routing where the model routes over the batch."""
-  needs_aux = {"moe": model.ffn == "moe" and model.moe_config["routing"] == "ec",
-               "mod": model.mod_config["enabled"]}
+  cfg = model.config
+  needs_aux = {"moe": cfg.ffn == "moe" and cfg.moe.routing == "ec", "mod": cfg.mod.enabled}
   for field, batch_routed in needs_aux.items():
-    if batch_routed and not getattr(model, f"{field}_config")["aux_router"]:
+    if batch_routed and not getattr(cfg, field).aux_router:
       raise ValueError(f"decoding: this model routes over the whole batch (config.model.{field}), so it "
                        f"decodes with aux routers: config.model.{field}.aux_router=True, trained by the "
                        "aux_routers stage (configs/moma.py)")
-  routed = model.ffn == "moe" or model.mod_config["enabled"]
-  return model.clone(causal=True) if routed and not model.causal else model
+  routed = cfg.ffn == "moe" or cfg.mod.enabled
+  return model.clone(config=dataclasses.replace(cfg, causal=True)) if routed and not cfg.causal else model
 
 
 def _cache_length(cache) -> int:
@@ -66,7 +67,7 @@ def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1,
   when the cache is concrete (inside jit, `generate` checks its static lengths once instead).
   `image`: Transfusion's `patches`, `timestep`, `image_block` of the fed tokens (then the model's
   `moma.diffusion.Output` comes back in place of the logits)."""
-  mamba_layer.check_decode_length(_cache_length(cache), tokens_B1.shape[1], model.max_seq_len)
+  mamba_layer.check_decode_length(_cache_length(cache), tokens_B1.shape[1], model.config.max_seq_len)
   segment_B1 = jnp.broadcast_to(cache["document_B"][:, None], tokens_B1.shape)
   batch = dict(tokens=tokens_B1, modality=modality_B1, segment=segment_B1, position=position_B1, **image)
   logits_B1V, mutated = _causal(model).apply({**_params(variables), "cache": cache}, batch,
@@ -82,30 +83,22 @@ def generate(model, variables, prompt_batch: Mapping[str, jax.Array], num_new_to
   rng None: greedy (argmax); else sampling at `temperature`. modality_table: int32 [vocab] modality id of
   each token id (`moma.data.vocabulary(config.data).modality_table()`), so that generated image or audio
   codes take their modality's weights; None keeps each row's last prompt modality. The decode loop is one
-  `lax.scan`; the compiled program is kept per (model, num_new_tokens) for the last few models.
+  `lax.scan`; the compiled program is kept per (model, num_new_tokens) for the last 8.
   """
   prompt_len = prompt_batch["tokens"].shape[1]
   if num_new_tokens <= 0:
     raise ValueError(f"generate: num_new_tokens={num_new_tokens} must be > 0")
-  mamba_layer.check_decode_length(prompt_len, num_new_tokens, model.max_seq_len)
+  mamba_layer.check_decode_length(prompt_len, num_new_tokens, model.config.max_seq_len)
   greedy = rng is None
   return _compiled(model, num_new_tokens)(
       _params(variables), dict(prompt_batch), jax.random.key(0) if greedy else rng,
       jnp.float32(temperature), jnp.bool_(greedy), modality_table)
 
 
-_COMPILED: dict[tuple[int, int], tuple[Any, Any]] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _compiled(model, num_new_tokens):
-  """A jitted `_generate` per (model, num_new_tokens); models hold config dicts, so they are keyed by id
-  and kept alive in the entry (an id cannot be reused while its model is here)."""
-  key = (id(model), num_new_tokens)
-  if key not in _COMPILED:
-    while len(_COMPILED) >= 8:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = (model, jax.jit(functools.partial(_generate, model, num_new_tokens=num_new_tokens)))
-  return _COMPILED[key][1]
+  """A jitted `_generate` per (model, num_new_tokens): a model (its frozen config) is hashable."""
+  return jax.jit(functools.partial(_generate, model, num_new_tokens=num_new_tokens))
 
 
 def _generate(model, variables, prompt_batch, rng, temperature, greedy, modality_table, *, num_new_tokens):

@@ -69,7 +69,7 @@ def test_unknown_sweep_name_lists_known(capsys):
   assert "known sweeps: architectures" in capsys.readouterr().err
   with pytest.raises(ValueError, match="k=v"):
     sweeps.load("mot_untie:tiny")
-  with pytest.raises(ValueError, match=r"takes arguments \['size'\], not \['steps'\]"):
+  with pytest.raises(ValueError, match=r"takes arguments \['size', 'seeds'\], not \['steps'\]"):
     sweeps.load("mot_untie:steps=5")
 
 
@@ -131,3 +131,24 @@ def test_runner_skips_finished_runs_and_gathers(tmp_path, monkeypatch, capsys):
   assert launched == []  # everything chosen is finished
   assert sweep.main(["mom_untie", "--root", str(tmp_path), "--gather-only"]) == 0
   assert launched == []
+
+
+def test_seeds_repeat_every_run_seed_outermost(capsys, tmp_path):
+  _, runs, baseline = sweeps.load("architectures:size=small,seeds=3")
+  names = [sweeps.run_name(r) for r in runs]
+  archs = ["dense", "mot", "moma_4t4i", "moe_8shared", "mamba", "mom"]
+  assert names == [f"{a}/seed={s}" for s in range(3) for a in archs]  # one seed of each arch first
+  assert [r["train.seed"] for r in runs] == [s for s in range(3) for _ in archs]
+  assert all("size=small" in r["config"] for r in runs) and baseline == "dense"
+  assert sweep.main(["mot_untie:size=small,seeds=1", "--root", str(tmp_path), "--print-commands",
+                     "--only", "dense/*"]) == 0
+  (line,) = capsys.readouterr().out.strip().splitlines()
+  workdir = tmp_path / "mot_untie,size=small,seeds=1" / "dense" / "seed=0"
+  assert shlex.split(line)[3:] == [f"--config=configs/dense.py:size=small", f"--workdir={workdir}",
+                                   "--config.train.seed=0"]
+  for bad in ("seeds=0", "seeds=two"):
+    with pytest.raises(ValueError, match="seeds="):
+      sweeps.load(f"mom_untie:{bad}")
+  with pytest.raises(ValueError, match="set it already"):
+    sweeps.seeded([{"config": "configs/dense.py", "train.seed": 4}], 2)
+  assert sweeps.run_name({"config": "c", "name": "../x/./seed=1"}) == "__/x/_/seed=1"

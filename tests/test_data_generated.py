@@ -149,3 +149,41 @@ def test_melodies_longer_than_the_audio_cut_are_refused(cache_dir):
   config.melodies.max_notes = 5
   with pytest.raises(ValueError, match=r"data\.melodies\.max_notes=5"):
     data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+
+
+def test_scene_documents_decode_in_colour(cache_dir):
+  """A known scene's document (caption, then its codes) decodes to the RGB image `render` draws; the
+  digits' documents still decode as grey intensities."""
+  config = make_config(cache_dir)
+  vocab = data.vocabulary(config)
+  scene = (shapes.Shape("circle", "red", "large", 0, 1), shapes.Shape("square", "blue", "small", 1, 0))
+  image, codes = shapes.render(scene, config.shapes, config.patch_size)
+  caption = shapes.caption(scene, config.shapes)
+  tokens = np.concatenate([[data.BOS], vocab.encode_text(caption), [data.BOI], codes + vocab.image_offset,
+                           [data.EOI], [data.EOS]])
+  (kind_t, text), (kind_i, decoded) = data.decode_document(tokens, config)
+  assert (kind_t, text, kind_i) == ("text", caption, "image")
+  assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
+  np.testing.assert_array_equal(decoded, image)
+  assert set(map(tuple, decoded.reshape(-1, 3))) == {(0, 0, 0), shapes.COLOURS["red"], shapes.COLOURS["blue"]}
+  grey = data.decode_document(tokens, config, scene=False)[1][1]
+  assert grey.shape == (8, 8)  # the same codes read as digit intensities: what was shown before
+  digit = np.concatenate([[data.BOS], vocab.encode_text("a handwritten seven."), [data.BOI],
+                          vocab.encode_image(np.full((8, 8), 255, np.uint8)), [data.EOI]])
+  assert data.decode_document(digit, config)[1][1].shape == (8, 8)
+  short = data.decode_scene(tokens[:len(caption) + 10], config)  # a sample cut short: background after
+  assert short.shape == (16, 16, 3)
+
+
+def test_scene_patches_decode_in_colour(cache_dir):
+  config = make_config(cache_dir, image_form="patches")
+  for name in list(config.mixture):
+    if config.mixture[name].dataset != "moma_shapes":
+      del config.mixture[name]
+  batch = next(data.batches(config, split="validation", batch_size=2, seq_len=SEQ, seed=0))
+  seg = batch["segment"][0]
+  parts = data.decode_document(batch["tokens"][0][seg == 1], config, patches=batch["patches"][0][seg == 1])
+  image = next(v for k, v in parts if k == "image")
+  text = next(v for k, v in parts if k == "text")
+  assert image.shape == (16, 16, 3)
+  assert shapes.detect(image, config.shapes) == shapes.parse_caption(text, config.shapes)

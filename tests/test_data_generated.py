@@ -79,23 +79,37 @@ def test_detector_and_parser_refuse_what_is_not_a_scene():
       shapes.parse_caption(bad, config)
 
 
-def test_bad_scene_input_names_the_field(cache_dir):
-  with pytest.raises(ValueError, match=r"kind='hexagon'"):
+def _shapes(**knobs):
+  return lambda c: c.shapes.update(knobs)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_shapes(texture="rough"), r"data\.shapes\.texture is not a scene attribute; use one of"),
+    (lambda c: c.update(image_levels=64), r"data\.shapes\.palette=6 needs 91 image codes at data\.patch_size=2, "
+     r"more than data\.image_levels=64; lower the palette or raise data\.image_levels"),
+    (_shapes(palette=11), r"data\.shapes\.palette=11: use 1\.\.10 colours"),
+    (lambda c: c.update(image_form="patches", patch_size=3), r"data\.patch_size=3 does not divide the \(\d+, \d+\) "
+     r"images of data\.mixture\.\w+; set --config\.data\.patch_size to a divisor"),
+    (lambda c: (c.update(image_form="patches", patch_size=16), c.shapes.update(image_size=24),
+                [e.update(weight=0) for e in c.mixture.values() if e.dataset == "moma_digits"]),
+     r"data\.patch_size=16 does not divide the \(24, 24\) images of data\.mixture\.scene_caption"),
+    (lambda c: c.update(patch_size=3), r"data\.patch_size=3 does not divide the 8-pixel cells of data\.shapes"),
+    (_shapes(image_size=20), r"data\.shapes\.image_size=20: use 16, 24 or 32"),
+    (_shapes(min_objects=3, max_objects=2), r"data\.shapes\.min_objects=3, max_objects=2: need"),
+])
+def test_bad_scene_input_is_one_line_naming_the_field(cache_dir, mutate, message):
+  """An unknown scene attribute, a palette larger than the image codes or the colours, an image size the
+  patch size does not divide: one ValueError line naming the field and the fix."""
+  config = make_config(cache_dir)
+  mutate(config)
+  with pytest.raises(ValueError, match=message) as error:
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+  assert "\n" not in str(error.value)
+
+
+def test_bad_scene_shapes_name_the_attribute():
+  with pytest.raises(ValueError, match=r"scene shape 0: kind='hexagon' is unknown; choose one of"):
     shapes.render((shapes.Shape("hexagon", "red", "small", 0, 0),), knobs())
-  config = make_config(cache_dir)
-  config.shapes.texture = "rough"
-  with pytest.raises(ValueError, match=r"data\.shapes\.texture is not a scene attribute"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir, image_levels=64)  # palette 6 needs 91 codes at patch size 2
-  with pytest.raises(ValueError, match=r"data\.shapes\.palette=6 needs 91 image codes"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir, image_form="patches", patch_size=3)
-  with pytest.raises(ValueError, match=r"data\.patch_size=3 does not divide"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir)
-  config.shapes.image_size = 20
-  with pytest.raises(ValueError, match=r"data\.shapes\.image_size=20"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
 
 
 def _scene_and_melody_documents(batch, config):

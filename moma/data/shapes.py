@@ -75,7 +75,7 @@ def validate(knobs, field: str = "data.shapes") -> Knobs:
     return knobs
   unknown = sorted(set(knobs) - set(KNOBS))
   if unknown:
-    raise ValueError(f"{field}.{unknown[0]} is not a scene attribute; known: {sorted(KNOBS)}.")
+    raise ValueError(f"{field}.{unknown[0]} is not a scene attribute; use one of {sorted(KNOBS)}.")
   values = {k: knobs[k] for k in KNOBS}
   size = values["image_size"]
   if size % CELL or not 2 * CELL <= size <= 4 * CELL:

@@ -92,7 +92,7 @@ def _shapes(**knobs):
      r"images of data\.mixture\.\w+; set --config\.data\.patch_size to a divisor"),
     (lambda c: (c.update(image_form="patches", patch_size=16), c.shapes.update(image_size=24),
                 [e.update(weight=0) for e in c.mixture.values() if e.dataset == "moma_digits"]),
-     r"data\.patch_size=16 does not divide the \(24, 24\) images of data\.mixture\.scene_caption"),
+     r"data\.patch_size=16 does not divide the \(24, 24\) images of data\.mixture\.(caption_)?scene"),
     (lambda c: c.update(patch_size=3), r"data\.patch_size=3 does not divide the 8-pixel cells of data\.shapes"),
     (_shapes(image_size=20), r"data\.shapes\.image_size=20: use 16, 24 or 32"),
     (_shapes(min_objects=3, max_objects=2), r"data\.shapes\.min_objects=3, max_objects=2: need"),

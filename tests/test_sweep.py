@@ -152,3 +152,32 @@ def test_seeds_repeat_every_run_seed_outermost(capsys, tmp_path):
   with pytest.raises(ValueError, match="set it already"):
     sweeps.seeded([{"config": "configs/dense.py", "train.seed": 4}], 2)
   assert sweeps.run_name({"config": "c", "name": "../x/./seed=1"}) == "__/x/_/seed=1"
+
+
+def test_studies_status_lists_finished_running_partial_and_missing(tmp_path, capsys):
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments import studies_status  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "mom_untie,size=small,seeds=2"
+  fake_run(directory / "mamba" / "seed=0", steps_done=10)
+  fake_run(directory / "mom_in_proj" / "seed=0", steps_done=4)
+  fake_run(directory / "mom_x_proj" / "seed=0", steps_done=6)
+  for run in ("mamba/seed=0", "mom_in_proj/seed=0", "mom_x_proj/seed=0"):
+    (directory / run / "config.json").write_text(json.dumps({"train": {"steps": 10, "batch_size": 4,
+                                                                       "seq_len": 32}}))
+  for run in ("mamba/seed=0", "mom_in_proj/seed=0"):
+    with open(directory / run / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": 0, "tokens_per_s": 50.0}) + "\n" + json.dumps({"step": 0, "tokens_per_s": 640.0})
+              + "\n")
+  (directory / "mom_in_proj" / "seed=0" / "lock").write_text(json.dumps(
+      {"pid": os.getpid(), "host": os.uname().nodename}))
+  (directory / "mom_x_proj" / "seed=0" / "lock").write_text(json.dumps({"pid": 2**22 + 1, "host": "gone"}))
+  assert studies_status.main(["mom_untie:size=small,seeds=2", "--root", str(tmp_path)]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["studies"][0]
+  rows = {r["run"]: r for r in report["runs"]}
+  assert [rows[n]["status"] for n in ("mamba/seed=0", "mom_in_proj/seed=0", "mom_x_proj/seed=0",
+                                      "mom_all/seed=1")] == ["finished", "running", "partial", "missing"]
+  assert (report["finished"], report["total"]) == (1, 12)
+  # 6 steps left × 32 × 4 tokens (fake_run's config) at the median 640 tokens/s past the first log = 0.02 min
+  assert rows["mom_in_proj/seed=0"]["minutes_left"] == pytest.approx(6 * 4 * 32 / 640 / 60)
+  assert rows["mom_in_proj/seed=1"]["minutes_left"] == pytest.approx(2500 * 16 * 256 / 640 / 60)  # same run's pace
+  assert rows["mom_all/seed=1"]["minutes_left"] is None and report["unpaced"] == 8  # x, dt, out, all × 2 seeds

@@ -17,7 +17,7 @@ from configs import mot
 from moma import agd
 
 # Per-size batch sizes: (decoder rows, encoder examples).
-BATCH = {"tiny": (4, 16), "S": (32, 256), "M": (64, 512), "1.4B": (128, 1024), "7B": (512, 4096)}
+BATCH = {"tiny": (4, 16), "small": (16, 64), "S": (32, 256), "M": (64, 512), "1.4B": (128, 1024), "7B": (512, 4096)}
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """Dense early-fusion decoder (Chameleon-style baseline).
 
-`configs/dense.py:size=tiny|S|M|1.4B|7B,modalities=text+image+audio|text+image` (defaults: tiny, all three).
+`configs/dense.py:size=tiny|small|S|M|1.4B|7B,modalities=text+image+audio|text+image` (defaults: tiny, all three).
 """
 
 from configs import common

@@ -1,4 +1,4 @@
-"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|S|M|1.4B,modalities=...`.
+"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|small|S|M|1.4B,modalities=...`.
 
 Pre-norm RMSNorm → Mamba-1 block → residual, no FFN (d_ff=0), d_state 16, expand 2, conv 4,
 dt_rank ceil(d_model / 16). Each size keeps the dense preset's width, batch, length and schedule and takes
@@ -6,6 +6,7 @@ the depth that matches the dense preset's training FLOPs per token at its seq_le
 
   size   d_model  layers (dense)  Mamba / dense FLOPs per token
   tiny        64     4    (2)     0.94
+  small       96     8    (4)     0.94
   S          768    34   (12)     0.99
   M         1024    74   (24)     1.00
   1.4B      2048    76   (24)     1.01
@@ -19,7 +20,7 @@ import ml_collections
 
 from configs import common
 
-NUM_LAYERS = {"tiny": 4, "S": 34, "M": 74, "1.4B": 76}
+NUM_LAYERS = {"tiny": 4, "small": 8, "S": 34, "M": 74, "1.4B": 76}
 
 
 def mamba_config(size: str, modalities: str = "text+image+audio") -> ml_collections.ConfigDict:

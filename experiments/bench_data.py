@@ -5,10 +5,12 @@ real (non-padding) positions and each modality's share of real tokens (so a pack
 favouring short documents would show). Three settings in the same run, interleaved:
   new:      this packer on this default mixture (with the generated scenes and melodies);
   old_pack: the packer of commit BASELINE (documents never cut; the first that does not fit ends the
-            row), loaded from git, on this default mixture;
-  today:    the packer and the default mixture (text, digits, DTMF) of commit BASELINE.
-new vs old_pack is the packing change alone; new vs today adds the new mixture, whose generated scenes
-and melodies are rendered per document (~20 µs each) where today's media were cached per example.
+            row), loaded from git, rendering one document at a time with this moma.data.sources, on
+            this default mixture;
+  today:    the packer, document renderer and default mixture (text, digits, DTMF) of commit BASELINE.
+new vs old_pack is the packing change alone (plus block rendering); new vs today adds the new mixture,
+whose generated scenes and melodies are rendered in numpy blocks (per 16 draws, one block per source)
+where today's media were cached per example.
 Rates are 1 / the fastest of `steps` interleaved batches (robust to other jobs on the CPU).
 Also the first build of the embedded datasets. Last line: JSON.
 
@@ -34,14 +36,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Batches timed per setting.")
 
 
-def baseline_module(tmp: str, name: str):
-  """moma/data/{name}.py as of BASELINE, imported from a copy (it reads today's sources)."""
+def baseline_module(tmp: str, name: str, alias: str = ""):
+  """moma/data/{name}.py as of BASELINE, imported from a copy as `baseline_{alias or name}` (its own
+  imports are today's modules)."""
   root = pathlib.Path(__file__).resolve().parents[1]
   source = subprocess.run(["git", "show", f"{BASELINE}:moma/data/{name}.py"], cwd=root, check=True,
                           capture_output=True, text=True).stdout
-  path = pathlib.Path(tmp) / f"baseline_{name}.py"
+  path = pathlib.Path(tmp) / f"baseline_{alias or name}.py"
   path.write_text(source)
-  spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+  spec = importlib.util.spec_from_file_location(f"baseline_{alias or name}", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
   spec.loader.exec_module(module)
@@ -66,14 +69,16 @@ def main(_):
     for name in data.EMBEDDED:
       data.prepare(name, cache_dir)
     results["first_build_s"] = time.perf_counter() - start
-    old_packer = baseline_module(cache_dir, "pipeline").Packer
+    old_packer = baseline_module(cache_dir, "pipeline").Packer  # renders with today's sources
     old_packer._patch_dim = lambda self: 0  # discrete form; it refused grey + RGB mixtures even there
+    today = baseline_module(cache_dir, "pipeline", "pipeline_today")  # packer and sources of BASELINE
+    today.sources_lib = baseline_module(cache_dir, "sources")
     old_config = baseline_module(cache_dir, "config").default_config()
     config = data.default_config()
     for c in (config, old_config):
       c.cache_dir = cache_dir
     settings = {"new": (data.Packer, config), "old_pack": (old_packer, config),
-                "today": (old_packer, old_config)}
+                "today": (today.Packer, old_config)}
     for seq_len in (256, 1024):
       packers = {name: packer(c, split="train", seq_len=seq_len) for name, (packer, c) in settings.items()}
       for packer in packers.values():

@@ -1,11 +1,16 @@
 r"""FLOPs-matched comparison of sparse variants against a dense baseline, from their run directories.
 
   python -m experiments.flops_matched runs/mot_untie/dense runs/mot_untie/*  [--smooth 5] [--plot-dir D]
+  python -m experiments.flops_matched ROOT/architectures,size=small,seeds=3/{dense,mot,mom}  # seeded runs
 
-Prints a Markdown table (per variant, split and modality: step-matching ratio, matched steps, η = fraction
-of the baseline's training FLOPs needed to reach its final loss, savings = 1/η) and, as the last line, a
-JSON object with the same rows. A variant that never reaches the baseline's loss reads "not reached".
-Writes loss-vs-FLOPs plots (one PNG per split) to --plot-dir (default: next to the baseline run).
+Each argument is a run directory or a seeded run's directory (`seed=K/` run directories, from
+`experiments/sweep.py NAME:seeds=N`); each variant seed is compared with the baseline run of the same seed.
+Prints a Markdown table (per variant, split and modality, across seeds: step-matching ratio, η = fraction
+of the baseline's training FLOPs needed to reach its final loss, savings = 1/η, each mean with its 95%
+Student-t interval across seeds, and `reached` = seeds that reach the baseline's loss) and, as the last
+line, a JSON object with those rows and the per-seed ones. A variant that never reaches the baseline's loss
+reads "not reached"; an interval needs two seeds ("—" below). Writes loss-vs-FLOPs plots (one PNG per
+split, first seed of each run) to --plot-dir (default: next to the baseline run).
 The library behind it is `moma.studies` (importable from notebooks).
 """
 
@@ -28,23 +33,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="centred moving-average window in logged points (odd; 1 = none)")
   parser.add_argument("--plot-dir", help="where the PNGs go (default: BASELINE/../flops_matched)")
   args = parser.parse_args(argv)
+  base_path = pathlib.Path(args.baseline).resolve()
   try:
-    baseline = studies.load_run(args.baseline)
-    base_path = baseline.path.resolve()
-    variants = [studies.load_run(v) for v in dict.fromkeys(args.variants)
-                if pathlib.Path(v).resolve() != base_path]
-    rows = [row for v in variants for row in studies.compare(baseline, v, args.smooth)]
+    baselines = studies.load_group(args.baseline)
+    groups = [(pathlib.Path(v).name, studies.load_group(v)) for v in dict.fromkeys(args.variants)
+              if pathlib.Path(v).resolve() != base_path]
+    rows, per_seed = [], []
+    for name, variants in groups:
+      across, each = studies.compare_seeds(baselines, variants, args.smooth, name)
+      rows += across
+      per_seed += each
   except ValueError as e:
     parser.error(str(e))
 
-  plot_dir = pathlib.Path(args.plot_dir) if args.plot_dir else baseline.path.parent / "flops_matched"
-  plots = studies.plot_loss_vs_flops(baseline, variants, plot_dir, args.smooth)
-  print(f"baseline: {baseline.path}\n")
+  plot_dir = pathlib.Path(args.plot_dir) if args.plot_dir else base_path.parent / "flops_matched"
+  plots = studies.plot_loss_vs_flops(baselines[0], [g[0] for _, g in groups], plot_dir, args.smooth)
+  print(f"baseline: {args.baseline} (seeds {[run.seed for run in baselines]})\n")
   print(studies.markdown_table(rows))
   print("\nplots: " + " ".join(str(p) for p in plots))
-  readable = [{k: studies.NOT_REACHED if v is None else v for k, v in r.items()} for r in rows]
-  print(json.dumps({"baseline": str(baseline.path), "smooth": args.smooth, "rows": readable,
-                    "plots": [str(p) for p in plots]}))
+  readable = lambda rs: [{k: studies.NOT_REACHED if v is None and not k.endswith("_ci95") else v  # pylint: disable=unnecessary-lambda-assignment
+                          for k, v in r.items()} for r in rs]
+  print(json.dumps({"baseline": args.baseline, "smooth": args.smooth, "rows": readable(rows),
+                    "per_seed": readable(per_seed), "plots": [str(p) for p in plots]}))
   return 0
 
 

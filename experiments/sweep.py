@@ -4,6 +4,7 @@ r"""Run a declared sweep locally in sequence, or print one command per run for a
   python -m experiments.sweep mot_untie:size=S --root runs --print-commands | sbatch-array ...
   python -m experiments.sweep architectures --root runs --set train.steps=300 --only 'mo*'
   python -m experiments.sweep architectures --root runs --gather-only  # table of what exists
+  python -m experiments.sweep architectures:size=small,seeds=3 --root /work/studies  # CPU study, 3 seeds
 
 Runs live in ROOT/SWEEP/RUN_NAME, where SWEEP is the sweep spec plus any --set overrides (so different
 sizes or step counts never share a directory). A run is finished when its metrics.jsonl logs train.steps
@@ -128,21 +129,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   failed = []
   for run in [] if args.gather_only else chosen:
-    run_dir = directory / sweeps.run_name(run)
+    run_name = sweeps.run_name(run)
+    run_dir = directory / run_name
     if studies.is_finished(run_dir, expected_steps(run, sets)):
-      print(f"[sweep {name}] {run_dir.name}: finished, skipped", flush=True)
+      print(f"[sweep {name}] {run_name}: finished, skipped", flush=True)
       continue
     argv_run = command(run, run_dir, sets, python=sys.executable)
-    print(f"[sweep {name}] {run_dir.name}: {shlex.join(argv_run)}", flush=True)
+    print(f"[sweep {name}] {run_name}: {shlex.join(argv_run)}", flush=True)
     if subprocess.run(argv_run, check=False).returncode != 0:
-      failed.append(run_dir.name)
+      failed.append(run_name)
 
   rows = gather(runs, directory, sets, failed)
   for path in write_results(directory, rows):
     print(f"[sweep {name}] wrote {path}")
   print(studies.markdown_table(rows))
   if baseline is not None:
-    variants = " ".join(str(directory / sweeps.run_name(r)) for r in runs if sweeps.run_name(r) != baseline)
+    groups = dict.fromkeys(sweeps.group_name(sweeps.run_name(r)) for r in runs)
+    variants = " ".join(str(directory / g) for g in groups if g != baseline)
     print(f"\nFLOPs-matched: python -m experiments.flops_matched {directory / baseline} {variants}")
   if failed:
     print(f"[sweep {name}] failed runs: {', '.join(failed)}", file=sys.stderr)

@@ -3,14 +3,18 @@
 Reads the run's config.json and latest checkpoint, encodes the prompt as the start of a document (BOS,
 text bytes, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
 decodes `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample, images
-as ASCII art. On a Transfusion run (data.image_form='patches') `--then=image` denoises the image instead
-(`--steps`, `--cfg_scale`, `--eta`; `moma.transfusion_sample`) and then decodes text after its EOI:
+as ASCII art (scenes of shapes as coloured blocks on a terminal, `--colour`). On a Transfusion run
+(data.image_form='patches') `--then=image` denoises the image instead (`--steps`, `--cfg_scale`, `--eta`;
+`moma.transfusion_sample`) and then decodes text after its EOI:
 
   python -m moma.sample --workdir=runs/quickstart --prompt="the digit seven, written by hand." --then=image
   python -m moma.sample --workdir=runs/quickstart --prompt="The " --num_samples=4 --temperature=0.8
+  python -m moma.sample --workdir=runs/quickstart --prompt="a large red circle at top right." --then=image
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app
 from absl import flags
@@ -40,6 +44,8 @@ _STEPS = flags.DEFINE_integer("steps", 250, "Transfusion runs, --then=image: den
                               "for objective ddpm, Euler for flow).")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.0, "Transfusion runs: classifier-free guidance scale "
                                 "(1: the caption-conditioned prediction alone).")
+_COLOUR = flags.DEFINE_enum("colour", "auto", ["auto", "always", "never"], "Print RGB images (scenes of "
+                             "shapes) as coloured blocks: auto = when stdout is a terminal.")
 _ETA = flags.DEFINE_float("eta", 0.0, "Transfusion runs, objective ddpm: 0 = DDIM, 1 = DDPM ancestral.")
 
 
@@ -90,9 +96,14 @@ def sample(workdir: str, prompt: str = "", then: str = "text", num_tokens: int =
   return documents
 
 
-def ascii_image(image: np.ndarray) -> str:
-  """A uint8 image [H, W] (or [H, W, C], averaged) as lines of characters, darkest to brightest."""
-  image = np.asarray(image, np.float32)
+def ascii_image(image: np.ndarray, colour: bool = False) -> str:
+  """A uint8 image [H, W] (or [H, W, C], averaged) as lines of characters, darkest to brightest; with
+  `colour`, an RGB image [H, W, 3] as coloured blocks (ANSI 24-bit escapes, black as blank)."""
+  image = np.asarray(image)
+  if colour and image.ndim == 3 and image.shape[-1] == 3:
+    cell = lambda rgb: "  " if not any(rgb) else "\x1b[38;2;{};{};{}m██\x1b[0m".format(*rgb)  # pylint: disable=unnecessary-lambda-assignment
+    return "\n".join("".join(cell(rgb) for rgb in row) for row in image.tolist())
+  image = image.astype(np.float32)
   if image.ndim == 3:
     image = image.mean(-1)
   levels = np.round(image / 255.0 * (len(_ASCII_RAMP) - 1)).astype(int)
@@ -111,7 +122,8 @@ def main(argv):
       if kind == "text":
         print(value)
       elif kind == "image":
-        print(ascii_image(value))
+        print(ascii_image(value, colour=_COLOUR.value == "always" or (
+            _COLOUR.value == "auto" and sys.stdout.isatty())))
       else:
         print(f"[audio: {value.size} samples]")
 

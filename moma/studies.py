@@ -67,7 +67,12 @@ class Run:
 
   @property
   def name(self) -> str:
-    return self.path.name
+    """The directory name; a seed of a sweep's seeded run is `RUN/seed=K`."""
+    return f"{self.path.parent.name}/{self.path.name}" if self.path.name.startswith("seed=") else self.path.name
+
+  @property
+  def seed(self) -> int:
+    return int(config_value(self.config, "train.seed", 0))
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -95,6 +100,19 @@ def load_run(run_dir: str | pathlib.Path) -> Run:
   if not config_path.exists():
     raise ValueError(f"{config_path} does not exist; pass run directories written by moma.main")
   return Run(path, json.loads(config_path.read_text()), read_metrics(path))
+
+
+def load_group(path: str | pathlib.Path) -> list[Run]:
+  """A run directory → [its run]; a seeded run's directory (`seed=K/` run directories, as
+  `experiments/sweep.py NAME:seeds=N` writes them) → its runs in seed order."""
+  path = pathlib.Path(path)
+  if (path / "config.json").exists():
+    return [load_run(path)]
+  seeds = [p for p in path.glob("seed=*") if (p / "config.json").exists()]
+  if not seeds:
+    raise ValueError(f"{path} holds neither config.json nor seed=K run directories; pass run directories "
+                     "written by moma.main, or a seeded sweep run's directory")
+  return sorted((load_run(p) for p in seeds), key=lambda run: run.seed)
 
 
 def last_step(run_dir: str | pathlib.Path) -> int | None:
@@ -265,15 +283,53 @@ def _window(split: str, window: int, num_points: int) -> int:
   return min(window, max(1, num_points if num_points % 2 else num_points - 1))
 
 
+def interval95(values: Sequence[float]) -> list[float] | None:
+  """The 95% Student-t interval of the mean of `values` (one per seed); None for fewer than two."""
+  if len(values) < 2:
+    return None
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  values = np.asarray(values, float)
+  half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+  return [float(values.mean() - half), float(values.mean() + half)]
+
+
+def compare_seeds(baselines: Sequence[Run], variants: Sequence[Run], window: int = 1,
+                  name: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """`compare` of each variant seed against the baseline run of the same train.seed (same data order),
+  then per split and modality across seeds: the mean step-matching ratio and η with their 95% intervals
+  (`interval95`; None below two seeds), `reached` = seeds in which the variant reaches the baseline's
+  final loss (η and its interval are over those). Returns (rows across seeds, rows per seed)."""
+  by_seed = {run.seed: run for run in baselines}
+  pairs = [(by_seed[v.seed], v) for v in variants if v.seed in by_seed]
+  name = name or variants[0].name.split("/")[0]
+  if not pairs:
+    raise ValueError(f"{name}: no train.seed in common with the baseline (seeds {sorted(v.seed for v in variants)}"
+                     f" vs {sorted(by_seed)}); train the baseline with the variant's seeds")
+  per_seed = [dict(row, variant=name, seed=v.seed) for b, v in pairs for row in compare(b, v, window)]
+  rows = []
+  for split, modality in dict.fromkeys((r["split"], r["modality"]) for r in per_seed):
+    seeds = [r for r in per_seed if (r["split"], r["modality"]) == (split, modality)]
+    ratios = [r["step_ratio"] for r in seeds if r["step_ratio"] is not None]
+    etas = [r["flops_fraction"] for r in seeds if r["flops_fraction"] is not None]
+    eta = float(np.mean(etas)) if etas else None
+    rows.append({"variant": name, "split": split, "modality": modality, "seeds": len(seeds),
+                 "step_ratio": float(np.mean(ratios)) if ratios else None, "step_ratio_ci95": interval95(ratios),
+                 "flops_fraction": eta, "flops_fraction_ci95": interval95(etas),
+                 "reached": f"{len(etas)}/{len(seeds)}", "savings": None if eta is None else 1.0 / eta})
+  return rows, per_seed
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """Markdown table over the union of the rows' keys; None renders as "not reached"."""
   columns = list(dict.fromkeys(k for r in rows for k in r))
-  def cell(v):
+  def cell(v, column):
     if v is None:
-      return NOT_REACHED
+      return "—" if column.endswith("_ci95") else NOT_REACHED
+    if isinstance(v, list):  # an interval
+      return "–".join(f"{x:.3g}" for x in v)
     return f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(cell(r[c]) if c in r else "" for c in columns) + " |" for r in rows]
+  lines += ["| " + " | ".join(cell(r[c], c) if c in r else "" for c in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 

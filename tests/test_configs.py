@@ -149,3 +149,15 @@ def test_modalities_argument_sets_model_and_data():
     assert config.data.modalities == ("text", "image")
   with pytest.raises(ValueError, match="modalities="):
     dense.get_config("modalities=text+video")
+
+
+@pytest.mark.parametrize("family,arg", [
+    ("dense", ""), ("mot", ""), ("moma", ",experts=8shared"), ("mamba", ""), ("mom", ""), ("agd", ""),
+    ("transfusion", ",arch=mom")])
+def test_small_preset_in_every_family(family, arg):
+  """size=small (the CPU studies' preset) is accepted by every config with sizes, at one shape."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{family}").get_config(f"size=small{arg}")
+  assert (config.model.d_model, config.train.seq_len, config.train.batch_size, config.train.steps) == (
+      96, 256, 16, 2500)
+  assert config.model.dtype == "float32" and not config.model.remat

@@ -79,23 +79,37 @@ def test_detector_and_parser_refuse_what_is_not_a_scene():
       shapes.parse_caption(bad, config)
 
 
-def test_bad_scene_input_names_the_field(cache_dir):
-  with pytest.raises(ValueError, match=r"kind='hexagon'"):
+def _shapes(**knobs):
+  return lambda c: c.shapes.update(knobs)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_shapes(texture="rough"), r"data\.shapes\.texture is not a scene attribute; use one of"),
+    (lambda c: c.update(image_levels=64), r"data\.shapes\.palette=6 needs 91 image codes at data\.patch_size=2, "
+     r"more than data\.image_levels=64; lower the palette or raise data\.image_levels"),
+    (_shapes(palette=11), r"data\.shapes\.palette=11: use 1\.\.10 colours"),
+    (lambda c: c.update(image_form="patches", patch_size=3), r"data\.patch_size=3 does not divide the \(\d+, \d+\) "
+     r"images of data\.mixture\.\w+; set --config\.data\.patch_size to a divisor"),
+    (lambda c: (c.update(image_form="patches", patch_size=16), c.shapes.update(image_size=24),
+                [e.update(weight=0) for e in c.mixture.values() if e.dataset == "moma_digits"]),
+     r"data\.patch_size=16 does not divide the \(24, 24\) images of data\.mixture\.(caption_)?scene"),
+    (lambda c: c.update(patch_size=3), r"data\.patch_size=3 does not divide the 8-pixel cells of data\.shapes"),
+    (_shapes(image_size=20), r"data\.shapes\.image_size=20: use 16, 24 or 32"),
+    (_shapes(min_objects=3, max_objects=2), r"data\.shapes\.min_objects=3, max_objects=2: need"),
+])
+def test_bad_scene_input_is_one_line_naming_the_field(cache_dir, mutate, message):
+  """An unknown scene attribute, a palette larger than the image codes or the colours, an image size the
+  patch size does not divide: one ValueError line naming the field and the fix."""
+  config = make_config(cache_dir)
+  mutate(config)
+  with pytest.raises(ValueError, match=message) as error:
+    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+  assert "\n" not in str(error.value)
+
+
+def test_bad_scene_shapes_name_the_attribute():
+  with pytest.raises(ValueError, match=r"scene shape 0: kind='hexagon' is unknown; choose one of"):
     shapes.render((shapes.Shape("hexagon", "red", "small", 0, 0),), knobs())
-  config = make_config(cache_dir)
-  config.shapes.texture = "rough"
-  with pytest.raises(ValueError, match=r"data\.shapes\.texture is not a scene attribute"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir, image_levels=64)  # palette 6 needs 91 codes at patch size 2
-  with pytest.raises(ValueError, match=r"data\.shapes\.palette=6 needs 91 image codes"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir, image_form="patches", patch_size=3)
-  with pytest.raises(ValueError, match=r"data\.patch_size=3 does not divide"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
-  config = make_config(cache_dir)
-  config.shapes.image_size = 20
-  with pytest.raises(ValueError, match=r"data\.shapes\.image_size=20"):
-    data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
 
 
 def _scene_and_melody_documents(batch, config):
@@ -149,3 +163,41 @@ def test_melodies_longer_than_the_audio_cut_are_refused(cache_dir):
   config.melodies.max_notes = 5
   with pytest.raises(ValueError, match=r"data\.melodies\.max_notes=5"):
     data.batches(config, split="train", batch_size=2, seq_len=SEQ, seed=0)
+
+
+def test_scene_documents_decode_in_colour(cache_dir):
+  """A known scene's document (caption, then its codes) decodes to the RGB image `render` draws; the
+  digits' documents still decode as grey intensities."""
+  config = make_config(cache_dir)
+  vocab = data.vocabulary(config)
+  scene = (shapes.Shape("circle", "red", "large", 0, 1), shapes.Shape("square", "blue", "small", 1, 0))
+  image, codes = shapes.render(scene, config.shapes, config.patch_size)
+  caption = shapes.caption(scene, config.shapes)
+  tokens = np.concatenate([[data.BOS], vocab.encode_text(caption), [data.BOI], codes + vocab.image_offset,
+                           [data.EOI], [data.EOS]])
+  (kind_t, text), (kind_i, decoded) = data.decode_document(tokens, config)
+  assert (kind_t, text, kind_i) == ("text", caption, "image")
+  assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
+  np.testing.assert_array_equal(decoded, image)
+  assert set(map(tuple, decoded.reshape(-1, 3))) == {(0, 0, 0), shapes.COLOURS["red"], shapes.COLOURS["blue"]}
+  grey = data.decode_document(tokens, config, scene=False)[1][1]
+  assert grey.shape == (8, 8)  # the same codes read as digit intensities: what was shown before
+  digit = np.concatenate([[data.BOS], vocab.encode_text("a handwritten seven."), [data.BOI],
+                          vocab.encode_image(np.full((8, 8), 255, np.uint8)), [data.EOI]])
+  assert data.decode_document(digit, config)[1][1].shape == (8, 8)
+  short = data.decode_scene(tokens[:len(caption) + 10], config)  # a sample cut short: background after
+  assert short.shape == (16, 16, 3)
+
+
+def test_scene_patches_decode_in_colour(cache_dir):
+  config = make_config(cache_dir, image_form="patches")
+  for name in list(config.mixture):
+    if config.mixture[name].dataset != "moma_shapes":
+      del config.mixture[name]
+  batch = next(data.batches(config, split="validation", batch_size=2, seq_len=SEQ, seed=0))
+  seg = batch["segment"][0]
+  parts = data.decode_document(batch["tokens"][0][seg == 1], config, patches=batch["patches"][0][seg == 1])
+  image = next(v for k, v in parts if k == "image")
+  text = next(v for k, v in parts if k == "text")
+  assert image.shape == (16, 16, 3)
+  assert shapes.detect(image, config.shapes) == shapes.parse_caption(text, config.shapes)

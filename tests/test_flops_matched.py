@@ -17,10 +17,10 @@ def curve(t):
   return 1.5 + 4.0 * (1.0 + np.asarray(t, float) / 50.0) ** -0.7
 
 
-def write_run(path, speed, *, fpt=1e6, fpt_style="scalar", data="embedded", vocab=512):
+def write_run(path, speed, *, fpt=1e6, fpt_style="scalar", data="embedded", vocab=512, seed=0):
   """A run whose modality m's loss at step t is curve(t * speed[m]); eval every 100 steps (+0.1)."""
   path.mkdir(parents=True)
-  config = {"train": {"steps": int(STEPS[-1]), "batch_size": 4, "seq_len": 32},
+  config = {"train": {"steps": int(STEPS[-1]), "batch_size": 4, "seq_len": 32, "seed": seed},
             "model": {"vocab_size": vocab, "modalities": ["text", "image"]}, "data": {"name": data}}
   (path / "config.json").write_text(json.dumps(config))
   lines = []
@@ -145,3 +145,38 @@ def test_metrics_reader_drops_only_a_truncated_last_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
   with pytest.raises(ValueError, match="metrics.jsonl:1"):
     studies.read_metrics(tmp_path)
+
+
+def test_seeds_give_a_mean_and_a_95_interval(tmp_path, capsys):
+  """Variant seeds 0..2 at 2.0x, 2.5x, 1.6x the baseline's speed (paired with the baseline of the same seed):
+  the mean ratio and η are the means of the seeds' 1/speed, inside a Student-t interval of half-width
+  t(0.975, 2)·sd/√3; a seed without a baseline is left out."""
+  speeds = {0: 2.0, 1: 2.5, 2: 1.6, 3: 3.0}
+  for seed in range(3):
+    write_run(tmp_path / "dense" / f"seed={seed}", {"text": 1, "image": 1}, seed=seed)
+  for seed, speed in speeds.items():
+    write_run(tmp_path / "mot" / f"seed={seed}", {"text": speed, "image": speed}, seed=seed)
+  write_run(tmp_path / "slow" / "seed=1", {"text": 0.5, "image": 0.5}, seed=1)
+  assert [r.seed for r in studies.load_group(tmp_path / "mot")] == [0, 1, 2, 3]
+  assert studies.load_group(tmp_path / "mot")[1].name == "mot/seed=1"
+  assert flops_matched.main([str(tmp_path / "dense"), str(tmp_path / "mot"), str(tmp_path / "slow"),
+                             "--plot-dir", str(tmp_path / "plots")]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  row = by_key(result["rows"])["mot", "train", "text"]
+  inverse = np.array([1 / speeds[s] for s in range(3)])
+  half = 4.302653 * inverse.std(ddof=1) / np.sqrt(3)  # scipy.stats.t.ppf(0.975, 2)
+  assert (row["seeds"], row["reached"]) == (3, "3/3")
+  assert row["flops_fraction"] == pytest.approx(inverse.mean(), rel=0.01)
+  assert row["step_ratio"] == pytest.approx(inverse.mean(), rel=0.02)
+  np.testing.assert_allclose(row["flops_fraction_ci95"], [inverse.mean() - half, inverse.mean() + half],
+                             rtol=0.02)
+  assert row["savings"] == pytest.approx(1 / row["flops_fraction"])
+  assert sorted({r["seed"] for r in result["per_seed"] if r["variant"] == "mot"}) == [0, 1, 2]
+  slow = by_key(result["rows"])["slow", "train", "text"]
+  assert (slow["seeds"], slow["reached"], slow["flops_fraction"]) == (1, "0/1", studies.NOT_REACHED)
+  assert slow["step_ratio_ci95"] is None  # one seed: no interval
+  with pytest.raises(ValueError, match="no train.seed in common"):
+    studies.compare_seeds(studies.load_group(tmp_path / "dense"), [studies.load_group(tmp_path / "mot")[3]])
+  with pytest.raises(ValueError, match="neither config.json nor seed=K"):
+    studies.load_group(tmp_path / "plots")
+  assert studies.interval95([0.5]) is None

@@ -71,3 +71,10 @@ def test_bad_requests_name_the_flag(tmp_path):
     sample.prompt_batch(config, "a ", "audio", 1)
   with pytest.raises(ValueError, match="no config.json there"):
     sample.load(str(tmp_path))
+
+
+def test_rgb_images_print_as_coloured_blocks():
+  image = np.zeros((2, 2, 3), np.uint8)
+  image[0, 1] = (230, 25, 75)
+  assert sample.ascii_image(image, colour=True) == "  \x1b[38;2;230;25;75m██\x1b[0m\n    "
+  assert sample.ascii_image(image) == "  ==\n    "  # without colour: the mean intensity

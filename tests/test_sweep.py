@@ -69,7 +69,7 @@ def test_unknown_sweep_name_lists_known(capsys):
   assert "known sweeps: architectures" in capsys.readouterr().err
   with pytest.raises(ValueError, match="k=v"):
     sweeps.load("mot_untie:tiny")
-  with pytest.raises(ValueError, match=r"takes arguments \['size'\], not \['steps'\]"):
+  with pytest.raises(ValueError, match=r"takes arguments \['size', 'seeds'\], not \['steps'\]"):
     sweeps.load("mot_untie:steps=5")
 
 
@@ -131,3 +131,53 @@ def test_runner_skips_finished_runs_and_gathers(tmp_path, monkeypatch, capsys):
   assert launched == []  # everything chosen is finished
   assert sweep.main(["mom_untie", "--root", str(tmp_path), "--gather-only"]) == 0
   assert launched == []
+
+
+def test_seeds_repeat_every_run_seed_outermost(capsys, tmp_path):
+  _, runs, baseline = sweeps.load("architectures:size=small,seeds=3")
+  names = [sweeps.run_name(r) for r in runs]
+  archs = ["dense", "mot", "moma_4t4i", "moe_8shared", "mamba", "mom"]
+  assert names == [f"{a}/seed={s}" for s in range(3) for a in archs]  # one seed of each arch first
+  assert [r["train.seed"] for r in runs] == [s for s in range(3) for _ in archs]
+  assert all("size=small" in r["config"] for r in runs) and baseline == "dense"
+  assert sweep.main(["mot_untie:size=small,seeds=1", "--root", str(tmp_path), "--print-commands",
+                     "--only", "dense/*"]) == 0
+  (line,) = capsys.readouterr().out.strip().splitlines()
+  workdir = tmp_path / "mot_untie,size=small,seeds=1" / "dense" / "seed=0"
+  assert shlex.split(line)[3:] == [f"--config=configs/dense.py:size=small", f"--workdir={workdir}",
+                                   "--config.train.seed=0"]
+  for bad in ("seeds=0", "seeds=two"):
+    with pytest.raises(ValueError, match="seeds="):
+      sweeps.load(f"mom_untie:{bad}")
+  with pytest.raises(ValueError, match="set it already"):
+    sweeps.seeded([{"config": "configs/dense.py", "train.seed": 4}], 2)
+  assert sweeps.run_name({"config": "c", "name": "../x/./seed=1"}) == "__/x/_/seed=1"
+
+
+def test_studies_status_lists_finished_running_partial_and_missing(tmp_path, capsys):
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments import studies_status  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "mom_untie,size=small,seeds=2"
+  fake_run(directory / "mamba" / "seed=0", steps_done=10)
+  fake_run(directory / "mom_in_proj" / "seed=0", steps_done=4)
+  fake_run(directory / "mom_x_proj" / "seed=0", steps_done=6)
+  for run in ("mamba/seed=0", "mom_in_proj/seed=0", "mom_x_proj/seed=0"):
+    (directory / run / "config.json").write_text(json.dumps({"train": {"steps": 10, "batch_size": 4,
+                                                                       "seq_len": 32}}))
+  for run in ("mamba/seed=0", "mom_in_proj/seed=0"):
+    with open(directory / run / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": 0, "tokens_per_s": 50.0}) + "\n" + json.dumps({"step": 0, "tokens_per_s": 640.0})
+              + "\n")
+  (directory / "mom_in_proj" / "seed=0" / "lock").write_text(json.dumps(
+      {"pid": os.getpid(), "host": os.uname().nodename}))
+  (directory / "mom_x_proj" / "seed=0" / "lock").write_text(json.dumps({"pid": 2**22 + 1, "host": "gone"}))
+  assert studies_status.main(["mom_untie:size=small,seeds=2", "--root", str(tmp_path)]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["studies"][0]
+  rows = {r["run"]: r for r in report["runs"]}
+  assert [rows[n]["status"] for n in ("mamba/seed=0", "mom_in_proj/seed=0", "mom_x_proj/seed=0",
+                                      "mom_all/seed=1")] == ["finished", "running", "partial", "missing"]
+  assert (report["finished"], report["total"]) == (1, 12)
+  # 6 steps left × 32 × 4 tokens (fake_run's config) at the median 640 tokens/s past the first log = 0.02 min
+  assert rows["mom_in_proj/seed=0"]["minutes_left"] == pytest.approx(6 * 4 * 32 / 640 / 60)
+  assert rows["mom_in_proj/seed=1"]["minutes_left"] == pytest.approx(2500 * 16 * 256 / 640 / 60)  # same run's pace
+  assert rows["mom_all/seed=1"]["minutes_left"] is None and report["unpaced"] == 8  # x, dt, out, all × 2 seeds

@@ -6,7 +6,10 @@ directory; every other key is a dotted config override (`"train.steps": 200`) pa
 
 A sweep is a module `configs/sweeps/NAME.py` with `get_sweep(**kwargs) -> list[run]`, and optionally
 `BASELINE = "<run name>"` (the dense reference that `experiments/flops_matched.py` compares against).
-`experiments/sweep.py NAME[:k=v,...]` passes `k=v` to `get_sweep` as keyword arguments (strings).
+`experiments/sweep.py NAME[:k=v,...]` passes `k=v` to `get_sweep` as keyword arguments (strings), except
+`seeds=N`, which every sweep takes: it repeats the runs for `train.seed` 0..N-1 (seed outermost, so one seed
+of every run comes first and a partial study is comparable), naming them `RUN/seed=K` (one directory per
+run holding one per seed: `experiments/flops_matched.py RUN_DIR` reads them as a group).
 
     product(axis("config", ["configs/dense.py", "configs/mot.py"]), axis("train.seed", [0, 1]))
     # 4 runs: every config with every seed
@@ -60,15 +63,33 @@ def run_name(run: Run) -> str:
   if "config" not in run:
     raise ValueError(f"sweep run {run!r} has no 'config' key; set it to e.g. 'configs/mot.py:size=tiny'")
   if "name" in run:
-    name = str(run["name"])
+    components = str(run["name"]).split("/")  # an explicit name may nest: `mot/seed=1`
   else:
     path, _, arg = str(run["config"]).partition(":")
     parts = [pathlib.Path(path).stem] + ([arg] if arg else [])
     parts += [f"{k}={'+'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
               for k, v in run.items() if k != "config"]
-    name = ",".join(parts)
-  # Keep names shell- and filesystem-friendly; `=`, `,`, `+`, `.` and `-` read well in a directory name.
-  return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+    components = [",".join(parts)]
+  # Keep names shell- and filesystem-friendly; `=`, `,`, `+`, `.` and `-` read well in a directory name
+  # (no empty, `.` or `..` components).
+  components = [re.sub(r"[^A-Za-z0-9._+=,-]", "_", c) for c in components]
+  return "/".join(c if c.strip(".") else c.replace(".", "_") or "_" for c in components)
+
+
+def group_name(name: str) -> str:
+  """The run a seeded run repeats: `"mot/seed=1"` → `"mot"` (other names are their own group)."""
+  return name.split("/", 1)[0]
+
+
+def seeded(runs: Sequence[Run], seeds: int) -> list[Run]:
+  """`runs` for `train.seed` 0..seeds-1, seed outermost, each named `RUN/seed=K`."""
+  if seeds < 1:
+    raise ValueError(f"sweep arg seeds={seeds}: expected a positive number of seeds, e.g. seeds=3")
+  clashing = [run_name(r) for r in runs if "train.seed" in r]
+  if clashing:
+    raise ValueError(f"sweep arg seeds= repeats runs over train.seed, but runs {clashing} set it already")
+  return [{**r, "name": f"{run_name(r)}/seed={seed}", "train.seed": seed}
+          for seed in range(seeds) for r in runs]
 
 
 def overrides(run: Run) -> dict[str, Any]:
@@ -93,16 +114,21 @@ def load(spec: str) -> tuple[str, list[Run], str | None]:
   if any(len(p) != 2 for p in pairs):
     raise ValueError(f"sweep arg {arg!r} must be k=v pairs separated by commas, e.g. {name}:size=tiny")
   kwargs = dict(pairs)
+  seeds = kwargs.pop("seeds", None)
   params = inspect.signature(module.get_sweep).parameters
   unknown = sorted(set(kwargs) - set(params))
   if unknown:
-    raise ValueError(f"sweep {name!r} takes arguments {sorted(params)}, not {unknown}")
+    raise ValueError(f"sweep {name!r} takes arguments {[*params, 'seeds']}, not {unknown}")
   runs = module.get_sweep(**kwargs)
+  if seeds is not None:
+    if not seeds.isdigit():
+      raise ValueError(f"sweep arg seeds={seeds!r}: expected a positive number of seeds, e.g. seeds=3")
+    runs = seeded(runs, int(seeds))
   names = [run_name(r) for r in runs]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
     raise ValueError(f"sweep {name!r}: run names {duplicates} repeat; give the runs distinct 'name' keys")
   baseline = getattr(module, "BASELINE", None)
-  if baseline is not None and baseline not in names:
+  if baseline is not None and baseline not in {group_name(n) for n in names}:
     raise ValueError(f"sweep {name!r}: BASELINE {baseline!r} is not one of its runs {names}")
   return name, runs, baseline

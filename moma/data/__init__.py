@@ -8,7 +8,7 @@ and the decoders. See docs/data.md.
 
 from moma.data.builders import EMBEDDED, prepare
 from moma.data.config import TEMPLATES, default_config, mixture_entry, validate
-from moma.data.decode import decode_audio, decode_document, decode_image, decode_text
+from moma.data.decode import decode_audio, decode_document, decode_image, decode_scene, decode_text
 from moma.data.pipeline import Packer, batches
 from moma.data.vocab import (BOA, BOI, BOS, EOA, EOI, EOS, IMG, PAD, SPECIALS, TEXT_OFFSET, Vocab,
                              vocab_size, vocabulary)
@@ -16,5 +16,5 @@ from moma.data.vocab import (BOA, BOI, BOS, EOA, EOI, EOS, IMG, PAD, SPECIALS, T
 __all__ = [
     "BOA", "BOI", "BOS", "EMBEDDED", "EOA", "EOI", "EOS", "IMG", "PAD", "SPECIALS", "TEMPLATES",
     "TEXT_OFFSET", "Packer", "Vocab", "batches", "decode_audio", "decode_document", "decode_image",
-    "decode_text", "default_config", "mixture_entry", "prepare", "validate", "vocab_size", "vocabulary",
+    "decode_scene", "decode_text", "default_config", "mixture_entry", "prepare", "validate", "vocab_size", "vocabulary",
 ]

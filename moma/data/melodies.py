@@ -118,7 +118,22 @@ class Examples:
   def __len__(self) -> int:
     return 2**31 - 1
 
+  def _key(self, index: int) -> str:
+    return f"melodies/{self.knobs.seed}/{self.split_id}/{index}"
+
   def __getitem__(self, index: int) -> dict:
-    u = draws.uniforms(f"melodies/{self.knobs.seed}/{self.split_id}/{index}", self.num_draws)
-    melody = random_melody(self.knobs, u)
+    melody = random_melody(self.knobs, draws.uniforms(self._key(index), self.num_draws))
     return {"audio": render(melody), "caption": caption(melody)}
+
+  def block(self, indices) -> dict:
+    """`[self[i] for i in indices]` as columns "audio" and "caption" (lists), the draws read with numpy
+    (what the packer uses; `examples[i]` is its per-melody reference)."""
+    m = self.knobs.max_notes
+    u = draws.uniforms_block([self._key(i) for i in indices], self.num_draws)
+    count = 2 + (u[:, 0] * (m - 1)).astype(np.int64)
+    timbre = (u[:, 1] * len(TIMBRES)).astype(np.int64)
+    pitch = (u[:, 2:2 + m] * len(PITCHES)).astype(np.int64)
+    duration = (u[:, 2 + m:2 + 2 * m] * len(DURATIONS)).astype(np.int64)
+    melodies = [(TIMBRES[t], tuple((_PITCH_NAMES[p], _DURATION_NAMES[d]) for p, d in zip(ps[:n], ds[:n])))
+                for t, n, ps, ds in zip(timbre.tolist(), count.tolist(), pitch.tolist(), duration.tolist())]
+    return {"audio": [render(melody) for melody in melodies], "caption": [caption(x) for x in melodies]}

@@ -58,6 +58,7 @@ class Packer:
     self.any_text = any(source.parts == ("text",) for source in self.sources)
     self._split_id = zlib.crc32(split.encode())
     self._settings = sources_lib.render_settings(config)
+    self._tokens_per_document = float(seq_len)  # updated by every batch; sizes the render blocks
 
   def _patch_dim(self) -> int:
     """P = patch_size² · channels; grey images join an RGB mixture as three equal channels."""
@@ -70,16 +71,28 @@ class Packer:
     self.sources = [dataclasses.replace(s, patch_channels=most) for s in self.sources]
     return self.config.patch_size ** 2 * most
 
-  def _draw(self, rng: np.random.Generator):
-    """Endless (tokens, images, splittable) documents drawn i.i.d. from the mixture."""
+  def _draw(self, rng: np.random.Generator, first_block: int):
+    """Endless (tokens, images, splittable) documents drawn i.i.d. from the mixture, `_DRAWS` per
+    generator call. Rendering goes in blocks (one per source; numpy amortises over its documents): the
+    first holds the calls for `first_block` documents, then one call's each, so few rendered documents
+    go unused. The blocks change no output, only the speed."""
+    shares = np.asarray(self.shares, np.int64)
+    calls = max(1, first_block // _DRAWS)
     while True:
-      entries = np.searchsorted(self.cum_weights, rng.random(_DRAWS), side="right")
-      picks, variants = rng.random(_DRAWS), rng.integers(0, 2**31, _DRAWS)
-      for e, pick, variant in zip(np.minimum(entries, len(self.sources) - 1), picks, variants):
+      draws = [(rng.random(_DRAWS), rng.random(_DRAWS), rng.integers(0, 2**31, _DRAWS))
+               for _ in range(calls)]
+      calls = 1
+      entries, picks, variants = (np.concatenate(x) for x in zip(*draws))
+      entries = np.minimum(np.searchsorted(self.cum_weights, entries, side="right"), len(self.sources) - 1)
+      indices = self.process_index + self.process_count * (picks * shares[entries]).astype(np.int64)
+      drawn = [None] * len(entries)
+      for e in np.unique(entries).tolist():
+        at = np.flatnonzero(entries == e)
         source = self.sources[e]
-        index = self.process_index + self.process_count * int(pick * self.shares[e])
-        tokens, images = sources_lib.render(source, index, int(variant), self.vocab, self._settings)
-        yield tokens, images, source.parts == ("text",)
+        docs = sources_lib.render_block(source, indices[at], variants[at], self.vocab, self._settings)
+        for j, (tokens, images) in zip(at.tolist(), docs):
+          drawn[j] = (tokens, images, source.parts == ("text",))
+      yield from drawn
 
   def _rows(self, seed: int, step: int, batch_size: int):
     """Per row, its segments [(tokens, images)] in order: the batch as one stream of documents.
@@ -92,14 +105,20 @@ class Packer:
     a row ends at its first deferral. Items still queued after the last row are dropped.
     """
     rng = np.random.default_rng([seed, self._split_id, self.process_index, step])
-    documents = self._draw(rng)
+    # The documents the batch will take (from the previous batches' mean length) in one block.
+    documents = self._draw(rng, int(batch_size * self.seq_len / self._tokens_per_document))
+    taken = 0
     pending = []  # tails and deferred documents, placed first in the next row
     for _ in range(batch_size):
       row, room, misses = [], self.seq_len, 0
       max_misses = _MISSES_WITH_TEXT if self.any_text else _MISSES_WITHOUT_TEXT
       waiting, pending = pending, []
       while room and (waiting or misses < max_misses):
-        tokens, images, splittable = waiting.pop(0) if waiting else next(documents)
+        if waiting:
+          tokens, images, splittable = waiting.pop(0)
+        else:
+          tokens, images, splittable = next(documents)
+          taken += 1
         if len(tokens) <= room:
           row.append((tokens, images))
           room -= len(tokens)
@@ -112,6 +131,7 @@ class Packer:
           misses += 1
       yield row
       pending = waiting + pending  # older first
+    self._tokens_per_document = batch_size * self.seq_len / max(taken, 1)
 
   def batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
     b_, l_ = batch_size, self.seq_len

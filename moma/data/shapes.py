@@ -75,7 +75,7 @@ def validate(knobs, field: str = "data.shapes") -> Knobs:
     return knobs
   unknown = sorted(set(knobs) - set(KNOBS))
   if unknown:
-    raise ValueError(f"{field}.{unknown[0]} is not a scene attribute; known: {sorted(KNOBS)}.")
+    raise ValueError(f"{field}.{unknown[0]} is not a scene attribute; use one of {sorted(KNOBS)}.")
   values = {k: knobs[k] for k in KNOBS}
   size = values["image_size"]
   if size % CELL or not 2 * CELL <= size <= 4 * CELL:
@@ -351,9 +351,42 @@ def features(knobs) -> dict:
           "caption": tfds.features.Text(), "codes": tfds.features.Tensor(shape=(None,), dtype=np.int32)}
 
 
+@functools.lru_cache(maxsize=64)
+def _sprite_tables(image_size: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Dense `_sprites`: pixel masks bool [kind·size, cell, S²] and patch bits int64 [kind·size, cell, P]
+  (0 where the shape does not touch the patch), kind·size = kind index · len(SIZES) + size index."""
+  grid, s, p = image_size // CELL, image_size, patch_size
+  pixels = np.zeros((len(KINDS) * len(SIZES), grid * grid, s * s), bool)
+  bits = np.zeros((len(KINDS) * len(SIZES), grid * grid, (s // p) ** 2), np.int64)
+  for (kind, size, row, col), (pixel_ids, patch_ids, patch_bits) in _sprites(s, p).items():
+    shape = KINDS.index(kind) * len(SIZES) + _SIZE_NAMES.index(size)
+    pixels[shape, row * grid + col, pixel_ids] = True
+    bits[shape, row * grid + col, patch_ids] = patch_bits
+  return pixels, bits
+
+
+def _scene_block(k: Knobs, u: np.ndarray):
+  """`random_scene` over rows of draws u [n, scene_draws]: (valid bool [n, m], cell, kind, colour and
+  size ids int [n, m]) for m = max_objects slots in cell order; bit-identical to the per-scene loop."""
+  n, g2, m = len(u), k.grid * k.grid, k.max_objects
+  count = k.min_objects + (u[:, 0] * (m - k.min_objects + 1)).astype(np.int64)
+  order = np.argsort(u[:, 1:1 + g2], axis=1, kind="stable")  # Python's sort is stable too
+  rank = np.empty_like(order)
+  np.put_along_axis(rank, order, np.arange(g2)[None].repeat(n, 0), axis=1)
+  chosen = np.where(rank < count[:, None], np.arange(g2), g2)  # the `count` lowest draws' cells
+  cell = np.sort(chosen, axis=1)[:, :m]
+  valid = np.arange(m) < count[:, None]
+  repeat, kind, colour, size = np.moveaxis(u[:, 1 + g2:1 + g2 + 4 * m].reshape(n, m, 4), 2, 0)
+  slot = np.arange(m)[None]
+  source = np.maximum.accumulate(np.where((slot == 0) | (repeat >= 0.5), slot, 0), axis=1)
+  pick = lambda x, choices: np.take_along_axis((x * choices).astype(np.int64), source, 1)  # pylint: disable=unnecessary-lambda-assignment
+  return valid, cell, pick(kind, len(KINDS)), pick(colour, k.palette), pick(size, len(SIZES))
+
+
 class Examples:
   """Random access to scenes {"image", "caption", "codes"} of one split, a pure function of
-  (seed, split, index); "codes" are the discrete codes at `patch_size`."""
+  (seed, split, index); "codes" are the discrete codes at `patch_size`. `block(indices)` renders many
+  scenes at once with numpy (what the packer uses); `examples[i]` is its per-scene reference."""
 
   def __init__(self, knobs, split: str, patch_size: int):
     self.knobs, self.patch_size = validate(knobs), patch_size
@@ -362,9 +395,34 @@ class Examples:
   def __len__(self) -> int:
     return 2**31 - 1
 
+  def _key(self, index: int) -> str:
+    return f"shapes/{self.knobs.seed}/{self.split_id}/{index}"
+
   def __getitem__(self, index: int) -> dict:
     k = self.knobs
-    scene = random_scene(k, draws.uniforms(f"shapes/{k.seed}/{self.split_id}/{index}", self.num_draws))
+    scene = random_scene(k, draws.uniforms(self._key(index), self.num_draws))
     drawn = _draw(scene, k, self.patch_size)
     image, codes = drawn if self.patch_size else (drawn, None)
     return {"image": image, "caption": _caption(scene, k), "codes": codes}
+
+  def block(self, indices) -> dict:
+    """`[self[i] for i in indices]` as columns: "caption" (list of str) and, with a patch size, "codes"
+    int32 [n, P], else "image" uint8 [n, S, S, 3] (each path renders only the image form it feeds)."""
+    k = self.knobs
+    valid, cell, kind, colour, size = _scene_block(
+        k, draws.uniforms_block([self._key(i) for i in indices], self.num_draws))
+    shape_id = kind * len(SIZES) + size
+    pixels, bits = _sprite_tables(k.image_size, self.patch_size or 1)
+    rows, cols = np.divmod(cell, k.grid)
+    captions = [_caption([Shape(KINDS[t], _COLOUR_NAMES[c], _SIZE_NAMES[z], r, q)
+                          for t, c, z, r, q, v in zip(*scene) if v], k)
+                for scene in zip(*(a.tolist() for a in (kind, colour, size, rows, cols, valid)))]
+    cell = np.minimum(cell, k.grid * k.grid - 1)  # slots past the count read any cell; `valid` masks them
+    if self.patch_size:
+      b = bits[shape_id, cell] * valid[..., None]  # shapes touch disjoint patches: a sum places them
+      per_colour = 2 ** (self.patch_size ** 2) - 1
+      codes = np.where(b > 0, colour[..., None] * per_colour + b, 0).sum(1).astype(np.int32)
+      return {"caption": captions, "codes": codes}
+    index = (pixels[shape_id, cell] * ((colour + 1) * valid)[..., None]).sum(1)
+    image = _palette(k.palette)[index].reshape(len(indices), k.image_size, k.image_size, 3)
+    return {"caption": captions, "image": image}

@@ -97,7 +97,9 @@ def _sequential(dt, u, A, B, C, keep, h0):
     dt_t, u_t, b_t, c_t, keep_t = xs
     a, x = _inputs(dt_t, u_t, A, b_t, keep_t)
     h = a * h + x
-    return h, jnp.einsum("bdn,bn->bd", h, c_t)
+    # Multiply-and-sum, not einsum: XLA:CPU runs a [D, N]·[N] einsum per batch row as a small dot per
+    # step, 25-30% slower for the whole scan (fwd+bwd at batch 16, L 256, D 192, N 16).
+    return h, jnp.sum(h * c_t[:, None, :], axis=-1)
 
   h_last, y = jax.lax.scan(step, h0, tuple(map(time_major, (dt, u, B, C, keep))))
   return jnp.moveaxis(y, 0, 1), h_last

@@ -189,14 +189,16 @@ def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *arg
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _unbox(abstract), shardings)
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, require_boxed: bool = False):
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules, *args, require_boxed: bool = False,
+                 abstract=None):
   """Runs `init_fn(*args)` (params, or a whole train state built from boxed params) sharded.
 
-  The init is traced abstractly first to get shapes and logical names (`logical_shardings`), then jitted
-  with out_shardings, so each device creates only its own shards. Returns (unboxed state, its
-  NamedSharding tree).
+  The init is traced abstractly first to get shapes and logical names (`abstract_sharded`, or the
+  caller's `abstract` of the same call), then jitted with out_shardings, so each device creates only its
+  own shards. Returns (unboxed state, its NamedSharding tree).
   """
-  abstract = abstract_sharded(init_fn, mesh, rules, *args, require_boxed=require_boxed)
+  if abstract is None:
+    abstract = abstract_sharded(init_fn, mesh, rules, *args, require_boxed=require_boxed)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   # Flat outputs: static pytree metadata (e.g. a TrainState's tx) differs between traces.
   leaves_fn = lambda *a: jax.tree.leaves(_unbox(init_fn(*a)))

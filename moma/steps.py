@@ -135,7 +135,7 @@ def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None):
   if state is not None:
     logging.info("Resumed from %s at step %d", mngr.directory, step)
     return state, jax.tree.map(lambda a: a.sharding, abstract), step, window
-  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, require_boxed=True)
+  state, state_sh = sharding.init_sharded(make, mesh, rules, batch, abstract=abstract)
   source = config.init.upcycle_from or config.init.get("params_from", "")
   if source:  # The source's weights are read whole on each host, then placed on the mesh.
     params = initial_params(config, state.params, source)

@@ -2,8 +2,9 @@
 
 `WorkdirLock` keeps one trainer per workdir (an flock, released by the kernel if the holder dies, so a
 kill -9 leaves no stale lock); the processes of one multi-host trainer each hold their own (DIR/lock for
-process 0, DIR/lock.<i> for the others), so they share a workdir while a second trainer is refused. `Preemption` turns SIGTERM / SIGINT into a request that the trainer
-honours at the next step boundary (checkpoint, flush, exit); a second signal exits at once.
+process 0, DIR/lock.<i> for the others), so they share a workdir while a second trainer is refused.
+`Preemption` turns SIGTERM / SIGINT into a request that the trainer honours at the next step boundary
+(checkpoint, flush, exit); a second signal exits at once.
 `first_nonfinite` finds the step and metric where a run diverged. The exceptions below are what the CLI
 turns into one line and an exit code (moma/main.py).
 """

@@ -4,7 +4,7 @@ Same values and gradients as `x * w`; only the weight gradient's schedule differ
 dw = sum(g * x) over the broadcast dims, and XLA:CPU fuses that product into the reduction as a strided
 column walk: the RMSNorm scale's backward took 97 ms at [1024, 1536] (forward 0.3 ms) and Mamba's tied
 conv kernel's 400 ms. Materialising g * x first (an optimization barrier) makes it a plain reduction
-(`experiments/bench_layers.py --rows=scale`, BENCHMARKS.md).
+(`experiments/bench_scale.py`, BENCHMARKS.md).
 """
 
 import jax
@@ -25,7 +25,8 @@ def _backward(res, g):
   x, w = res
   # The broadcast dims of w: those x has beyond w's rank and those where w has size 1.
   lead = x.ndim - w.ndim
-  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(w.shape) if n == 1 and x.shape[lead + i] != 1)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(w.shape)
+                                     if n == 1 and x.shape[lead + i] != 1)
   dw = g * x
   if axes:
     dw = jnp.sum(jax.lax.optimization_barrier(dw), axis=axes, keepdims=True)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
+from moma.layers import ffn
 from moma.layers import routing as rt
 
 
@@ -91,12 +92,7 @@ class MoE(nn.Module):
     logits_ME = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
     if self.router_noise > 0 and not deterministic:
       logits_ME += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
-    kernel = lambda name, features, in_axis, out_axes, in_dim: dispatch.GroupedKernel(
-        features, num_groups=e, in_axis=in_axis, out_axes=out_axes, group_axis="expert",
-        param_dtype=self.param_dtype, name=name)(in_dim)
-    # The MoT FFN's weights with one group per expert: gate and up fused, [E, D, 2, F]; down [E, F, D].
-    w = {"wi": kernel("wi", (2, self.d_ff), "embed", (None, "mlp"), d),
-         "wo": kernel("wo", d, "mlp", ("embed",), self.d_ff)}
+    w = ffn.swiglu_kernels(d, self.d_ff, e, self.param_dtype, group_axis="expert")  # (wi, wo)
     aux = rt.AuxRouter(e, len(layout.sizes), self.dtype, self.param_dtype, self.gmm_impl, name="aux_router")
     x_in = x_MD.astype(self.dtype)
     slice_tokens = rt.slice_tokens(self.routing_rows, x_BLD.shape, "moe")
@@ -122,7 +118,7 @@ class MoE(nn.Module):
     return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
 
   def _experts(self, rows_RD, plan, w, equal_groups=False):
-    return dispatch.grouped_swiglu(rows_RD, plan, w["wi"], w["wo"], impl=self.gmm_impl,
+    return dispatch.grouped_swiglu(rows_RD, plan, *w, impl=self.gmm_impl,
                                    dtype=self.dtype, group_axis="expert", equal_groups=equal_groups)
 
   def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, slice_tokens):

@@ -30,7 +30,8 @@ from moma import loop, sharding, steps
 from moma.models import decoder
 
 KINDS = flags.DEFINE_list("kinds", ["dense", "mot", "moma"], "models to time: dense, mot, moma")
-STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after one compile + warm-up step)")
+STEPS = flags.DEFINE_integer("steps", 10, "timed steps per model and mesh (after a warm-up step), taken "
+                             "round-robin across the models; the median is reported")
 D_MODEL = flags.DEFINE_integer("d_model", 128, "model width (d_ff = 4 d_model)")
 BATCH = flags.DEFINE_integer("batch", 16, "global batch (rows)")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "row length")
@@ -58,8 +59,8 @@ def host_batch(modalities, b=16, l=64, vocab=256, seed=0):
           "loss_mask": np.ones((b, l), np.float32)}
 
 
-def time_mesh(config, shape, axes, rules):
-  """(seconds per trainer step, collective bytes per device) on a `shape` mesh."""
+def compile_step(config, shape, axes, rules):
+  """(run one step, collective bytes per device) of the trainer step on a `shape` mesh."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.shape, config.mesh.axes, config.mesh.rules = shape, axes, rules
   mesh, rules = steps.make_mesh(config)
@@ -72,24 +73,39 @@ def time_mesh(config, shape, axes, rules):
                               modalities=modalities, seed=config.train.seed)
   with sharding.activate(mesh, rules):
     step = jax.jit(step_fn, out_shardings=(state_sh, None), donate_argnums=0).lower(state, batch).compile()
-  state, out = step(state, batch)  # warm-up
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(STEPS.value):
-    state, out = step(state, batch)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / STEPS.value, sum(sharding.collective_bytes(step.as_text()).values())
+  holder = [state]
+
+  def run_one():
+    holder[0], out = step(holder[0], batch)
+    jax.block_until_ready(out)
+
+  run_one()  # warm-up
+  return run_one, sum(sharding.collective_bytes(step.as_text()).values())
+
+
+def interleaved_median(runs: dict, reps: int) -> dict:
+  """{name: median seconds per call}, calling the runs round-robin so that load from other processes on
+  a shared machine hits every model alike."""
+  times = {name: [] for name in runs}
+  for _ in range(reps):
+    for name, run_one in runs.items():
+      start = time.perf_counter()
+      run_one()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(_):
   times, comm = {}, {}
-  for kind in KINDS.value:
-    config = bench_config(kind)
-    for shape, axes, rules in (MESHES[m] for m in MESH_NAMES.value):
-      name = "x".join(map(str, shape)) + ":" + ",".join(axes)
-      times[f"{kind}@{name}"], comm[f"{kind}@{name}"] = time_mesh(config, shape, axes, rules)
-      print(f"{kind:6s} {name:24s} {1e3 * times[f'{kind}@{name}']:8.1f} ms/step "
-            f"{comm[f'{kind}@{name}'] / 1e6:8.2f} MB collectives per device")
+  for shape, axes, rules in (MESHES[m] for m in MESH_NAMES.value):
+    name = "x".join(map(str, shape)) + ":" + ",".join(axes)
+    runs = {}
+    for kind in KINDS.value:
+      runs[f"{kind}@{name}"], comm[f"{kind}@{name}"] = compile_step(bench_config(kind), shape, axes, rules)
+    times.update(interleaved_median(runs, STEPS.value))
+    for key in runs:
+      print(f"{key.split('@')[0]:6s} {name:24s} {1e3 * times[key]:8.1f} ms/step "
+            f"{comm[key] / 1e6:8.2f} MB collectives per device")
   ratios = {}
   for key, t in times.items():
     kind, name = key.split("@")

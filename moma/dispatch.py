@@ -28,6 +28,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moma import expert_parallel
@@ -269,48 +270,67 @@ def grouped_matmul(rows_RK: jax.Array, kernel: jax.Array, plan: Plan, *, impl: s
 
 def grouped_swiglu(rows_RD: jax.Array, plan: Plan, wi: jax.Array | tuple[jax.Array, jax.Array],
                    wo: jax.Array, *, impl: str = "auto", dtype: Any = jnp.float32, group_axis: str = "modality",
-                   equal_groups: bool = False) -> jax.Array:
+                   static_sizes: Sequence[int] | None = None) -> jax.Array:
   """down(silu(gate(x)) · up(x)) over rows grouped by `plan`: the MoT FFN and every MoE expert.
 
   wi: gate and up fused, [(G,) D, 2, F] (one matmul), or a (gate, up) pair of [(G,) D, F]; wo: [(G,) F, D].
-  `equal_groups`: every group has the same static size (expert choice): batched matmuls, not `gmm`.
+  `static_sizes`: each group's rows on every device when they are known at trace time (expert choice).
   """
   x, wo = rows_RD.astype(dtype), wo.astype(dtype)
   wi = tuple(w.astype(dtype) for w in wi) if isinstance(wi, tuple) else wi.astype(dtype)
   if wo.ndim == 2:
-    w_in = wi if not isinstance(wi, tuple) else jnp.stack(wi, axis=-2)
-    h = jnp.einsum("rd,dtf->rtf", x, w_in, preferred_element_type=dtype)
-    return jnp.dot(nn.silu(h[:, 0]) * h[:, 1], wo, preferred_element_type=dtype)
+    return _swiglu(x, wi, wo, dtype)
 
   def fn(rows, sizes, wo, *wi):
-    g = wo.shape[0]
-    if equal_groups:
-      x_GCD = rows.reshape(g, -1, rows.shape[-1])
-      mm = lambda a, w: jnp.einsum("gcd,gdf->gcf", a, w, preferred_element_type=dtype)
-    else:
-      x_GCD = rows
-      mm = lambda a, w: kernels.gmm(a, w, sizes, impl=impl, preferred_element_type=dtype)
-    if len(wi) == 1:  # fused [G, D, 2, F]: one matmul for gate and up
-      h = mm(x_GCD, wi[0].reshape(g, wi[0].shape[1], -1))
-      f = wi[0].shape[-1]
+    wi = wi[0] if len(wi) == 1 else wi
+    if isinstance(sizes, tuple):
+      # Static sizes: one plain matmul per group on its slice of rows. On XLA:CPU this runs as fast as one
+      # matmul over all rows, where a batched [G, C, D] einsum takes 1.4× and `gmm` 1.17× as long (fwd+bwd,
+      # 8 × 512 rows, D 256, F 1,024).
+      if sum(sizes) != rows.shape[0]:
+        raise ValueError(f"grouped_swiglu: static_sizes {sizes} do not add up to this device's "
+                         f"{rows.shape[0]} rows")
+      # Split, not index: a split's gradient is one concatenate, G indexed slices' is G zero-padded adds.
+      unstack = lambda w: [jnp.squeeze(a, 0) for a in jnp.split(w, w.shape[0])]
+      wi_g = zip(*map(unstack, wi)) if isinstance(wi, tuple) else unstack(wi)
+      rows_g = jnp.split(rows, np.cumsum(sizes)[:-1])
+      return jnp.concatenate([_swiglu(r, w_in, w_out, dtype)
+                              for r, w_in, w_out in zip(rows_g, wi_g, unstack(wo))])
+    mm = lambda a, w: kernels.gmm(a, w, sizes, impl=impl, preferred_element_type=dtype)
+    if isinstance(wi, tuple):
+      gate, up = mm(rows, wi[0]), mm(rows, wi[1])
+    else:  # fused [G, D, 2, F]: one matmul for gate and up
+      f = wi.shape[-1]
+      h = mm(rows, wi.reshape(*wi.shape[:2], -1))
       gate, up = h[..., :f], h[..., f:]
-    else:
-      gate, up = mm(x_GCD, wi[0]), mm(x_GCD, wi[1])
-    return mm(nn.silu(gate) * up, wo).reshape(rows.shape[0], -1)
+    return mm(nn.silu(gate) * up, wo)
 
   weights = (wo, *(wi if isinstance(wi, tuple) else (wi,)))
-  return run_grouped(fn, x, plan, *weights, group_axis=group_axis, equal_groups=equal_groups)
+  return run_grouped(fn, x, plan, *weights, group_axis=group_axis, static_sizes=static_sizes)
+
+
+def _swiglu(x_RD, wi, wo_FD, dtype):
+  """One group's SwiGLU: wi fused [D, 2, F] or a (gate, up) pair of [D, F]."""
+  w_in = jnp.stack(wi, axis=-2) if isinstance(wi, tuple) else wi
+  h = jnp.dot(x_RD, w_in.reshape(w_in.shape[0], -1), preferred_element_type=dtype)
+  f = w_in.shape[-1]
+  return jnp.dot(nn.silu(h[:, :f]) * h[:, f:], wo_FD, preferred_element_type=dtype)
 
 
 def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Array, group_axis: str,
-                equal_groups: bool = False) -> jax.Array:
+                static_sizes: Sequence[int] | None = None) -> jax.Array:
   """fn(rows, group_sizes, *weights) per device, where weights' leading axis holds the G groups.
 
-  When `group_axis` is split over a batch mesh axis, each device holds only its groups: rows travel to
-  the devices holding their group and back (`moma.expert_parallel.exchange`)."""
+  group_sizes is a tuple of ints when `static_sizes` gives them (rows per group on every device, known at
+  trace time), else the plan's int32 array. When `group_axis` is split over a batch mesh axis, each device
+  holds only its groups: rows travel to the devices holding their group and back
+  (`moma.expert_parallel.exchange`)."""
+  static = None if static_sizes is None else tuple(int(n) for n in static_sizes)
   axes = batch_axes()
   expert_axes = tuple(a for a in _mesh_axes(group_axis) if a in axes)
   if not expert_axes:
+    if static is not None:
+      return on_shards(lambda rows, *w: fn(rows, static, *w), (rows_RD,), weights)
     return on_shards(fn, (rows_RD, plan.group_sizes), weights)
   if len(expert_axes) > 1:
     raise ValueError(f"logical axis {group_axis!r} maps to several batch mesh axes {expert_axes}; map it to "
@@ -321,10 +341,11 @@ def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Arra
     raise ValueError(f"{plan.num_groups} groups ({group_axis!r}) do not divide over mesh axis {axis!r} of "
                      f"size {mesh.shape[axis]}: change config.mesh.shape, or keep them whole with "
                      f"config.mesh.rules=(({group_axis!r}, None),)")
+  equal = static is not None and len(set(static)) == 1
 
   def local(rows, sizes, *w):
     return expert_parallel.exchange(fn, rows, row_groups(sizes, rows.shape[0]), w,
-                                    num_groups=plan.num_groups, axis=axis, equal_groups=equal_groups)
+                                    num_groups=plan.num_groups, axis=axis, equal_groups=equal)
 
   return on_shards(local, (rows_RD, plan.group_sizes), weights,
                    weight_specs=tuple(P(axis) for _ in weights))

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-# fn(rows, group_sizes, *weights) → [rows, F], for this device's groups.
+# fn(rows, group_sizes, *weights) → [rows, F], for this device's groups; group_sizes is a tuple of ints
+# when equal static groups make them known at trace time, else an int32 array.
 GroupFn = Callable[..., jax.Array]
 
 
@@ -58,8 +59,7 @@ def _exchange_equal(fn, rows_TD, weights, local_groups, num_shards, axis):
   blocks = jax.lax.all_to_all(rows_TD.reshape(num_shards, t // num_shards, d), axis, 0, 0, tiled=True)
   # [source, local group, C] → [local group, source, C]: each local group's rows from every device.
   by_group = blocks.reshape(num_shards, local_groups, -1, d).transpose(1, 0, 2, 3)
-  sizes_G = jnp.full((local_groups,), by_group.shape[1] * by_group.shape[2], jnp.int32)
-  y = fn(by_group.reshape(t, d), sizes_G, *weights)
+  y = fn(by_group.reshape(t, d), (t // local_groups,) * local_groups, *weights)
   f = y.shape[-1]
   y = y.reshape(local_groups, num_shards, -1, f).transpose(1, 0, 2, 3).reshape(num_shards, t // num_shards, f)
   return jax.lax.all_to_all(y, axis, 0, 0, tiled=True).reshape(t, f)

@@ -7,8 +7,8 @@ see `routing.parse_layout`). Two routings:
   k_g = ceil(c·b_g/|E_g|) tokens of group g (b_g: the batch's tokens of g) and its output is weighted by the
   score. Shapes are static: each expert owns `static_capacity` slots (ceil(c·f_g·M/|E_g|), f_g a per-group
   token-fraction bound from config); slots past k_g are computed and weighted 0. The experts then run as
-  one batched matmul [E, K, d] per capacity bucket (a grouped matmul whose group sizes are compile-time
-  constants), gathered from and scatter-added to token order: no sort of the activations at all.
+  one plain matmul per expert on its static slice of rows (`grouped_swiglu(static_sizes=...)`), gathered
+  from and back to token order: no sort of the activations at all.
 * token choice ("topk"): softmax or sigmoid gates over the group's experts, top-k per token, optional
   capacity with dropping (GShard priority: all first choices before second choices), load-balancing and
   router z-losses; the rows go through a sort plan over expert ids and `moma.kernels.gmm`.
@@ -117,9 +117,9 @@ class MoE(nn.Module):
       self.sow("metrics", "aux_router_acc", acc)
     return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
 
-  def _experts(self, rows_RD, plan, w, equal_groups=False):
+  def _experts(self, rows_RD, plan, w, static_sizes=None):
     return dispatch.grouped_swiglu(rows_RD, plan, *w, impl=self.gmm_impl,
-                                   dtype=self.dtype, group_axis="expert", equal_groups=equal_groups)
+                                   dtype=self.dtype, group_axis="expert", static_sizes=static_sizes)
 
   def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, slice_tokens):
     """Each expert takes the top tokens of its group in every routing slice (per device, static shapes)."""
@@ -151,9 +151,10 @@ class MoE(nn.Module):
       return plan, jnp.concatenate(gates), chosen, overflow[None]
 
     plan, gate_R, chosen_ME, overflow = dispatch.on_shards(local, (scores_ME, allowed_ME))
-    tokens_here = slice_tokens or m // dispatch.num_shards()
-    equal = len(set(rt.static_capacity(layout, self.capacity_factor, tokens_here, self.token_fractions))) == 1
-    out_RD = self._experts(plan.dispatch(x_MD), plan, w, equal_groups=equal)
+    tokens_here = m // dispatch.num_shards()
+    caps = rt.static_capacity(layout, self.capacity_factor, slice_tokens or tokens_here, self.token_fractions)
+    rows_E = np.repeat(caps, layout.sizes) * (tokens_here // (slice_tokens or tokens_here))
+    out_RD = self._experts(plan.dispatch(x_MD), plan, w, static_sizes=rows_E)
     y_MD = plan.combine(out_RD * gate_R[:, None].astype(out_RD.dtype), (m,))
     overflow = overflow.sum(0)
     self.sow("metrics", "capacity_overflow", (overflow[0] / jnp.maximum(overflow[1], 1)).astype(jnp.float32))

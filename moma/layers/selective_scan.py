@@ -6,7 +6,8 @@
 - "sequential": one `lax.scan` step per token. Least work; the right one on CPU. Its backward is written by
   hand (`jax.custom_vjp`): a reverse-time scan that recomputes the states from one saved state every
   16 tokens; 2.6x faster and 1/8 the temporary memory of differentiating the forward scan on CPU (fwd+bwd
-  at the `small` preset's shape, BENCHMARKS.md).
+  at the `small` preset's shape, BENCHMARKS.md). Being a custom VJP, it has no forward-mode derivative
+  (`jax.jvp`); "associative" has both.
 - "chunked": an outer `lax.scan` over chunks of `chunk_size` tokens carries the fp32 state [batch, D, N];
   inside a chunk the recurrence is solved in parallel (an associative scan over the chunk, log depth), and
   each chunk is rematerialised, so activation memory grows with one chunk, not with the sequence. The

@@ -1,9 +1,11 @@
 """Benchmark: selective-scan implementations, and a Mixture-of-Mamba vs Mamba block train step.
 
-  python -m experiments.bench_mamba [--lengths 512,2048,8192] [--reps 3]
+  python -m experiments.bench_mamba [--lengths 512,2048,8192] [--scan_batch 1] [--reps 3] [--parts scan]
 
 1. `selective_scan` forward + backward for each impl at each length: median wall time and the compiled
-   program's temporary memory (XLA memory analysis), with ratios to "sequential".
+   program's temporary memory (XLA memory analysis), with ratios to "sequential". Baseline row
+   "sequential_autodiff": the same token-by-token scan differentiated by JAX instead of "sequential"'s
+   hand-written backward. `--scan_batch 16 --lengths 256 --d_inner 192` is the `small` preset's shape.
 2. One train step (loss, grads, AdamW update) of a MambaBlock with untie=() and of the Mixture-of-Mamba
    block (the paper's four untied projections, and all five with the conv) at equal active FLOPs (same widths;
    each token uses one modality's weights). Goal: MoM / Mamba ≤ 1.15 on CPU.
@@ -13,6 +15,7 @@ The last line of stdout is a JSON object with every number.
 """
 
 import argparse
+import functools
 import json
 import time
 
@@ -50,17 +53,32 @@ def temp_bytes(fn, *args):
   return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def bench_scans(lengths, d, n, chunk_size, reps):
+def autodiff_sequential_scan(u, delta, A, B, C):
+  """Baseline: the softplus-Δ recurrence as a plain per-token `lax.scan`, differentiated by JAX."""
+  dt = jax.nn.softplus(delta)
+
+  def step(h_BDN, xs):
+    dt_t, u_t, b_t, c_t = xs
+    h_BDN = jnp.exp(dt_t[..., None] * A) * h_BDN + (dt_t * u_t)[..., None] * b_t[:, None, :]
+    return h_BDN, jnp.sum(h_BDN * c_t[:, None, :], axis=-1)
+
+  h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]))
+  _, y = jax.lax.scan(step, h0, tuple(jnp.moveaxis(t, 1, 0) for t in (dt, u, B, C)))
+  return jnp.moveaxis(y, 0, 1)
+
+
+def bench_scans(lengths, batch, d, n, chunk_size, reps):
   rows = []
   for length in lengths:
     ks = jax.random.split(jax.random.key(length), 5)
-    u, delta = (jax.random.normal(k, (1, length, d)) for k in ks[:2])
-    B, C = (jax.random.normal(k, (1, length, n)) for k in ks[2:4])
+    u, delta = (jax.random.normal(k, (batch, length, d)) for k in ks[:2])
+    B, C = (jax.random.normal(k, (batch, length, n)) for k in ks[2:4])
     A = -jnp.exp(jax.random.normal(ks[4], (d, n)))
     calls = {}
-    for impl in ("sequential", "chunked", "associative"):
-      loss = lambda u, delta, A, B, C, impl=impl: jnp.sum(mamba.selective_scan(
-          u, delta, A, B, C, delta_softplus=True, impl=impl, chunk_size=chunk_size) ** 2)
+    for impl in ("sequential", "sequential_autodiff", "chunked", "associative"):
+      scan = (autodiff_sequential_scan if impl == "sequential_autodiff" else functools.partial(
+          mamba.selective_scan, delta_softplus=True, impl=impl, chunk_size=chunk_size))
+      loss = lambda u, delta, A, B, C, scan=scan: jnp.sum(scan(u, delta, A, B, C) ** 2)
       calls[impl] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), (u, delta, A, B, C))
     seconds = interleaved_medians(calls, reps)
     base = None
@@ -70,7 +88,7 @@ def bench_scans(lengths, d, n, chunk_size, reps):
       row["time_vs_sequential"] = row["seconds"] / base["seconds"]
       row["mem_vs_sequential"] = row["temp_mib"] / max(base["temp_mib"], 1e-9)
       rows.append(row)
-      print(f"scan L={length:5d} {impl:11s} {row['seconds'] * 1e3:9.1f} ms "
+      print(f"scan L={length:5d} {impl:19s} {row['seconds'] * 1e3:9.1f} ms "
             f"({row['time_vs_sequential']:.2f}x)  temp {row['temp_mib']:8.1f} MiB "
             f"({row['mem_vs_sequential']:.2f}x)", flush=True)
   return rows
@@ -138,6 +156,7 @@ def bench_models(batch, length, d_model, num_layers, num_modalities, reps):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="512,2048,8192")
+  parser.add_argument("--scan_batch", type=int, default=1)
   parser.add_argument("--d_inner", type=int, default=128)
   parser.add_argument("--d_state", type=int, default=16)
   parser.add_argument("--chunk_size", type=int, default=64)
@@ -146,22 +165,29 @@ def main():
   parser.add_argument("--d_model", type=int, default=256)
   parser.add_argument("--model_layers", type=int, default=4)
   parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--parts", default="scan,block,model", help="which of scan,block,model to run")
   args = parser.parse_args()
+  parts = set(args.parts.split(","))
+  if not parts <= {"scan", "block", "model"}:
+    raise ValueError(f"--parts={args.parts!r}: expected a comma-separated subset of scan,block,model")
   print(f"backend={jax.default_backend()} devices={jax.devices()}")
-  lengths = [int(s) for s in args.lengths.split(",")]
-  scans = bench_scans(lengths, args.d_inner, args.d_state, args.chunk_size, args.reps)
-  blocks = bench_blocks(args.block_batch, args.block_len, args.d_model, 3, args.reps)
-  models, model_flops = bench_models(args.block_batch, args.block_len, args.d_model, args.model_layers, 3,
-                                     args.reps)
-  result = dict(backend=jax.default_backend(), scan=scans, block_seconds=blocks,
-                model_seconds=models, model_mom_vs_mamba=models["mom"] / models["mamba"],
-                model_mom_conv_vs_mamba=models["mom+conv"] / models["mamba"],
-                model_train_flops_per_token=model_flops,
-                mom_vs_mamba=blocks["mom"] / blocks["mamba"],
-                mom_conv_vs_mamba=blocks["mom+conv"] / blocks["mamba"],
-                flops_per_token=mamba.mamba_flops_per_token(args.d_model), goal_mom_vs_mamba=1.15)
+  result = dict(backend=jax.default_backend())
+  if "scan" in parts:
+    lengths = [int(s) for s in args.lengths.split(",")]
+    result["scan"] = bench_scans(lengths, args.scan_batch, args.d_inner, args.d_state, args.chunk_size,
+                                 args.reps)
+  if "block" in parts:
+    blocks = bench_blocks(args.block_batch, args.block_len, args.d_model, 3, args.reps)
+    result.update(block_seconds=blocks, mom_vs_mamba=blocks["mom"] / blocks["mamba"],
+                  mom_conv_vs_mamba=blocks["mom+conv"] / blocks["mamba"],
+                  flops_per_token=mamba.mamba_flops_per_token(args.d_model), goal_mom_vs_mamba=1.15)
+  if "model" in parts:
+    models, model_flops = bench_models(args.block_batch, args.block_len, args.d_model, args.model_layers, 3,
+                                       args.reps)
+    result.update(model_seconds=models, model_mom_vs_mamba=models["mom"] / models["mamba"],
+                  model_mom_conv_vs_mamba=models["mom+conv"] / models["mamba"],
+                  model_train_flops_per_token=model_flops)
   print(json.dumps(result))
-
 
 if __name__ == "__main__":
   main()

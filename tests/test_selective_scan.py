@@ -82,6 +82,29 @@ def test_gradients_match_sequential(impl, chunk):
     np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("length", [5, 37])  # one short chunk; three checkpoint chunks with padding
+@pytest.mark.parametrize("with_reset,with_state", [(True, True), (False, False)])
+def test_sequential_custom_vjp_matches_autodiff(length, with_reset, with_state):
+  # "sequential" has a hand-written backward; "associative" is differentiated by JAX.
+  x = make_inputs(jax.random.key(6), length=length)
+  reset = x.pop("reset")
+  if not with_reset:
+    reset = None
+  if not with_state:
+    x.pop("initial_state")
+  w_y = jax.random.normal(jax.random.key(7), x["u"].shape)
+  w_h = jax.random.normal(jax.random.key(8), (2, 6, 4))
+
+  def loss(impl, args):
+    y, h = selective_scan(**args, reset=reset, delta_softplus=True, impl=impl, return_final_state=True)
+    return jnp.sum(y * w_y) + jnp.sum(h * w_h)
+
+  g_ref = jax.grad(loss, argnums=1)("associative", x)
+  g = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)("sequential", x)
+  for name in x:
+    np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("impl", ["auto", "sequential", "chunked", "associative"])
 def test_optional_arguments_omitted(impl):
   x = make_inputs(jax.random.key(4))

@@ -7,8 +7,8 @@ see `routing.parse_layout`). Two routings:
   k_g = ceil(c·b_g/|E_g|) tokens of group g (b_g: the batch's tokens of g) and its output is weighted by the
   score. Shapes are static: each expert owns `static_capacity` slots (ceil(c·f_g·M/|E_g|), f_g a per-group
   token-fraction bound from config); slots past k_g are computed and weighted 0. The experts then run as
-  one plain matmul per expert on its static slice of rows (`grouped_swiglu(static_sizes=...)`), gathered
-  from and back to token order: no sort of the activations at all.
+  one batched matmul per run of experts with equal capacity (`grouped_swiglu(static_sizes=...)`),
+  gathered from and back to token order: no sort of the activations at all.
 * token choice ("topk"): softmax or sigmoid gates over the group's experts, top-k per token, optional
   capacity with dropping (GShard priority: all first choices before second choices), load-balancing and
   router z-losses; the rows go through a sort plan over expert ids and `moma.kernels.gmm`.

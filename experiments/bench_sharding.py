@@ -18,7 +18,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
-import time
 
 from absl import app, flags
 import jax
@@ -26,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from configs import dense, moma, mot
+from experiments.bench_mamba import interleaved_medians
 from moma import loop, sharding, steps
 from moma.models import decoder
 
@@ -77,22 +77,9 @@ def compile_step(config, shape, axes, rules):
 
   def run_one():
     holder[0], out = step(holder[0], batch)
-    jax.block_until_ready(out)
+    return out
 
-  run_one()  # warm-up
   return run_one, sum(sharding.collective_bytes(step.as_text()).values())
-
-
-def interleaved_median(runs: dict, reps: int) -> dict:
-  """{name: median seconds per call}, calling the runs round-robin so that load from other processes on
-  a shared machine hits every model alike."""
-  times = {name: [] for name in runs}
-  for _ in range(reps):
-    for name, run_one in runs.items():
-      start = time.perf_counter()
-      run_one()
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(_):
@@ -102,7 +89,7 @@ def main(_):
     runs = {}
     for kind in KINDS.value:
       runs[f"{kind}@{name}"], comm[f"{kind}@{name}"] = compile_step(bench_config(kind), shape, axes, rules)
-    times.update(interleaved_median(runs, STEPS.value))
+    times.update(interleaved_medians({key: (run_one, ()) for key, run_one in runs.items()}, STEPS.value))
     for key in runs:
       print(f"{key.split('@')[0]:6s} {name:24s} {1e3 * times[key]:8.1f} ms/step "
             f"{comm[key] / 1e6:8.2f} MB collectives per device")

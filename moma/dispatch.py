@@ -269,53 +269,42 @@ def grouped_matmul(rows_RK: jax.Array, kernel: jax.Array, plan: Plan, *, impl: s
   return run_grouped(fn, x, plan, w, group_axis=group_axis)
 
 
-def grouped_swiglu(rows_RD: jax.Array, plan: Plan, wi: jax.Array | tuple[jax.Array, jax.Array],
-                   wo: jax.Array, *, impl: str = "auto", dtype: Any = jnp.float32, group_axis: str = "modality",
+def grouped_swiglu(rows_RD: jax.Array, plan: Plan, wi: jax.Array, wo: jax.Array, *, impl: str = "auto",
+                   dtype: Any = jnp.float32, group_axis: str = "modality",
                    static_sizes: Sequence[int] | None = None) -> jax.Array:
   """down(silu(gate(x)) · up(x)) over rows grouped by `plan`: the MoT FFN and every MoE expert.
 
-  wi: gate and up fused, [(G,) D, 2, F] (one matmul), or a (gate, up) pair of [(G,) D, F]; wo: [(G,) F, D].
+  wi: gate and up fused, [(G,) D, 2, F] (one matmul); wo: [(G,) F, D] (`layers.ffn.swiglu_kernels`).
   `static_sizes`: each group's rows on every device when they are known at trace time (expert choice).
   """
-  x, wo = rows_RD.astype(dtype), wo.astype(dtype)
-  wi = tuple(w.astype(dtype) for w in wi) if isinstance(wi, tuple) else wi.astype(dtype)
+  x, wi, wo = (a.astype(dtype) for a in (rows_RD, wi, wo))
+  batched = lambda a, w: jnp.einsum("...rd,...df->...rf", a, w, preferred_element_type=dtype)
   if wo.ndim == 2:
-    return _swiglu(x, wi, wo, dtype)
+    return _swiglu(x, wi, wo, batched)
 
-  def fn(rows, sizes, wo, *wi):
-    wi = wi[0] if len(wi) == 1 else wi
-    if isinstance(sizes, tuple):  # static: one batched matmul per run of equal-size groups
-      if sum(sizes) != rows.shape[0]:
-        raise ValueError(f"grouped_swiglu: static_sizes {sizes} do not add up to this device's "
-                         f"{rows.shape[0]} rows")
-      runs = [(size, len(list(same))) for size, same in itertools.groupby(sizes)]
-      # Split, not index: a split's gradient is one concatenate, indexed slices' are zero-padded adds.
-      split = lambda w: jnp.split(w, np.cumsum([n for _, n in runs])[:-1])
-      wi_r = zip(*map(split, wi)) if isinstance(wi, tuple) else split(wi)
-      rows_r = jnp.split(rows, np.cumsum([size * n for size, n in runs])[:-1])
-      return jnp.concatenate([
-          _swiglu(r.reshape(n, size, -1), w_in, w_out, dtype).reshape(n * size, -1)
-          for r, (size, n), w_in, w_out in zip(rows_r, runs, wi_r, split(wo))])
-    mm = lambda a, w: kernels.gmm(a, w, sizes, impl=impl, preferred_element_type=dtype)
-    if isinstance(wi, tuple):
-      gate, up = mm(rows, wi[0]), mm(rows, wi[1])
-    else:  # fused [G, D, 2, F]: one matmul for gate and up
-      f = wi.shape[-1]
-      h = mm(rows, wi.reshape(*wi.shape[:2], -1))
-      gate, up = h[..., :f], h[..., f:]
-    return mm(nn.silu(gate) * up, wo)
+  def fn(rows, sizes, wo, wi):
+    if not isinstance(sizes, tuple):
+      return _swiglu(rows, wi, wo, lambda a, w: kernels.gmm(a, w, sizes, impl=impl, preferred_element_type=dtype))
+    # Static sizes: one batched matmul per run of equal-size groups.
+    if sum(sizes) != rows.shape[0]:
+      raise ValueError(f"grouped_swiglu: static_sizes {sizes} do not add up to this device's "
+                       f"{rows.shape[0]} rows")
+    runs = [(size, len(list(same))) for size, same in itertools.groupby(sizes)]
+    # Split, not index: a split's gradient is one concatenate, indexed slices' are zero-padded adds.
+    split = lambda w: jnp.split(w, np.cumsum([n for _, n in runs])[:-1])
+    rows_r = jnp.split(rows, np.cumsum([size * n for size, n in runs])[:-1])
+    return jnp.concatenate([
+        _swiglu(r.reshape(n, size, -1), w_in, w_out, batched).reshape(n * size, -1)
+        for r, (size, n), w_in, w_out in zip(rows_r, runs, split(wi), split(wo))])
 
-  weights = (wo, *(wi if isinstance(wi, tuple) else (wi,)))
-  return run_grouped(fn, x, plan, *weights, group_axis=group_axis, static_sizes=static_sizes)
+  return run_grouped(fn, x, plan, wo, wi, group_axis=group_axis, static_sizes=static_sizes)
 
 
-def _swiglu(x, wi, wo, dtype):
-  """SwiGLU of rows [(G,) R, D] with weights of the same leading shape: wi fused [(G,) D, 2, F] or a
-  (gate, up) pair of [(G,) D, F]; wo [(G,) F, D]."""
-  w_in = jnp.stack(wi, axis=-2) if isinstance(wi, tuple) else wi
-  h = jnp.einsum("...rd,...df->...rf", x, w_in.reshape(*w_in.shape[:-2], -1), preferred_element_type=dtype)
-  f = w_in.shape[-1]
-  return jnp.einsum("...rf,...fd->...rd", nn.silu(h[..., :f]) * h[..., f:], wo, preferred_element_type=dtype)
+def _swiglu(x, wi, wo, matmul):
+  """SwiGLU of rows x with fused wi [.., D, 2, F] and wo [.., F, D]; `matmul(a, w)`: dense, batched or gmm."""
+  f = wi.shape[-1]
+  h = matmul(x, wi.reshape(*wi.shape[:-2], -1))
+  return matmul(nn.silu(h[..., :f]) * h[..., f:], wo)
 
 
 def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Array, group_axis: str,

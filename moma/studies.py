@@ -85,6 +85,13 @@ class Run:
     steps, values = zip(*pairs) if pairs else ((), ())
     return np.asarray(steps, float), np.asarray(values, float)
 
+  @property
+  def finished(self) -> bool:
+    """Whether it logged its last step (train.steps); a run still in progress is not finished."""
+    steps = config_value(self.config, "train.steps", None)
+    logged = [r["step"] for r in self.records if "step" in r]
+    return steps is not None and bool(logged) and max(logged) >= int(steps)
+
   def tokens_per_step(self) -> int:
     try:
       return int(config_value(self.config, "train.batch_size")) * int(
@@ -298,13 +305,20 @@ def compare_seeds(baselines: Sequence[Run], variants: Sequence[Run], window: int
   """`compare` of each variant seed against the baseline run of the same train.seed (same data order),
   then per split and modality across seeds: the mean step-matching ratio and η with their 95% intervals
   (`interval95`; None below two seeds), `reached` = seeds in which the variant reaches the baseline's
-  final loss (η and its interval are over those). Returns (rows across seeds, rows per seed)."""
+  final loss (η and its interval are over those). Only pairs of finished runs count: a run in progress
+  would read as "not reached" or shift the mean; its seed is listed under `unfinished_seeds`. (To look at a run
+  in progress, `compare` it directly.) Returns (rows across seeds, rows per seed)."""
   by_seed = {run.seed: run for run in baselines}
-  pairs = [(by_seed[v.seed], v) for v in variants if v.seed in by_seed]
   name = name or variants[0].name.split("/")[0]
-  if not pairs:
+  common = [(by_seed[v.seed], v) for v in variants if v.seed in by_seed]
+  if not common:
     raise ValueError(f"{name}: no train.seed in common with the baseline (seeds {sorted(v.seed for v in variants)}"
                      f" vs {sorted(by_seed)}); train the baseline with the variant's seeds")
+  pairs = [(b, v) for b, v in common if b.finished and v.finished]
+  unfinished = sorted(v.seed for b, v in common if not (b.finished and v.finished))
+  if not pairs:
+    raise ValueError(f"{name}: no seed where both it and the baseline finished (in progress: seeds {unfinished});"
+                     " wait for them, or pass studies.compare two runs to look at one as it stands")
   per_seed = [dict(row, variant=name, seed=v.seed) for b, v in pairs for row in compare(b, v, window)]
   rows = []
   for split, modality in dict.fromkeys((r["split"], r["modality"]) for r in per_seed):
@@ -315,7 +329,8 @@ def compare_seeds(baselines: Sequence[Run], variants: Sequence[Run], window: int
     rows.append({"variant": name, "split": split, "modality": modality, "seeds": len(seeds),
                  "step_ratio": float(np.mean(ratios)) if ratios else None, "step_ratio_ci95": interval95(ratios),
                  "flops_fraction": eta, "flops_fraction_ci95": interval95(etas),
-                 "reached": f"{len(etas)}/{len(seeds)}", "savings": None if eta is None else 1.0 / eta})
+                 "reached": f"{len(etas)}/{len(seeds)}", "savings": None if eta is None else 1.0 / eta,
+                 "unfinished_seeds": ",".join(map(str, unfinished))})
   return rows, per_seed
 
 

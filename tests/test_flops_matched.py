@@ -175,8 +175,28 @@ def test_seeds_give_a_mean_and_a_95_interval(tmp_path, capsys):
   slow = by_key(result["rows"])["slow", "train", "text"]
   assert (slow["seeds"], slow["reached"], slow["flops_fraction"]) == (1, "0/1", studies.NOT_REACHED)
   assert slow["step_ratio_ci95"] is None  # one seed: no interval
+  assert row["unfinished_seeds"] == ""
   with pytest.raises(ValueError, match="no train.seed in common"):
     studies.compare_seeds(studies.load_group(tmp_path / "dense"), [studies.load_group(tmp_path / "mot")[3]])
   with pytest.raises(ValueError, match="neither config.json nor seed=K"):
     studies.load_group(tmp_path / "plots")
   assert studies.interval95([0.5]) is None
+
+
+def test_a_run_in_progress_is_left_out_of_the_seeds(tmp_path):
+  """A seed still training would read "not reached" (its loss has not got there yet): only pairs of
+  finished runs count, and the row names the seeds left out."""
+  for seed in range(3):
+    write_run(tmp_path / "dense" / f"seed={seed}", {"text": 1, "image": 1}, seed=seed)
+    write_run(tmp_path / "mot" / f"seed={seed}", {"text": 2.0, "image": 2.0}, seed=seed)
+  in_progress = tmp_path / "mot" / "seed=2" / "metrics.jsonl"
+  in_progress.write_text("".join(in_progress.read_text().splitlines(keepends=True)[:50]))
+  assert [r.finished for r in studies.load_group(tmp_path / "mot")] == [True, True, False]
+  rows, per_seed = studies.compare_seeds(studies.load_group(tmp_path / "dense"),
+                                         studies.load_group(tmp_path / "mot"))
+  row = by_key(rows)["mot", "train", "text"]
+  assert (row["seeds"], row["reached"], row["unfinished_seeds"]) == (2, "2/2", "2")
+  assert row["flops_fraction"] == pytest.approx(0.5, rel=0.01)
+  assert {r["seed"] for r in per_seed} == {0, 1}
+  with pytest.raises(ValueError, match=r"no seed where both .* finished \(in progress: seeds \[2\]\)"):
+    studies.compare_seeds(studies.load_group(tmp_path / "dense"), studies.load_group(tmp_path / "mot")[2:])

@@ -5,6 +5,7 @@ import pytest
 
 from moma import data
 from moma.data import melodies
+from moma.data import scenes
 from moma.data import shapes
 from moma.data import sources
 from moma.data import vocab as vocab_lib
@@ -16,7 +17,7 @@ from test_data import cache_dir, make_config  # pylint: disable=unused-import
     (dict(), 2), (dict(), 0), (dict(image_size=24, max_objects=9, palette=10), 1),
     (dict(image_size=32, min_objects=3, max_objects=16), 2)])
 def test_scene_blocks_equal_the_per_scene_renderer(overrides, patch_size):
-  knobs = shapes.default_knobs()
+  knobs = scenes.default_knobs()
   knobs.update(overrides)
   examples = shapes.Examples(knobs, "train", patch_size)
   indices = list(range(300)) + [2**31 - 2]

@@ -5,20 +5,21 @@ import pytest
 
 from moma import data
 from moma.data import melodies
+from moma.data import scenes
 from moma.data import shapes
 
 from test_data import SEQ, cache_dir, documents, make_config  # pylint: disable=unused-import
 
 
 def knobs(**overrides):
-  config = shapes.default_knobs()
+  config = scenes.default_knobs()
   config.update(overrides)
   return config
 
 
 def random_scenes(config, n, seed=0):
   rng = np.random.default_rng(seed)
-  return [shapes.random_scene(config, rng.random(shapes.scene_draws(config)).tolist()) for _ in range(n)]
+  return [scenes.random_scene(config, rng.random(scenes.scene_draws(config)).tolist()) for _ in range(n)]
 
 
 @pytest.mark.parametrize("overrides, n", [
@@ -31,20 +32,20 @@ def test_evaluators_round_trip_exactly(overrides, n):
   for scene in random_scenes(config, n):
     image, codes = shapes.render(scene, config, 2)
     assert shapes.detect(image, config) == scene  # render → detect = scene
-    text = shapes.caption(scene, config)
-    assert shapes.parse_caption(text, config) == scene  # scene → caption → parse = scene
-    assert len(text) <= shapes.max_caption_bytes(config)
+    text = scenes.caption(scene, config)
+    assert scenes.parse_caption(text, config) == scene  # scene → caption → parse = scene
+    assert len(text) <= scenes.max_caption_bytes(config)
     np.testing.assert_array_equal(shapes.decode_codes(codes, config, 2), image)  # lossless codes
     assert codes.max() < shapes.num_codes(config, 2)
 
 
 def test_scenes_hold_counts_relations_and_every_attribute():
-  scenes = random_scenes(knobs(), 1000)
-  captions = [shapes.caption(s, knobs()) for s in scenes]
+  drawn = random_scenes(knobs(), 1000)
+  captions = [scenes.caption(s, knobs()) for s in drawn]
   assert any(" is " in c for c in captions) and any(c.startswith("two ") for c in captions)
-  for field in shapes.Shape._fields:
-    assert len({getattr(shape, field) for scene in scenes for shape in scene}) > 1, field
-  assert {len(s) for s in scenes} == {1, 2, 3}
+  for field in scenes.Shape._fields:
+    assert len({getattr(shape, field) for scene in drawn for shape in scene}) > 1, field
+  assert {len(s) for s in drawn} == {1, 2, 3}
 
 
 def test_rendering_is_deterministic_by_seed_split_and_index():
@@ -62,7 +63,7 @@ def test_rendering_is_deterministic_by_seed_split_and_index():
 
 def test_detector_and_parser_refuse_what_is_not_a_scene():
   config = knobs()
-  scene = (shapes.Shape("circle", "red", "large", 0, 1), shapes.Shape("cross", "blue", "small", 1, 0))
+  scene = (scenes.Shape("circle", "red", "large", 0, 1), scenes.Shape("cross", "blue", "small", 1, 0))
   image = shapes.render(scene, config)
   assert shapes.detect(image, config) == scene
   stray = image.copy()
@@ -70,13 +71,13 @@ def test_detector_and_parser_refuse_what_is_not_a_scene():
   assert shapes.detect(stray, config) is None
   shifted = np.roll(image, 1, axis=1)  # shapes off their cell positions
   assert shapes.detect(shifted, config) is None
-  text = shapes.caption(scene, config)
+  text = scenes.caption(scene, config)
   assert text == ("a large red circle at top right; a small blue cross at bottom left; "
                   "the red circle is above and right of the blue cross.")
   for bad in (text.replace("red", "pink"), text.replace("above", "below"),
               text.replace("a small", "two small"), text[:-1]):
     with pytest.raises(ValueError, match="caption"):
-      shapes.parse_caption(bad, config)
+      scenes.parse_caption(bad, config)
 
 
 def _shapes(**knobs):
@@ -109,7 +110,7 @@ def test_bad_scene_input_is_one_line_naming_the_field(cache_dir, mutate, message
 
 def test_bad_scene_shapes_name_the_attribute():
   with pytest.raises(ValueError, match=r"scene shape 0: kind='hexagon' is unknown; choose one of"):
-    shapes.render((shapes.Shape("hexagon", "red", "small", 0, 0),), knobs())
+    shapes.render((scenes.Shape("hexagon", "red", "small", 0, 0),), knobs())
 
 
 def _scene_and_melody_documents(batch, config):
@@ -128,18 +129,18 @@ def test_batches_hold_scenes_that_match_their_captions_and_stated_melodies(cache
     if config.mixture[name].dataset not in ("moma_shapes", "moma_melodies"):
       del config.mixture[name]
   batch = next(data.batches(config, split="validation", batch_size=4, seq_len=SEQ, seed=0))
-  scenes = tunes = 0
+  scene_count = tune_count = 0
   for text, image, audio in _scene_and_melody_documents(batch, config):
     if " melody: " in text:
       melody = melodies.parse_caption(text)
       codes = data.vocabulary(config).encode_audio(melodies.render(melody))
       np.testing.assert_array_equal(audio, codes - data.vocabulary(config).audio_offset)
-      tunes += 1
+      tune_count += 1
     elif image.size:
       scene = shapes.detect(shapes.decode_codes(image, config.shapes, config.patch_size), config.shapes)
-      assert scene == shapes.parse_caption(text, config.shapes)
-      scenes += 1
-  assert scenes and tunes
+      assert scene == scenes.parse_caption(text, config.shapes)
+      scene_count += 1
+  assert scene_count and tune_count
 
 
 def test_melodies_round_trip_and_stay_within_the_bounds():
@@ -170,16 +171,16 @@ def test_scene_documents_decode_in_colour(cache_dir):
   digits' documents still decode as grey intensities."""
   config = make_config(cache_dir)
   vocab = data.vocabulary(config)
-  scene = (shapes.Shape("circle", "red", "large", 0, 1), shapes.Shape("square", "blue", "small", 1, 0))
+  scene = (scenes.Shape("circle", "red", "large", 0, 1), scenes.Shape("square", "blue", "small", 1, 0))
   image, codes = shapes.render(scene, config.shapes, config.patch_size)
-  caption = shapes.caption(scene, config.shapes)
+  caption = scenes.caption(scene, config.shapes)
   tokens = np.concatenate([[data.BOS], vocab.encode_text(caption), [data.BOI], codes + vocab.image_offset,
                            [data.EOI], [data.EOS]])
   (kind_t, text), (kind_i, decoded) = data.decode_document(tokens, config)
   assert (kind_t, text, kind_i) == ("text", caption, "image")
   assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
   np.testing.assert_array_equal(decoded, image)
-  assert set(map(tuple, decoded.reshape(-1, 3))) == {(0, 0, 0), shapes.COLOURS["red"], shapes.COLOURS["blue"]}
+  assert set(map(tuple, decoded.reshape(-1, 3))) == {(0, 0, 0), scenes.COLOURS["red"], scenes.COLOURS["blue"]}
   grey = data.decode_document(tokens, config, scene=False)[1][1]
   assert grey.shape == (8, 8)  # the same codes read as digit intensities: what was shown before
   digit = np.concatenate([[data.BOS], vocab.encode_text("a handwritten seven."), [data.BOI],
@@ -200,4 +201,4 @@ def test_scene_patches_decode_in_colour(cache_dir):
   image = next(v for k, v in parts if k == "image")
   text = next(v for k, v in parts if k == "text")
   assert image.shape == (16, 16, 3)
-  assert shapes.detect(image, config.shapes) == shapes.parse_caption(text, config.shapes)
+  assert shapes.detect(image, config.shapes) == scenes.parse_caption(text, config.shapes)

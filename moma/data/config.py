@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from moma.data import melodies
-from moma.data import shapes
+from moma.data import scenes
 
 # Every document is BOS, its parts, EOS. "caption" renders `captions.<media>` from a label (or takes a
 # text feature mapped as "caption"); "image" is BOI image EOI; "audio" is BOA audio EOA.
@@ -76,7 +76,7 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
              "{name}"),
       image_audio=("a handwritten {name} and its key tone.", "{name}, seen and heard.", "{name}"),
   ))
-  config.shapes = shapes.default_knobs()  # moma_shapes difficulty: image_size, objects, palette
+  config.shapes = scenes.default_knobs()  # moma_shapes difficulty: image_size, objects, palette
   config.melodies = melodies.default_knobs()  # moma_melodies: max_notes
   config.mixture = ml_collections.ConfigDict()
   for name, (dataset, template, weight, features) in _DEFAULT_MIXTURE.items():
@@ -104,7 +104,7 @@ def validate(config) -> None:
   if not config.mixture:
     raise ValueError("data.mixture is empty: add at least one entry (see moma.data.mixture_entry).")
   used = {entry.dataset for entry in config.mixture.values()}
-  for dataset, module, field in (("moma_shapes", shapes, "shapes"), ("moma_melodies", melodies, "melodies")):
+  for dataset, module, field in (("moma_shapes", scenes, "shapes"), ("moma_melodies", melodies, "melodies")):
     if dataset in used:
       if field not in config:
         raise ValueError(f"data.{field} is missing but data.mixture uses {dataset}; copy it from "

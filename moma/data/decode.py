@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moma.data import scenes
 from moma.data import shapes
 from moma.data import vocab as vocab_lib
 
@@ -36,11 +37,11 @@ def decode_audio(tokens, data_config) -> np.ndarray:
 
 
 def is_scene_caption(text: str, data_config) -> bool:
-  """Whether `text` is a caption of a scene of shapes under data.shapes (`shapes.parse_caption`)."""
+  """Whether `text` is a caption of a scene of shapes under data.shapes (`scenes.parse_caption`)."""
   if "shapes" not in data_config:
     return False
   try:
-    shapes.parse_caption(text.strip(), data_config.shapes)
+    scenes.parse_caption(text.strip(), data_config.shapes)
   except ValueError:
     return False
   return True

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from moma.data import builders
 from moma.data import config as config_lib
 from moma.data import melodies
+from moma.data import scenes
 from moma.data import shapes
 from moma.data import vocab as vocab_lib
 
@@ -141,11 +142,11 @@ def open_source(name: str, entry, config, split: str) -> Source:
 def _shapes_source(source: Source, config) -> Source:
   """Shapes: exact caption bound; discrete codes per patch (the palette must fit data.image_levels)."""
   knobs, p = config.shapes, config.patch_size
-  source = dataclasses.replace(source, caption_bytes=shapes.max_caption_bytes(knobs))
+  source = dataclasses.replace(source, caption_bytes=scenes.max_caption_bytes(knobs))
   if config.image_form == "patches":
     return source
-  if shapes.CELL % p:
-    raise ValueError(f"data.patch_size={p} does not divide the {shapes.CELL}-pixel cells of "
+  if scenes.CELL % p:
+    raise ValueError(f"data.patch_size={p} does not divide the {scenes.CELL}-pixel cells of "
                      "data.shapes (discrete codes are per patch); use 1, 2, 4 or 8.")
   needed = shapes.num_codes(knobs, p)
   if needed > config.image_levels:

@@ -7,7 +7,8 @@ Each argument is a run directory or a seeded run's directory (`seed=K/` run dire
 `experiments/sweep.py NAME:seeds=N`); each variant seed is compared with the baseline run of the same seed.
 Prints a Markdown table (per variant, split and modality, across seeds: step-matching ratio, η = fraction
 of the baseline's training FLOPs needed to reach its final loss, savings = 1/η, each mean with its 95%
-Student-t interval across seeds, `reached` = seeds that reach the baseline's loss, and `unfinished_seeds`:
+Student-t interval across seeds, `reached` = seeds that reach the baseline's loss, `final_loss_delta` =
+the variant's final loss minus the baseline's (paired by seed, with its interval), and `unfinished_seeds`:
 seeds left out because the variant or the baseline is still training) and, as the last
 line, a JSON object with those rows and the per-seed ones. A variant that never reaches the baseline's loss
 reads "not reached"; an interval needs two seeds ("—" below). Writes loss-vs-FLOPs plots (one PNG per

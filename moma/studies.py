@@ -8,8 +8,8 @@ A run directory (DESIGN.md) holds `config.json` and `metrics.jsonl`. From them:
   faster; MoT-style "step matching");
 - `flops_fraction(...)`: η, the fraction of the baseline's training FLOPs the variant needs to reach the
   baseline's final (smoothed) loss (MoT "55.8% of the FLOPs"; MoMa's "3.7x savings" is 1/η);
-- `compare(baseline, variant)`: both, per modality, on training and validation loss (only training
-  losses are smoothed).
+- `compare(baseline, variant)`: both, and the final loss difference, per modality, on training and
+  validation loss (only training losses are smoothed); `compare_seeds` pairs seeds and adds intervals.
 
 Training FLOPs at step s are cumulative: Σ steps × tokens per step (train.batch_size × train.seq_len) ×
 `flops_per_token` as logged. The x-axis is the model's total training FLOPs for every modality's loss, as
@@ -264,7 +264,9 @@ def loss_keys(run: Run) -> dict[str, list[tuple[str, str]]]:
 
 
 def compare(baseline: Run, variant: Run, window: int = 1) -> list[dict[str, Any]]:
-  """Step-matching ratio and η of `variant` against `baseline`, per split and modality both runs log."""
+  """Step-matching ratio and η of `variant` against `baseline`, per split and modality both runs log, and
+  `final_loss_delta`: the variant's last (smoothed) loss minus the baseline's (< 0: it ends lower), at
+  their last logged steps, i.e. at equal tokens when they train as long."""
   check_comparable([baseline, variant])
   rows = []
   variant_keys = {k for pairs in loss_keys(variant).values() for _, k in pairs}
@@ -278,7 +280,8 @@ def compare(baseline: Run, variant: Run, window: int = 1) -> list[dict[str, Any]
       eta = flops_fraction(cumulative_flops(baseline, bs), bl, cumulative_flops(variant, vs), vl, w)
       rows.append({"variant": variant.name, "split": split, "modality": modality,
                    "step_ratio": ratio["ratio"], "matched_steps": f"{ratio['matched']}/{ratio['of']}",
-                   "flops_fraction": eta, "savings": None if eta is None else 1.0 / eta})
+                   "flops_fraction": eta, "savings": None if eta is None else 1.0 / eta,
+                   "final_loss_delta": float(smooth(vl, w)[-1] - smooth(bl, w)[-1])})
   return rows
 
 
@@ -303,9 +306,9 @@ def interval95(values: Sequence[float]) -> list[float] | None:
 def compare_seeds(baselines: Sequence[Run], variants: Sequence[Run], window: int = 1,
                   name: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """`compare` of each variant seed against the baseline run of the same train.seed (same data order),
-  then per split and modality across seeds: the mean step-matching ratio and η with their 95% intervals
-  (`interval95`; None below two seeds), `reached` = seeds in which the variant reaches the baseline's
-  final loss (η and its interval are over those). Only pairs of finished runs count: a run in progress
+  then per split and modality across seeds: the mean step-matching ratio, η and final loss delta with their
+  95% intervals (`interval95`; None below two seeds), `reached` = seeds in which the variant reaches the
+  baseline's final loss (η and its interval are over those). Only pairs of finished runs count: a run in progress
   would read as "not reached" or shift the mean; its seed is listed under `unfinished_seeds`. (To look at a run
   in progress, `compare` it directly.) Returns (rows across seeds, rows per seed)."""
   by_seed = {run.seed: run for run in baselines}
@@ -326,10 +329,12 @@ def compare_seeds(baselines: Sequence[Run], variants: Sequence[Run], window: int
     ratios = [r["step_ratio"] for r in seeds if r["step_ratio"] is not None]
     etas = [r["flops_fraction"] for r in seeds if r["flops_fraction"] is not None]
     eta = float(np.mean(etas)) if etas else None
+    deltas = [r["final_loss_delta"] for r in seeds]
     rows.append({"variant": name, "split": split, "modality": modality, "seeds": len(seeds),
                  "step_ratio": float(np.mean(ratios)) if ratios else None, "step_ratio_ci95": interval95(ratios),
                  "flops_fraction": eta, "flops_fraction_ci95": interval95(etas),
                  "reached": f"{len(etas)}/{len(seeds)}", "savings": None if eta is None else 1.0 / eta,
+                 "final_loss_delta": float(np.mean(deltas)), "final_loss_delta_ci95": interval95(deltas),
                  "unfinished_seeds": ",".join(map(str, unfinished))})
   return rows, per_seed
 

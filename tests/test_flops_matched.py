@@ -176,6 +176,13 @@ def test_seeds_give_a_mean_and_a_95_interval(tmp_path, capsys):
   assert (slow["seeds"], slow["reached"], slow["flops_fraction"]) == (1, "0/1", studies.NOT_REACHED)
   assert slow["step_ratio_ci95"] is None  # one seed: no interval
   assert row["unfinished_seeds"] == ""
+  deltas = np.array([curve(STEPS[-1] * speeds[s]) - curve(STEPS[-1]) for s in range(3)])  # paired by seed
+  assert row["final_loss_delta"] == pytest.approx(deltas.mean(), rel=0.02)
+  np.testing.assert_allclose(row["final_loss_delta_ci95"],
+                             deltas.mean() + np.array([-1, 1]) * 4.302653 * deltas.std(ddof=1) / np.sqrt(3),
+                             rtol=0.05)
+  val = by_key(result["rows"])["mot", "eval", "image"]  # validation: not smoothed, the last eval exactly
+  assert val["final_loss_delta"] == pytest.approx(deltas.mean(), rel=1e-6)
   with pytest.raises(ValueError, match="no train.seed in common"):
     studies.compare_seeds(studies.load_group(tmp_path / "dense"), [studies.load_group(tmp_path / "mot")[3]])
   with pytest.raises(ValueError, match="neither config.json nor seed=K"):

@@ -4,9 +4,9 @@ r"""Which runs of the CPU studies are finished, running or still to come, and ho
   python -m experiments.studies_status --root runs mot_untie:size=tiny,seeds=2   # any declared sweep
 
 Per run: status (finished; running = its trainer holds the workdir lock; partial = stopped part-way;
-missing), last logged step of train.steps, median tokens/s, and minutes left at that pace. A run not
-started yet is projected at the pace of the same run at another seed, else left out of the total (counted
-as "not paced yet": architectures differ several-fold in pace on a CPU).
+missing), last logged step of train.steps, median tokens/s of its last 10 logs, and minutes left at that
+pace. A run not started yet is projected at the pace of the same run at another seed, else left out of the
+total (counted as "not paced yet": architectures differ several-fold in pace on a CPU).
 Reads run directories only (the runner writes them as `experiments/sweep.py SPEC --root ROOT` does);
 starts nothing. Last line: JSON.
 """
@@ -27,7 +27,7 @@ from configs import sweeps
 from experiments import sweep
 from moma import studies
 
-# The issue-16 studies at the CPU preset, in the order /work/studies/run_studies.sh runs them.
+# The issue-16 studies at the CPU preset (RESULTS.md).
 STUDIES = ("architectures:size=small,seeds=3", "mot_untie:size=small,seeds=1", "mom_untie:size=small,seeds=1")
 
 
@@ -64,7 +64,9 @@ def run_status(run: sweeps.Run, run_dir: pathlib.Path) -> dict:
              tokens_per_step=loaded.tokens_per_step())
   _, pace = loaded.series("tokens_per_s")
   if len(pace):
-    row["tokens_per_s"] = float(np.median(pace[1:] if len(pace) > 1 else pace))  # the first log compiles
+    # The first log pays for compilation; the last 10 follow a change of pace (a resume on other code, or
+    # other load on the machine) sooner than the median of the whole run.
+    row["tokens_per_s"] = float(np.median((pace[1:] if len(pace) > 1 else pace)[-10:]))
   if studies.is_finished(run_dir, row["steps"]):
     row["status"] = "finished"
   else:

@@ -53,6 +53,26 @@ def test_contract(cache_dir, form):
   assert np.array_equal(batch["modality"], vocab.modality_table()[batch["tokens"]])
 
 
+def test_source_ids_name_each_documents_mixture_entry(cache_dir):
+  """`with_source=True` adds the mixture entry of every position's document (−1 on padding) and changes
+  nothing else; a document (segment) has one source, and each source's positions hold what it makes."""
+  config = make_config(cache_dir)
+  packer = data.Packer(config, split="validation", seq_len=SEQ)
+  plain, labelled = packer.batch(0, 3, 8), packer.batch(0, 3, 8, with_source=True)
+  source = labelled.pop("source")
+  for key in plain:
+    np.testing.assert_array_equal(labelled[key], plain[key])
+  assert source.dtype == np.int32 and source.shape == (8, SEQ)
+  np.testing.assert_array_equal(source < 0, plain["segment"] == 0)
+  for row in range(8):
+    for s in np.unique(plain["segment"][row][plain["segment"][row] > 0]):
+      assert len(set(source[row][plain["segment"][row] == s])) == 1
+  names = packer.source_names
+  assert set(np.unique(source[source >= 0])) <= set(range(len(names)))
+  modalities = {name: set(np.unique(plain["modality"][source == i])) for i, name in enumerate(names)}
+  assert modalities["text"] == {0} and 1 in modalities["scene_caption"] and 2 in modalities["melody_caption"]
+
+
 def test_determinism_and_start_step(cache_dir):
   config = make_config(cache_dir)
   kw = dict(split="train", batch_size=3, seq_len=SEQ, seed=7)

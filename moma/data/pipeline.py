@@ -72,7 +72,7 @@ class Packer:
     return self.config.patch_size ** 2 * most
 
   def _draw(self, rng: np.random.Generator, first_block: int):
-    """Endless (tokens, images, splittable) documents drawn i.i.d. from the mixture, `_DRAWS` per
+    """Endless (tokens, images, splittable, source index) documents drawn i.i.d. from the mixture, `_DRAWS` per
     generator call. Rendering goes in blocks (one per source; numpy amortises over its documents): the
     first holds the calls for `first_block` documents, then one call's each, so few rendered documents
     go unused. The blocks change no output, only the speed."""
@@ -91,11 +91,11 @@ class Packer:
         source = self.sources[e]
         docs = sources_lib.render_block(source, indices[at], variants[at], self.vocab, self._settings)
         for j, (tokens, images) in zip(at.tolist(), docs):
-          drawn[j] = (tokens, images, source.parts == ("text",))
+          drawn[j] = (tokens, images, source.parts == ("text",), e)
       yield from drawn
 
   def _rows(self, seed: int, step: int, batch_size: int):
-    """Per row, its segments [(tokens, images)] in order: the batch as one stream of documents.
+    """Per row, its segments [(tokens, images, source index)] in order: the batch as one stream of documents.
 
     Queued items (documents deferred by earlier rows, then a cut text tail) come first, then new draws.
     An item that fits the row's room is placed whole. A text item that does not fit is cut: its head
@@ -115,43 +115,54 @@ class Packer:
       waiting, pending = pending, []
       while room and (waiting or misses < max_misses):
         if waiting:
-          tokens, images, splittable = waiting.pop(0)
+          tokens, images, splittable, source = waiting.pop(0)
         else:
-          tokens, images, splittable = next(documents)
+          tokens, images, splittable, source = next(documents)
           taken += 1
         if len(tokens) <= room:
-          row.append((tokens, images))
+          row.append((tokens, images, source))
           room -= len(tokens)
         elif splittable:
-          row.append((tokens[:room], images))
-          pending.append((tokens[room:], images, True))
+          row.append((tokens[:room], images, source))
+          pending.append((tokens[room:], images, True, source))
           room = 0
         else:
-          pending.append((tokens, images, False))
+          pending.append((tokens, images, False, source))
           misses += 1
       yield row
       pending = waiting + pending  # older first
     self._tokens_per_document = batch_size * self.seq_len / max(taken, 1)
 
-  def batch(self, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+  @property
+  def source_names(self) -> list[str]:
+    """The mixture entries this packer draws from (weight > 0), in the order `batch(with_source=True)`
+    numbers them."""
+    return [source.name for source in self.sources]
+
+  def batch(self, seed: int, step: int, batch_size: int, with_source: bool = False) -> dict[str, np.ndarray]:
+    """The batch contract's dict; `with_source` adds "source" int32 [B, L]: the index in `source_names`
+    of the entry each position's document came from (−1 on padding), for per-source analysis (e.g.
+    `experiments/eval_sources.py`); it is not a model input."""
     b_, l_ = batch_size, self.seq_len
     tokens = np.full((b_, l_), vocab_lib.PAD, np.int32)
     segment = np.zeros((b_, l_), np.int32)
     position = np.zeros((b_, l_), np.int32)
+    source = np.full((b_, l_), -1, np.int32)
     patches_form = self.config.image_form == "patches"
     if patches_form:
       patches = np.zeros((b_, l_, self.patch_dim), np.float32)
       image_block = np.zeros((b_, l_), np.int32)
     for row, docs in enumerate(self._rows(seed, step, b_)):
-      lengths = np.array([len(t) for t, _ in docs], np.int32)
+      lengths = np.array([len(t) for t, _, _ in docs], np.int32)
       starts = np.cumsum(lengths) - lengths
       n = int(lengths.sum())
-      tokens[row, :n] = np.concatenate([t for t, _ in docs])
+      tokens[row, :n] = np.concatenate([t for t, _, _ in docs])
+      source[row, :n] = np.repeat([s for _, _, s in docs], lengths)
       segment[row, :n] = np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), lengths)
       position[row, :n] = np.arange(n, dtype=np.int32) - np.repeat(starts, lengths)
       if patches_form:
         block = 0
-        for start, (_, images) in zip(starts, docs):
+        for start, (_, images, _) in zip(starts, docs):
           for offset, image_patches in images:
             block += 1
             at = slice(start + offset, start + offset + len(image_patches))
@@ -168,6 +179,8 @@ class Packer:
                  position=position, targets=targets, loss_mask=loss_mask)
     if patches_form:
       batch.update(patches=patches, image_block=image_block)
+    if with_source:
+      batch["source"] = source
     return batch
 
 

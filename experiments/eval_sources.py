@@ -1,0 +1,103 @@
+r"""Validation loss of finished runs per data source, and its paired difference against a baseline.
+
+  python -m experiments.eval_sources RUN [RUN ...] [--baseline RUN] [--eval_steps N]
+  A="/work/studies/architectures,size=small,seeds=3"
+  python -m experiments.eval_sources $A/mot $A/moma_4t4i --baseline $A/dense   # seeded runs: paired by seed
+
+The trainer's validation loss averages over every source of `data.mixture`. Within a study's 10M tokens some
+sources repeat (the embedded prose and digits) and others never do (the generated scenes and their
+captions), so a gain that comes from memorising shows on the first kind only. This evaluates each run's
+latest checkpoint on the trainer's own validation batches (`train.eval_steps` of them by default, mixed as
+in training, so expert-choice routing sees the same competition) with the loss restricted to one source's
+positions at a time (`data.Packer.batch(with_source=True)`).
+
+Arguments are run directories or seeded run directories (`seed=K/` inside); runs that have not finished
+are left out and named. Prints per run and source the loss per modality; with --baseline, per variant,
+source and modality the mean of (variant − baseline) over the seeds both finished, with its 95% Student-t
+interval (`moma.studies.interval95`; < 0: the variant is better). Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from typing import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from moma import checkpoint
+from moma import data
+from moma import steps
+from moma import studies
+
+
+def source_losses(run: studies.Run, eval_steps: int | None = None) -> dict[str, dict[str, float]]:
+  """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch}} of the run's
+  latest checkpoint on the trainer's first `eval_steps` validation batches, the loss restricted to one
+  source's positions at a time (the sources partition the trainer's validation loss)."""
+  config = ml_collections.ConfigDict(run.config)
+  model = steps.build_model(config)
+  params = checkpoint.restore_params(str(run.path), "run")
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=steps.model_module(config).loss_fn,
+                                      modalities=tuple(config.model.modalities)))
+  packer = data.Packer(config.data, split="validation", seq_len=config.train.seq_len)
+  rows = {name: [] for name in packer.source_names}
+  for step in range(eval_steps or config.train.eval_steps):
+    batch = packer.batch(config.train.seed, step, config.train.batch_size, with_source=True)
+    source = batch.pop("source")
+    for index, name in enumerate(packer.source_names):
+      rows[name].append(eval_fn(params, dict(batch, loss_mask=batch["loss_mask"] * (source == index))))
+  return {name: {k: v for k, v in steps.mean_rows(r).items() if k.startswith(("loss/", "tokens/"))}
+          for name, r in rows.items()}
+
+
+def paired_differences(baselines: dict[int, dict], variants: dict[int, dict]) -> list[dict]:
+  """Per source and loss key: mean over common seeds of variant − baseline, with its 95% interval."""
+  seeds = sorted(set(baselines) & set(variants))
+  rows = []
+  for source in variants[seeds[0]] if seeds else ():
+    for key in [k for k in variants[seeds[0]][source] if k.startswith("loss/")]:
+      deltas = [variants[s][source][key] - baselines[s][source][key] for s in seeds
+                if key in baselines[s].get(source, {})]
+      if deltas:
+        rows.append({"source": source, "loss": key, "seeds": len(deltas), "delta": float(np.mean(deltas)),
+                     "delta_ci95": studies.interval95(deltas), "per_seed": [round(d, 4) for d in deltas]})
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs", nargs="+", help="run directories or seeded run directories")
+  parser.add_argument("--baseline", help="run directory (or seeded) the others are compared with, by seed")
+  parser.add_argument("--eval_steps", type=int, help="validation batches (default: the run's train.eval_steps)")
+  args = parser.parse_args(argv)
+  groups = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.runs))
+  try:
+    loaded = {path: studies.load_group(path) for path in groups}
+  except ValueError as e:
+    parser.error(str(e))
+  losses, table = {}, []
+  for path, runs in loaded.items():
+    finished = [run for run in runs if run.finished]
+    if len(finished) < len(runs):
+      print(f"{path}: left out (not finished): {', '.join(r.name for r in runs if not r.finished)}", file=sys.stderr)
+    losses[path] = {run.seed: source_losses(run, args.eval_steps) for run in finished}
+    table += [{"run": run.name, "source": source, **values}
+              for run in finished for source, values in losses[path][run.seed].items()]
+  print(studies.markdown_table(table))
+  differences = []
+  if args.baseline:
+    for path in groups[1:]:
+      rows = paired_differences(losses[args.baseline], losses[path])
+      differences += [{"variant": loaded[path][0].name.split("/")[0], **r} for r in rows]
+    print("\n" + studies.markdown_table([{k: v for k, v in r.items() if k != "per_seed"} for r in differences]))
+  print(json.dumps({"losses": table, "differences": differences}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

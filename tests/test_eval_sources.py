@@ -1,0 +1,42 @@
+"""experiments/eval_sources.py: per-source validation losses partition the trainer's validation loss."""
+
+import json
+
+import pytest
+
+from experiments import eval_sources
+from moma import studies
+from moma import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_cache_dir):
+  from configs import mot
+  config = mot.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  config.train.update(steps=2, eval_every=2, eval_steps=2, progress_bar=False)
+  workdir = tmp_path_factory.mktemp("eval_sources_run")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_sources_partition_the_trainers_validation_loss(run_dir):
+  """Token-weighted over the sources, the per-source losses give back the trainer's eval/loss/<m> on the
+  same batches (masking the loss changes no activation)."""
+  run = studies.load_run(run_dir)
+  per_source = eval_sources.source_losses(run)
+  assert {"text", "scene_caption", "melody_caption"} <= set(per_source)
+  logged = [r for r in run.records if "eval/loss/text" in r][-1]
+  for modality in run.modalities:
+    parts = [(v[f"loss/{modality}"], v[f"tokens/{modality}"]) for v in per_source.values()
+             if v.get(f"tokens/{modality}", 0) > 0]
+    combined = sum(loss * tokens for loss, tokens in parts) / sum(tokens for _, tokens in parts)
+    assert combined == pytest.approx(logged[f"eval/loss/{modality}"], rel=1e-5), modality
+
+
+def test_a_run_against_itself_differs_by_zero(run_dir, tmp_path, capsys):
+  (tmp_path / "same").symlink_to(run_dir)
+  assert eval_sources.main([str(tmp_path / "same"), "--baseline", str(run_dir), "--eval_steps", "1"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["differences"] and all(r["delta"] == 0 for r in result["differences"])
+  assert {r["source"] for r in result["losses"]} >= {"text", "scene_caption"}

@@ -9,7 +9,10 @@ sources repeat (the embedded prose and digits) and others never do (the generate
 captions), so a gain that comes from memorising shows on the first kind only. This evaluates each run's
 latest checkpoint on the trainer's own validation batches (`train.eval_steps` of them by default, mixed as
 in training, so expert-choice routing sees the same competition) with the loss restricted to one source's
-positions at a time (`data.Packer.batch(with_source=True)`).
+positions at a time (`data.Packer.batch(with_source=True)`). `--alone` evaluates each source on batches
+drawn from it only, as a model meets one kind of input at inference: expert-choice routing (which ranks a
+batch's tokens against each other) then sees other competition than in training, while MoT and dense
+models, whose tokens do not interact outside attention, give the same losses up to sampling.
 
 Arguments are run directories or seeded run directories (`seed=K/` inside); runs that have not finished
 are left out and named. Prints per run and source the loss per modality; with --baseline, per variant,
@@ -35,22 +38,34 @@ from moma import steps
 from moma import studies
 
 
-def source_losses(run: studies.Run, eval_steps: int | None = None) -> dict[str, dict[str, float]]:
+def source_losses(run: studies.Run, eval_steps: int | None = None,
+                  alone: bool = False) -> dict[str, dict[str, float]]:
   """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch}} of the run's
   latest checkpoint on the trainer's first `eval_steps` validation batches, the loss restricted to one
-  source's positions at a time (the sources partition the trainer's validation loss)."""
+  source's positions at a time (the sources partition the trainer's validation loss). `alone`: on
+  batches drawn from that source only instead (as at inference on one kind of input)."""
   config = ml_collections.ConfigDict(run.config)
   model = steps.build_model(config)
   params = checkpoint.restore_params(str(run.path), "run")
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=steps.model_module(config).loss_fn,
                                       modalities=tuple(config.model.modalities)))
+  batch_steps = range(eval_steps or config.train.eval_steps)
   packer = data.Packer(config.data, split="validation", seq_len=config.train.seq_len)
   rows = {name: [] for name in packer.source_names}
-  for step in range(eval_steps or config.train.eval_steps):
-    batch = packer.batch(config.train.seed, step, config.train.batch_size, with_source=True)
-    source = batch.pop("source")
-    for index, name in enumerate(packer.source_names):
-      rows[name].append(eval_fn(params, dict(batch, loss_mask=batch["loss_mask"] * (source == index))))
+  if alone:
+    for name in packer.source_names:
+      one = ml_collections.ConfigDict(config.data.to_dict())
+      for other in one.mixture:
+        one.mixture[other].weight = float(other == name)
+      one_packer = data.Packer(one, split="validation", seq_len=config.train.seq_len)
+      rows[name] = [eval_fn(params, one_packer.batch(config.train.seed, step, config.train.batch_size))
+                    for step in batch_steps]
+  else:
+    for step in batch_steps:
+      batch = packer.batch(config.train.seed, step, config.train.batch_size, with_source=True)
+      source = batch.pop("source")
+      for index, name in enumerate(packer.source_names):
+        rows[name].append(eval_fn(params, dict(batch, loss_mask=batch["loss_mask"] * (source == index))))
   return {name: {k: v for k, v in steps.mean_rows(r).items() if k.startswith(("loss/", "tokens/"))}
           for name, r in rows.items()}
 
@@ -74,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("runs", nargs="+", help="run directories or seeded run directories")
   parser.add_argument("--baseline", help="run directory (or seeded) the others are compared with, by seed")
   parser.add_argument("--eval_steps", type=int, help="validation batches (default: the run's train.eval_steps)")
+  parser.add_argument("--alone", action="store_true",
+                      help="evaluate each source on batches of that source only (routing sees no other source)")
   args = parser.parse_args(argv)
   groups = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.runs))
   try:
@@ -85,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished = [run for run in runs if run.finished]
     if len(finished) < len(runs):
       print(f"{path}: left out (not finished): {', '.join(r.name for r in runs if not r.finished)}", file=sys.stderr)
-    losses[path] = {run.seed: source_losses(run, args.eval_steps) for run in finished}
+    losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone) for run in finished}
     table += [{"run": run.name, "source": source, **values}
               for run in finished for source, values in losses[path][run.seed].items()]
   print(studies.markdown_table(table))

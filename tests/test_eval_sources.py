@@ -40,3 +40,14 @@ def test_a_run_against_itself_differs_by_zero(run_dir, tmp_path, capsys):
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["differences"] and all(r["delta"] == 0 for r in result["differences"])
   assert {r["source"] for r in result["losses"]} >= {"text", "scene_caption"}
+
+
+def test_alone_draws_batches_of_one_source(run_dir):
+  """--alone: every row holds the one source, so the text source's loss covers (nearly) every position,
+  more than its share of the mixed batches."""
+  run = studies.load_run(run_dir)
+  mixed, alone = eval_sources.source_losses(run, 1), eval_sources.source_losses(run, 1, alone=True)
+  assert set(alone) == set(mixed)
+  positions = run.tokens_per_step()
+  assert alone["text"]["tokens/text"] > max(0.95 * positions, mixed["text"]["tokens/text"])
+  assert alone["text"]["tokens/image"] == 0 and 0 < alone["scene_caption"]["loss/image"] < 10

@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path, runs in loaded.items():
     finished = [run for run in runs if run.finished]
     if len(finished) < len(runs):
-      print(f"{path}: left out (not finished): {', '.join(r.name for r in runs if not r.finished)}", file=sys.stderr)
+      unfinished = ", ".join(run.name for run in runs if not run.finished)
+      print(f"{path}: left out (not finished): {unfinished}", file=sys.stderr)
     losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone) for run in finished}
     table += [{"run": run.name, "source": source, **values}
               for run in finished for source, values in losses[path][run.seed].items()]

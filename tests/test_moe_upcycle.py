@@ -92,5 +92,5 @@ def test_params_saved_with_the_old_expert_names_load_as_todays():
   upgraded = checkpoint.upgrade_params(old)
   chex.assert_trees_all_equal(upgraded, params)
   chex.assert_trees_all_equal(checkpoint.upgrade_params(params), params)  # today's names pass through
-  y = lambda p: layer.apply({"params": p["layers"]}, x, plan, mutable=["metrics", "intermediates"])[0]  # pylint: disable=unnecessary-lambda-assignment
-  np.testing.assert_array_equal(y(upgraded), y(params))
+  apply = lambda p: layer.apply({"params": p["layers"]}, x, plan, mutable=["metrics", "intermediates"])[0]
+  np.testing.assert_array_equal(apply(upgraded), apply(params))

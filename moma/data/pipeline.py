@@ -72,10 +72,10 @@ class Packer:
     return self.config.patch_size ** 2 * most
 
   def _draw(self, rng: np.random.Generator, first_block: int):
-    """Endless (tokens, images, splittable, source index) documents drawn i.i.d. from the mixture, `_DRAWS` per
-    generator call. Rendering goes in blocks (one per source; numpy amortises over its documents): the
-    first holds the calls for `first_block` documents, then one call's each, so few rendered documents
-    go unused. The blocks change no output, only the speed."""
+    """Endless (tokens, images, splittable, source index) documents drawn i.i.d. from the mixture,
+    `_DRAWS` per generator call. Rendering goes in blocks (one per source; numpy amortises over its
+    documents): the first holds the calls for `first_block` documents, then one call's each, so few
+    rendered documents go unused. The blocks change no output, only the speed."""
     shares = np.asarray(self.shares, np.int64)
     calls = max(1, first_block // _DRAWS)
     while True:

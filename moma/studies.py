@@ -89,8 +89,7 @@ class Run:
   def finished(self) -> bool:
     """Whether it logged its last step (train.steps); a run still in progress is not finished."""
     steps = config_value(self.config, "train.steps", None)
-    logged = [r["step"] for r in self.records if "step" in r]
-    return steps is not None and bool(logged) and max(logged) >= int(steps)
+    return steps is not None and _reached(self.records, steps)
 
   def tokens_per_step(self) -> int:
     try:
@@ -127,6 +126,11 @@ def last_step(run_dir: str | pathlib.Path) -> int | None:
   return max(steps) if steps else None
 
 
+def _reached(records: Sequence[dict], steps: int) -> bool:
+  """Whether metrics records log a step >= `steps` (the trainer logs its last step whatever log_every is)."""
+  return any(r.get("step", -1) >= int(steps) for r in records)
+
+
 def is_finished(run_dir: str | pathlib.Path, steps: int | None = None) -> bool:
   """Finished ⇔ metrics.jsonl logs a step ≥ `steps` (default: train.steps from config.json).
 
@@ -140,8 +144,7 @@ def is_finished(run_dir: str | pathlib.Path, steps: int | None = None) -> bool:
     steps = config_value(json.loads((path / "config.json").read_text()), "train.steps", None)
     if steps is None:
       raise ValueError(f"{path}/config.json has no train.steps; pass the expected steps explicitly")
-  reached = last_step(path)
-  return reached is not None and reached >= int(steps)
+  return _reached(read_metrics(path), steps)
 
 
 def flops_per_token(record: dict, modalities: Sequence[str]) -> float | None:

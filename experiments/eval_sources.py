@@ -38,34 +38,46 @@ from moma import steps
 from moma import studies
 
 
-def source_losses(run: studies.Run, eval_steps: int | None = None,
-                  alone: bool = False) -> dict[str, dict[str, float]]:
+def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool = False,
+                  causal: bool = False) -> dict[str, dict[str, float]]:
   """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch}} of the run's
   latest checkpoint on the trainer's first `eval_steps` validation batches, the loss restricted to one
   source's positions at a time (the sources partition the trainer's validation loss). `alone`: on
-  batches drawn from that source only instead (as at inference on one kind of input)."""
+  batches drawn from that source only instead (as at inference on one kind of input). `causal`: expert
+  choice replaced by the run's trained auxiliary routers (`moe.causal`, per-token decisions)."""
   config = ml_collections.ConfigDict(run.config)
+  if causal:
+    if config.model.ffn != "moe" or not config.model.moe.aux_router:
+      raise ValueError(f"--causal: {run.path} has no trained auxiliary routers (model.moe.aux_router); "
+                       "evaluate a run of the aux_routers stage (configs/moma.py)")
+    config.model.moe.causal = True
   model = steps.build_model(config)
   params = checkpoint.restore_params(str(run.path), "run")
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, loss_fn=steps.model_module(config).loss_fn,
-                                      modalities=tuple(config.model.modalities)))
+  modalities, loss_fn = tuple(config.model.modalities), steps.model_module(config).loss_fn
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def per_source(params, batch, num_sources):
+    """One forward pass, scored on each source's positions: [metrics of source 0, 1, ...]."""
+    outputs, _ = steps.forward(params, batch, None, model=model, deterministic=True)
+    return [loss_fn(outputs, dict(batch, loss_mask=batch["loss_mask"] * (batch["source"] == index)),
+                    modalities)[1] for index in range(num_sources)]
+
   batch_steps = range(eval_steps or config.train.eval_steps)
   packer = data.Packer(config.data, split="validation", seq_len=config.train.seq_len)
   rows = {name: [] for name in packer.source_names}
-  if alone:
-    for name in packer.source_names:
+  for name in packer.source_names if alone else [None]:
+    if alone:
       one = ml_collections.ConfigDict(config.data.to_dict())
       for other in one.mixture:
         one.mixture[other].weight = float(other == name)
-      one_packer = data.Packer(one, split="validation", seq_len=config.train.seq_len)
-      rows[name] = [eval_fn(params, one_packer.batch(config.train.seed, step, config.train.batch_size))
-                    for step in batch_steps]
-  else:
+      use = data.Packer(one, split="validation", seq_len=config.train.seq_len)
+    else:
+      use = packer
     for step in batch_steps:
-      batch = packer.batch(config.train.seed, step, config.train.batch_size, with_source=True)
-      source = batch.pop("source")
-      for index, name in enumerate(packer.source_names):
-        rows[name].append(eval_fn(params, dict(batch, loss_mask=batch["loss_mask"] * (source == index))))
+      metrics = per_source(params, use.batch(config.train.seed, step, config.train.batch_size, with_source=True),
+                           len(use.source_names))
+      for source_name, row in zip(use.source_names, metrics):
+        rows[source_name].append(row)
   return {name: {k: v for k, v in steps.mean_rows(r).items() if k.startswith(("loss/", "tokens/"))}
           for name, r in rows.items()}
 
@@ -91,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--eval_steps", type=int, help="validation batches (default: the run's train.eval_steps)")
   parser.add_argument("--alone", action="store_true",
                       help="evaluate each source on batches of that source only (routing sees no other source)")
+  parser.add_argument("--causal", action="store_true",
+                      help="expert-choice runs: route with their trained auxiliary routers (moe.causal)")
   args = parser.parse_args(argv)
   groups = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.runs))
   try:
@@ -103,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(finished) < len(runs):
       unfinished = ", ".join(run.name for run in runs if not run.finished)
       print(f"{path}: left out (not finished): {unfinished}", file=sys.stderr)
-    losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone) for run in finished}
+    losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone, args.causal) for run in finished}
     table += [{"run": run.name, "source": source, **values}
               for run in finished for source, values in losses[path][run.seed].items()]
   print(studies.markdown_table(table))

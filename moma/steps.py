@@ -189,15 +189,19 @@ def routing_metrics(sown) -> dict[str, jax.Array]:
   return {k: jnp.mean(jnp.stack(v)) for k, v in by_name.items()}
 
 
+def forward(params, batch, rng, *, model, deterministic):
+  """(model outputs, sown collections "losses" and "metrics"); `rng` None in evaluation."""
+  return model.apply({"params": params}, batch, deterministic=deterministic,
+                     rngs=None if rng is None else {"dropout": rng, "diffusion": jax.random.fold_in(rng, 1)},
+                     mutable=["losses", "metrics"])
+
+
 def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic, stage="main"):
   """Next-token loss + the sum of the sown "losses" (aux losses); metrics incl. routing stats.
 
   In a stage with its own losses (`STAGE_LOSSES`), the objective is the sum of those sown losses only.
   """
-  logits, sown = model.apply({"params": params}, batch, deterministic=deterministic,
-                             rngs=None if rng is None else {"dropout": rng,
-                                                            "diffusion": jax.random.fold_in(rng, 1)},
-                             mutable=["losses", "metrics"])
+  logits, sown = forward(params, batch, rng, model=model, deterministic=deterministic)
   loss, per_modality = loss_fn(logits, batch, modalities)
   picks = STAGE_LOSSES[stage] or (lambda path: True)
   aux_loss = sum((jnp.sum(x) for p, x in jax.tree_util.tree_leaves_with_path(sown.get("losses", {}))

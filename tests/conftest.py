@@ -33,6 +33,21 @@ def tiny_config(data_cache_dir):
   return config
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_cache_dir):
+  """Workdir of a finished 2-step `configs/mot.py:size=tiny` run with an evaluation at step 2, for tests
+  that read a trained run (sampling, per-source evaluation) without training their own."""
+  from configs import mot
+  from moma import train
+
+  config = mot.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  config.train.update(steps=2, eval_every=2, eval_steps=2, progress_bar=False)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
   """Persistent XLA cache for modules that compile the same step in several runs (e.g. resume tests)."""

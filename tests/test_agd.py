@@ -13,6 +13,8 @@ from moma import objectives
 from moma import steps
 from moma import train
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # runs share their compiled task steps
+
 
 def small_config(data_cache_dir, *, schedule="round_robin", untie="all"):
   """configs/agd.py shrunk to seconds: a 1-layer MoT, short documents, all six objectives."""

@@ -6,28 +6,16 @@ import pytest
 
 from experiments import eval_sources
 from moma import studies
-from moma import train
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_cache_dir):
-  from configs import mot
-  config = mot.get_config("size=tiny")
-  config.data.cache_dir = data_cache_dir
-  config.train.update(steps=2, eval_every=2, eval_steps=2, progress_bar=False)
-  workdir = tmp_path_factory.mktemp("eval_sources_run")
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
-
-
-def test_sources_partition_the_trainers_validation_loss(run_dir, tmp_path, capsys):
+def test_sources_partition_the_trainers_validation_loss(tiny_run, tmp_path, capsys):
   """Token-weighted over the sources, the per-source losses give back the trainer's eval/loss/<m> on the
   same batches (masking the loss changes no activation); a run against itself differs by zero."""
-  (tmp_path / "same").symlink_to(run_dir)
-  assert eval_sources.main([str(tmp_path / "same"), "--baseline", str(run_dir)]) == 0
+  (tmp_path / "same").symlink_to(tiny_run)
+  assert eval_sources.main([str(tmp_path / "same"), "--baseline", str(tiny_run)]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["differences"] and all(r["delta"] == 0 for r in result["differences"])
-  run = studies.load_run(run_dir)
+  run = studies.load_run(tiny_run)
   per_source = {r["source"]: r for r in result["losses"] if r["run"] == run.name}
   assert {"text", "scene_caption", "melody_caption"} <= set(per_source)
   logged = [r for r in run.records if "eval/loss/text" in r][-1]
@@ -38,10 +26,16 @@ def test_sources_partition_the_trainers_validation_loss(run_dir, tmp_path, capsy
     assert combined == pytest.approx(logged[f"eval/loss/{modality}"], rel=1e-5), modality
 
 
-def test_alone_draws_batches_of_one_source(run_dir):
+def test_alone_draws_batches_of_one_source(tiny_run):
   """--alone: every row holds the one source, so the text source's loss covers (nearly) every position."""
-  run = studies.load_run(run_dir)
+  run = studies.load_run(tiny_run)
   alone = eval_sources.source_losses(run, 1, alone=True)
   assert {"text", "scene_caption", "melody_caption"} <= set(alone)
   assert alone["text"]["tokens/text"] > 0.95 * run.tokens_per_step()
   assert alone["text"]["tokens/image"] == 0 and 0 < alone["scene_caption"]["loss/image"] < 10
+
+
+def test_causal_needs_trained_aux_routers(tiny_run):
+  """--causal routes with the auxiliary routers, so a run without them is refused, naming the field."""
+  with pytest.raises(ValueError, match=r"model\.moe\.aux_router"):
+    eval_sources.source_losses(studies.load_run(tiny_run), 1, causal=True)

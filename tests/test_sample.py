@@ -7,22 +7,10 @@ import pytest
 
 from moma import data
 from moma import sample
-from moma import train
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_cache_dir):
-  from configs import mot
-  config = mot.get_config("size=tiny")
-  config.data.cache_dir = data_cache_dir
-  config.train.update(steps=2, eval_every=0, progress_bar=False)
-  workdir = str(tmp_path_factory.mktemp("sample_run"))
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
-def test_greedy_samples_continue_the_prompt(trained_run):
-  docs = sample.sample(trained_run, "a handwritten ", then="image", num_tokens=12, num_samples=2,
+def test_greedy_samples_continue_the_prompt(tiny_run):
+  docs = sample.sample(tiny_run, "a handwritten ", then="image", num_tokens=12, num_samples=2,
                        temperature=0)
   assert len(docs) == 2 and str(docs[0]) == str(docs[1])  # greedy: every row decodes the same
   kinds = [kind for kind, _ in docs[0]]
@@ -31,8 +19,8 @@ def test_greedy_samples_continue_the_prompt(trained_run):
   assert image.dtype == np.uint8 and image.shape[0] == image.shape[1]
 
 
-def test_sampling_is_reproducible_by_seed(trained_run):
-  draw = lambda seed: sample.sample(trained_run, "The ", num_tokens=16, num_samples=3, seed=seed)
+def test_sampling_is_reproducible_by_seed(tiny_run):
+  draw = lambda seed: sample.sample(tiny_run, "The ", num_tokens=16, num_samples=3, seed=seed)
   first = draw(1)
   assert str(first) == str(draw(1))
   assert all(doc[0][0] == "text" and doc[0][1].startswith("The ") for doc in first)
@@ -47,8 +35,8 @@ def run_cli(argv):
     flags.FLAGS.unparse_flags()
 
 
-def test_cli_prints_each_sample(trained_run, capsys):
-  run_cli([f"--workdir={trained_run}", "--prompt=a handwritten ", "--then=image", "--num_tokens=8",
+def test_cli_prints_each_sample(tiny_run, capsys):
+  run_cli([f"--workdir={tiny_run}", "--prompt=a handwritten ", "--then=image", "--num_tokens=8",
            "--num_samples=2", "--temperature=0"])
   out = capsys.readouterr().out
   assert out.count("--- sample") == 2 and "a handwritten" in out

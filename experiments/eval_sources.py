@@ -12,7 +12,11 @@ in training, so expert-choice routing sees the same competition) with the loss r
 positions at a time (`data.Packer.batch(with_source=True)`). `--alone` evaluates each source on batches
 drawn from it only, as a model meets one kind of input at inference: expert-choice routing (which ranks a
 batch's tokens against each other) then sees other competition than in training, while MoT and dense
-models, whose tokens do not interact outside attention, give the same losses up to sampling.
+models, whose tokens do not interact outside attention, give the same losses up to sampling. `--causal`
+evaluates expert-choice runs that trained auxiliary routers (`configs/moma.py`, stage `aux_routers`) with
+per-token routing by those routers (`model.causal`), the MoMa paper's inference mode; for MoE models each
+source also reports `experts_per_token` (mean over layers; expert choice at capacity 1 gives 1.0 overall),
+the FFN compute the routing spent on it.
 
 Arguments are run directories or seeded run directories (`seed=K/` inside); runs that have not finished
 are left out and named. Prints per run and source the loss per modality; with --baseline, per variant,
@@ -29,6 +33,7 @@ import sys
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -40,17 +45,15 @@ from moma import studies
 
 def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool = False,
                   causal: bool = False) -> dict[str, dict[str, float]]:
-  """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch}} of the run's
-  latest checkpoint on the trainer's first `eval_steps` validation batches, the loss restricted to one
-  source's positions at a time (the sources partition the trainer's validation loss). `alone`: on
-  batches drawn from that source only instead (as at inference on one kind of input). `causal`: expert
-  choice replaced by the run's trained auxiliary routers (`moe.causal`, per-token decisions)."""
+  """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch, and for MoE
+  models "experts_per_token": over its positions}} of the run's latest checkpoint on the trainer's first
+  `eval_steps` validation batches, the loss restricted to one source's positions at a time (the sources
+  partition the trainer's validation loss). `alone`: on batches drawn from that source only instead (as
+  at inference on one kind of input). `causal`: a routed run's routers replaced by its trained auxiliary
+  routers (`model.causal`, per-token decisions); other runs are evaluated as they are."""
   config = ml_collections.ConfigDict(run.config)
-  if causal:
-    if config.model.ffn != "moe" or not config.model.moe.aux_router:
-      raise ValueError(f"--causal: {run.path} has no trained auxiliary routers (model.moe.aux_router); "
-                       "evaluate a run of the aux_routers stage (configs/moma.py)")
-    config.model.moe.causal = True
+  if causal and (config.model.ffn == "moe" or config.model.get("mod", {}).get("enabled")):
+    config.model.causal = True  # build_model refuses routers without trained aux routers, naming the field
   model = steps.build_model(config)
   params = checkpoint.restore_params(str(run.path), "run")
   modalities, loss_fn = tuple(config.model.modalities), steps.model_module(config).loss_fn
@@ -58,9 +61,22 @@ def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool =
   @functools.partial(jax.jit, static_argnums=2)
   def per_source(params, batch, num_sources):
     """One forward pass, scored on each source's positions: [metrics of source 0, 1, ...]."""
-    outputs, _ = steps.forward(params, batch, None, model=model, deterministic=True)
-    return [loss_fn(outputs, dict(batch, loss_mask=batch["loss_mask"] * (batch["source"] == index)),
-                    modalities)[1] for index in range(num_sources)]
+    outputs, sown = steps.forward(params, batch, None, model=model, deterministic=True,
+                                  collections=("losses", "metrics", "intermediates"))
+    # MoE layers sow `chosen` [..., M, E] (token m used expert e): experts per token, mean over layers.
+    chosen = [c for path, c in jax.tree_util.tree_leaves_with_path(sown.get("intermediates", {}))
+              if "chosen" in jax.tree_util.keystr(path)]
+    experts_M = (jnp.mean(jnp.stack([c.reshape(-1, *c.shape[-2:]).sum(-1).mean(0) for c in chosen]), 0)
+                 if chosen else None)
+    rows = []
+    for index in range(num_sources):
+      in_source = batch["source"] == index
+      row = loss_fn(outputs, dict(batch, loss_mask=batch["loss_mask"] * in_source), modalities)[1]
+      if experts_M is not None:  # over the source's positions; weight "positions" when averaging batches
+        row["positions"] = jnp.sum(in_source)
+        row["experts_per_token"] = jnp.sum(experts_M * in_source.ravel()) / jnp.maximum(row["positions"], 1)
+      rows.append(row)
+    return rows
 
   batch_steps = range(eval_steps or config.train.eval_steps)
   packer = data.Packer(config.data, split="validation", seq_len=config.train.seq_len)
@@ -78,8 +94,18 @@ def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool =
                            len(use.source_names))
       for source_name, row in zip(use.source_names, metrics):
         rows[source_name].append(row)
-  return {name: {k: v for k, v in steps.mean_rows(r).items() if k.startswith(("loss/", "tokens/"))}
-          for name, r in rows.items()}
+  return {name: _summary(r) for name, r in rows.items()}
+
+
+def _summary(rows: list[dict]) -> dict[str, float]:
+  """Per-batch rows → loss and tokens per modality (token-weighted), experts per token (position-weighted)."""
+  out = {k: v for k, v in steps.mean_rows(rows).items() if k.startswith(("loss/", "tokens/"))}
+  if "positions" in rows[0]:
+    positions = np.array([float(r["positions"]) for r in rows])
+    if positions.sum() > 0:
+      experts = np.array([float(r["experts_per_token"]) for r in rows])
+      out["experts_per_token"] = float(experts @ positions / positions.sum())
+  return out
 
 
 def paired_differences(baselines: dict[int, dict], variants: dict[int, dict]) -> list[dict]:
@@ -104,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--alone", action="store_true",
                       help="evaluate each source on batches of that source only (routing sees no other source)")
   parser.add_argument("--causal", action="store_true",
-                      help="expert-choice runs: route with their trained auxiliary routers (moe.causal)")
+                      help="routed runs route with their trained auxiliary routers (model.causal); others as they are")
   args = parser.parse_args(argv)
   groups = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.runs))
   try:

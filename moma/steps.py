@@ -189,11 +189,11 @@ def routing_metrics(sown) -> dict[str, jax.Array]:
   return {k: jnp.mean(jnp.stack(v)) for k, v in by_name.items()}
 
 
-def forward(params, batch, rng, *, model, deterministic):
-  """(model outputs, sown collections "losses" and "metrics"); `rng` None in evaluation."""
+def forward(params, batch, rng, *, model, deterministic, collections=("losses", "metrics")):
+  """(model outputs, the sown `collections`); `rng` None in evaluation."""
   return model.apply({"params": params}, batch, deterministic=deterministic,
                      rngs=None if rng is None else {"dropout": rng, "diffusion": jax.random.fold_in(rng, 1)},
-                     mutable=["losses", "metrics"])
+                     mutable=list(collections))
 
 
 def loss_and_metrics(params, batch, rng, *, model, loss_fn, modalities, deterministic, stage="main"):

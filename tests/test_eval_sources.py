@@ -34,8 +34,3 @@ def test_alone_draws_batches_of_one_source(tiny_run):
   assert alone["text"]["tokens/text"] > 0.95 * run.tokens_per_step()
   assert alone["text"]["tokens/image"] == 0 and 0 < alone["scene_caption"]["loss/image"] < 10
 
-
-def test_causal_needs_trained_aux_routers(tiny_run):
-  """--causal routes with the auxiliary routers, so a run without them is refused, naming the field."""
-  with pytest.raises(ValueError, match=r"model\.moe\.aux_router"):
-    eval_sources.source_losses(studies.load_run(tiny_run), 1, causal=True)

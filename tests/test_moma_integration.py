@@ -11,9 +11,11 @@ import pytest
 
 from configs import dense as dense_configs
 from configs import moma as moma_configs
+from experiments import eval_sources
 from moma import checkpoint
 from moma import flops
 from moma import metrics as metrics_lib
+from moma import studies
 from moma import train
 from moma.models import decoder
 from moma.models import model_config
@@ -203,6 +205,20 @@ def test_aux_router_stage_changes_only_aux_routers(runs, data_cache_dir, tmp_pat
   for path, value in after:
     if path not in aux:
       np.testing.assert_array_equal(value, before[path], err_msg=jax.tree_util.keystr(path))
+  # Inference with the trained aux routers (experiments/eval_sources.py --causal): per-token decisions
+  # replace expert choice, so the losses move, and each source reports the experts its tokens used.
+  with pytest.raises(ValueError, match="aux_router=True"):  # expert choice without trained aux routers
+    eval_sources.source_losses(studies.load_run(source), 1, causal=True)
+  run = studies.load_run(tmp_path)
+  causal = eval_sources.source_losses(run, 1, causal=True)
+  chosen = eval_sources.source_losses(run, 1)
+  assert set(causal) == set(chosen) and "scene_caption" in causal
+  present = [s for s in causal if "experts_per_token" in causal[s]]  # sources with positions in the batch
+  assert present and all("experts_per_token" in chosen[s] for s in present)
+  for source in present:
+    assert 0 <= causal[source]["experts_per_token"] <= 4 and 0 <= chosen[source]["experts_per_token"] <= 4
+    assert all(np.isfinite(v) for v in causal[source].values()), source
+  assert any(causal[s]["loss/image"] != chosen[s]["loss/image"] for s in causal if "loss/image" in causal[s])
 
 
 def test_aux_router_stage_needs_aux_routers(data_cache_dir):

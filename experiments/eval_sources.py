@@ -64,10 +64,12 @@ def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool =
     outputs, sown = steps.forward(params, batch, None, model=model, deterministic=True,
                                   collections=("losses", "metrics", "intermediates"))
     # MoE layers sow `chosen` [..., M, E] (token m used expert e): experts per token, mean over layers.
+    # Left out when some MoE sees only a Mixture-of-Depths block's selected tokens (M < B·L).
     chosen = [c for path, c in jax.tree_util.tree_leaves_with_path(sown.get("intermediates", {}))
               if "chosen" in jax.tree_util.keystr(path)]
-    experts_M = (jnp.mean(jnp.stack([c.reshape(-1, *c.shape[-2:]).sum(-1).mean(0) for c in chosen]), 0)
-                 if chosen else None)
+    per_layer = [c.reshape(-1, *c.shape[-2:]).sum(-1).mean(0) for c in chosen]
+    experts_M = (jnp.mean(jnp.stack(per_layer), 0)
+                 if per_layer and all(e.size == batch["tokens"].size for e in per_layer) else None)
     rows = []
     for index in range(num_sources):
       in_source = batch["source"] == index

@@ -3,8 +3,8 @@
 Parameters are injected papermill-style: a cell after the one tagged `parameters` overrides its values.
 The kernel runs in the repository root with it on PYTHONPATH (so `import moma` and `import configs` work
 without installing) and shares one persistent XLA compilation cache across the notebooks (quickstart and
-scaling train MoT with the same settings, so scaling reuses its compiled step). scaling is `slow`:
-`python -m pytest -q tests/test_notebooks.py -m slow`.
+scaling train MoT with the same settings, so scaling reuses its compiled step). Every notebook but
+quickstart is `slow`: `python -m pytest -q tests/test_notebooks.py -m slow`.
 """
 
 import ast
@@ -89,6 +89,7 @@ def test_quickstart(kernel_env, data_cache_dir, tmp_path):
   assert len(_outputs(nb, mime="text/html")) >= 1  # an audio player
 
 
+@pytest.mark.slow  # ~1 min; MoMa + MoD training and routing decisions are covered by test_moma_integration
 def test_routing(kernel_env, data_cache_dir, tmp_path):
   workdir = tmp_path / "routing"
   nb = execute("routing.ipynb", steps=4, workdir=str(workdir), data_cache_dir=data_cache_dir)

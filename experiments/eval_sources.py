@@ -15,8 +15,8 @@ batch's tokens against each other) then sees other competition than in training,
 models, whose tokens do not interact outside attention, give the same losses up to sampling. `--causal`
 evaluates expert-choice runs that trained auxiliary routers (`configs/moma.py`, stage `aux_routers`) with
 per-token routing by those routers (`model.causal`), the MoMa paper's inference mode; for MoE models each
-source also reports `experts_per_token` (mean over layers; expert choice at capacity 1 gives 1.0 overall),
-the FFN compute the routing spent on it.
+source also reports `experts_per_token` (mean over layers; a dense FFN is 1.0), the FFN compute the routing
+spent on it.
 
 Arguments are run directories or seeded run directories (`seed=K/` inside); runs that have not finished
 are left out and named. Prints per run and source the loss per modality; with --baseline, per variant,
@@ -62,7 +62,7 @@ def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool =
   def per_source(params, batch, num_sources):
     """One forward pass, scored on each source's positions: [metrics of source 0, 1, ...]."""
     outputs, sown = steps.forward(params, batch, None, model=model, deterministic=True,
-                                  collections=("losses", "metrics", "intermediates"))
+                                  collections=("intermediates",))
     # MoE layers sow `chosen` [..., M, E] (token m used expert e): experts per token, mean over layers.
     # Left out when some MoE sees only a Mixture-of-Depths block's selected tokens (M < B·L).
     chosen = [c for path, c in jax.tree_util.tree_leaves_with_path(sown.get("intermediates", {}))
@@ -80,23 +80,23 @@ def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool =
       rows.append(row)
     return rows
 
-  batch_steps = range(eval_steps or config.train.eval_steps)
   packer = data.Packer(config.data, split="validation", seq_len=config.train.seq_len)
+  packers = [_one_source_packer(config, name) for name in packer.source_names] if alone else [packer]
   rows = {name: [] for name in packer.source_names}
-  for name in packer.source_names if alone else [None]:
-    if alone:
-      one = ml_collections.ConfigDict(config.data.to_dict())
-      for other in one.mixture:
-        one.mixture[other].weight = float(other == name)
-      use = data.Packer(one, split="validation", seq_len=config.train.seq_len)
-    else:
-      use = packer
-    for step in batch_steps:
-      metrics = per_source(params, use.batch(config.train.seed, step, config.train.batch_size, with_source=True),
-                           len(use.source_names))
-      for source_name, row in zip(use.source_names, metrics):
+  for use in packers:
+    for step in range(eval_steps or config.train.eval_steps):
+      batch = use.batch(config.train.seed, step, config.train.batch_size, with_source=True)
+      for source_name, row in zip(use.source_names, per_source(params, batch, len(use.source_names))):
         rows[source_name].append(row)
   return {name: _summary(r) for name, r in rows.items()}
+
+
+def _one_source_packer(config: ml_collections.ConfigDict, name: str) -> data.Packer:
+  """The validation packer of `config.data` with every mixture weight but `name`'s set to 0."""
+  one = ml_collections.ConfigDict(config.data.to_dict())
+  for other in one.mixture:
+    one.mixture[other].weight = float(other == name)
+  return data.Packer(one, split="validation", seq_len=config.train.seq_len)
 
 
 def _summary(rows: list[dict]) -> dict[str, float]:

@@ -33,4 +33,3 @@ def test_alone_draws_batches_of_one_source(tiny_run):
   assert {"text", "scene_caption", "melody_caption"} <= set(alone)
   assert alone["text"]["tokens/text"] > 0.95 * run.tokens_per_step()
   assert alone["text"]["tokens/image"] == 0 and 0 < alone["scene_caption"]["loss/image"] < 10
-

@@ -59,7 +59,7 @@ def load(workdir: str):
 
 
 def prompt_batch(config, prompt: str, then: str, num_samples: int) -> dict[str, jax.Array]:
-  """The prompt as the first tokens of one document, repeated over `num_samples` rows (DESIGN.md dict)."""
+  """The prompt as the first tokens of one document, repeated over `num_samples` rows (docs/design.md batch)."""
   if then != "text" and then not in config.data.modalities:
     raise ValueError(f"--then={then!r}: this run's data has modalities {tuple(config.data.modalities)}")
   vocab = data.vocabulary(config.data)

@@ -1,6 +1,6 @@
 """Run directories → results tables and the papers' FLOPs-matched metrics.
 
-A run directory (DESIGN.md) holds `config.json` and `metrics.jsonl`. From them:
+A run directory (docs/design.md) holds `config.json` and `metrics.jsonl`. From them:
 
 - `summarize(run)`: one results-table row (last logged losses, throughput, FLOPs);
 - `step_matching(...)`: for each baseline step, the step at which the variant first reaches the baseline's

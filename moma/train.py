@@ -3,7 +3,7 @@
 It validates everything (config fields, data, mesh, the model by an abstract init) before it writes
 anything, then hands a `loop.Plan` to `moma.loop.run`: the plain LM run is a one-task plan (`lm_plan`),
 an AGD run (a config with an `agd` section) the several-task plan of `moma.agd.plan`. The pieces both
-are built from live in moma/steps.py. The run directory is described in ../shared/DESIGN.md and README.md.
+are built from live in moma/steps.py. The run directory is described in docs/design.md and README.md.
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ class Packer:
 
 def batches(data_config, *, split: str, batch_size: int, seq_len: int, seed: int, start_step: int = 0,
             process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Endless iterator of per-process batches (dicts of numpy arrays, the DESIGN.md batch contract).
+  """Endless iterator of per-process batches (dicts of numpy arrays, the docs/design.md batch contract).
 
   The batch at step k depends only on (seed, k, process_index, process_count): `start_step=k` resumes
   exactly where a fresh iterator would be after k batches. Validates eagerly (ValueError naming the field).

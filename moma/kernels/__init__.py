@@ -1,4 +1,4 @@
-"""Grouped matmul for expert / modality dispatch (contract: ../shared/DESIGN.md).
+"""Grouped matmul for expert / modality dispatch (contract: docs/design.md).
 
 `gmm(lhs, rhs, group_sizes)` has `jax.lax.ragged_dot` semantics: rows of lhs [M, K] form contiguous groups
 in order, row i is multiplied by rhs[group(i)] (rhs [G, K, N]) and rows past sum(group_sizes) give zeros.

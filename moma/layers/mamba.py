@@ -25,7 +25,7 @@ import numpy as np
 
 from moma import dispatch
 from moma.layers.scale import scale_features
-from moma.layers.selective_scan import selective_scan  # noqa: F401  (the DESIGN.md entry point)
+from moma.layers.selective_scan import selective_scan  # noqa: F401  (the docs/design.md entry point)
 
 UNTIE_COMPONENTS = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv")
 # PyTorch's nn.Linear / nn.Conv1d default (kaiming_uniform with a=sqrt(5)), which the reference keeps.

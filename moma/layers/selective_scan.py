@@ -1,4 +1,4 @@
-"""Mamba-1 selective scan (contract: ../shared/DESIGN.md), three interchangeable implementations.
+"""Mamba-1 selective scan (contract: docs/design.md), three interchangeable implementations.
 
   h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t        (h: [batch, D, N], float32)
   y_t = C_t · h_t + D ⊙ u_t;   y *= silu(z)

@@ -42,7 +42,7 @@ MOD_DEFAULTS = model_config.defaults(model_config.ModConfig)
 
 
 class Model(nn.Module):
-  """Decoder LM over the DESIGN.md batch dict; returns float32 logits [B, L, V]."""
+  """Decoder LM over the docs/design.md batch dict; returns float32 logits [B, L, V]."""
 
   config: ModelConfig
 
@@ -117,7 +117,7 @@ def validate_batch(batch: Mapping[str, Any], model_config: Any) -> None:
   cfg = as_model(model_config).config
   for key in ("tokens", "modality", "segment", "position"):
     if key not in batch:
-      raise ValueError(f"batch is missing {key!r} (see DESIGN.md, Batch)")
+      raise ValueError(f"batch is missing {key!r} (see docs/design.md, Batch)")
   shape = np.shape(batch["tokens"])
   if "patches" in batch:
     _check_patches(batch, cfg, shape)
@@ -147,7 +147,7 @@ def _check_patches(batch, cfg, shape) -> None:
                      f"{cfg.patch_dim} expects {(*shape, cfg.patch_dim)} (patch_size² × "
                      "channels of config.data)")
   if "image_block" not in batch:
-    raise ValueError("batch['patches'] comes without batch['image_block'] (see DESIGN.md, Batch)")
+    raise ValueError("batch['patches'] comes without batch['image_block'] (see docs/design.md, Batch)")
 
 
 def _check_range(batch, key, upper, what):

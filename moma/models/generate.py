@@ -55,7 +55,7 @@ def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
-  """(logits_BPV, cache) for a prompt batch (DESIGN.md dict); the cache continues each row's last document.
+  """(logits_BPV, cache) for a prompt batch (docs/design.md batch); the cache continues each row's last document.
   A Transfusion prompt (with `patches`) gives the `moma.diffusion.Output`'s logits."""
   out, mutated = _causal(model).apply(_params(variables), batch, mutable=["cache"])
   return getattr(out, "logits", out), mutated["cache"]

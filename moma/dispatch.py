@@ -13,9 +13,9 @@ VJPs: each one's gradient is the other's gather, never a scatter-add); `plan.gro
 `moma.kernels.gmm` through `grouped_matmul` / `grouped_swiglu`, which also carry the weights.
 
 **Mesh-aware.** Under `moma.sharding.activate`, plans are built, and rows dispatched and combined, inside
-`jax.shard_map` over the batch mesh axes (`on_shards`): each device plans over its own tokens, so a plan's
-arrays are the concatenation of per-device plans with per-device indices, and nothing about them crosses
-devices. Other mesh axes (`tensor`) stay automatic (GSPMD) inside. When a layer's group axis (`modality` or
+`jax.shard_map` over the batch mesh axes (`moma.sharding.on_shards`): each device plans over its own tokens,
+so a plan's arrays are the concatenation of per-device plans with per-device indices, and nothing about them
+crosses devices. Other mesh axes (`tensor`) stay automatic (GSPMD) inside. When a layer's group axis (`modality` or
 `expert`) is sharded over a batch mesh axis, each group's weights live on their devices and rows travel
 there and back (`moma.expert_parallel`). With no mesh, all of this is the plain single-device computation.
 """
@@ -34,53 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from moma import expert_parallel
 from moma import kernels
+from moma import sharding
 from moma.kernels.layout import row_groups
-
-
-# ------------------------------------------------------------------------------------------------- meshes
-
-
-def batch_axes() -> tuple[str, ...]:
-  """Mesh axes the batch is split over under the active mesh and rules (() without a mesh, or already
-  inside a shard_map over them)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.manual_axes:
-    return ()
-  return tuple(a for a in _mesh_axes("batch") if mesh.shape[a] > 1)
-
-
-def _mesh_axes(logical: str) -> tuple[str, ...]:
-  mesh = jax.sharding.get_abstract_mesh()
-  spec = nn.logical_to_mesh_axes((logical,))
-  entry = spec[0] if spec is not None and len(spec) else None
-  axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  return tuple(a for a in axes if a in mesh.axis_names)
-
-
-def num_shards() -> int:
-  """How many ways `on_shards` splits the tokens (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  n = 1
-  for a in batch_axes():
-    n *= mesh.shape[a]
-  return n
-
-
-def on_shards(fn: Callable, tokens: Sequence[Any], weights: Sequence[Any] = (),
-              weight_specs: Sequence[Any] | None = None):
-  """fn(*tokens, *weights) run by every device on its own rows of `tokens` (pytrees of arrays whose leading
-  axis is split over the batch mesh axes); its outputs are split the same way. `weights` are whole on every
-  device unless `weight_specs` says otherwise (PartitionSpecs over batch mesh axes, e.g. P("expert")).
-  Without a mesh, or when a leading axis does not split evenly, it is fn(*tokens, *weights)."""
-  axes, n = batch_axes(), num_shards()
-  leading = [x.shape[0] for x in jax.tree.leaves(tokens)]
-  if n == 1 or any(m % n for m in leading):
-    return fn(*tokens, *weights)
-  token_specs = jax.tree.map(lambda _: P(axes), tuple(tokens))
-  if weight_specs is None:
-    weight_specs = jax.tree.map(lambda _: P(), tuple(weights))
-  return jax.shard_map(fn, in_specs=(*token_specs, *weight_specs), out_specs=P(axes),
-                       axis_names=set(axes))(*tokens, *weights)
 
 
 # -------------------------------------------------------------------------------------------------- plans
@@ -113,7 +68,7 @@ class Plan:
     if self.is_identity:
       return x_MD
     gather = _dispatch if jnp.issubdtype(x.dtype, jnp.inexact) else _gather_rows
-    return on_shards(lambda p, x: gather(x, p.slot_of_row, p.row_of_slot), (self, x_MD))
+    return sharding.on_shards(lambda p, x: gather(x, p.slot_of_row, p.row_of_slot), (self, x_MD))
 
   def combine(self, rows_RD: jax.Array, lead_shape: Sequence[int],
               weights_MK: jax.Array | None = None) -> jax.Array:
@@ -129,7 +84,7 @@ class Plan:
       return jnp.einsum("mk,mkf->mf", w[0].astype(y_MKF.dtype), y_MKF)
 
     args = (self, flat_RF) + (() if weights_MK is None else (weights_MK,))
-    return on_shards(local, args).reshape(*lead_shape, *rows_RD.shape[1:])
+    return sharding.on_shards(local, args).reshape(*lead_shape, *rows_RD.shape[1:])
 
   def use_if(self, untied: bool) -> Plan:
     """This plan for a layer whose weights are untied, else the identity (plain dense, no sort)."""
@@ -145,13 +100,13 @@ def partition(group_ids: jax.Array, num_groups: int) -> Plan:
   if num_groups == 1:
     return identity_plan()
   ids_M = group_ids.reshape(-1).astype(jnp.int32)
-  plan = on_shards(lambda ids: _sorted_plan(ids[:, None], num_groups, num_groups), (ids_M,))
+  plan = sharding.on_shards(lambda ids: _sorted_plan(ids[:, None], num_groups, num_groups), (ids_M,))
   return plan.replace(group_of_token=ids_M)
 
 
 def token_choice(expert_ids_MK: jax.Array, num_experts: int) -> Plan:
   """Rows = (token, choice) pairs sorted by expert; id `num_experts` marks a dropped choice (no row)."""
-  return on_shards(lambda ids: _sorted_plan(ids, num_experts + 1, num_experts),
+  return sharding.on_shards(lambda ids: _sorted_plan(ids, num_experts + 1, num_experts),
                    (expert_ids_MK.astype(jnp.int32),))
 
 
@@ -195,7 +150,7 @@ def expert_choice(picks: Sequence[tuple[jax.Array, jax.Array]], *, slice_tokens:
     row_of_slot = jnp.full((num_slots,), rows.shape[0], jnp.int32).at[slot_of_row].set(rows, mode="drop")
     return Plan(slot_of_row, row_of_slot.reshape(-1, slots), jnp.concatenate(sizes), first)
 
-  return on_shards(local, tuple(a for top, valid in picks for a in (top.astype(jnp.int32), valid)))
+  return sharding.on_shards(local, tuple(a for top, valid in picks for a in (top.astype(jnp.int32), valid)))
 
 
 def selection(index_NK: jax.Array, *, slice_tokens: int) -> Plan:
@@ -208,7 +163,7 @@ def selection(index_NK: jax.Array, *, slice_tokens: int) -> Plan:
         jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
     return Plan(token, row_of_slot[:, None], jnp.full((1,), n * k, jnp.int32), 1)
 
-  return on_shards(local, (index_NK.astype(jnp.int32),))
+  return sharding.on_shards(local, (index_NK.astype(jnp.int32),))
 
 
 # ------------------------------------------------------------------------------ gathers, both directions
@@ -316,12 +271,12 @@ def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Arra
   holds only its groups: rows travel to the devices holding their group and back
   (`moma.expert_parallel.exchange`)."""
   static = None if static_sizes is None else tuple(int(n) for n in static_sizes)
-  axes = batch_axes()
-  expert_axes = tuple(a for a in _mesh_axes(group_axis) if a in axes)
+  axes = sharding.batch_axes()
+  expert_axes = tuple(a for a in sharding.mesh_axes(group_axis) if a in axes)
   if not expert_axes:
     if static is not None:
-      return on_shards(lambda rows, *w: fn(rows, static, *w), (rows_RD,), weights)
-    return on_shards(fn, (rows_RD, plan.group_sizes), weights)
+      return sharding.on_shards(lambda rows, *w: fn(rows, static, *w), (rows_RD,), weights)
+    return sharding.on_shards(fn, (rows_RD, plan.group_sizes), weights)
   if len(expert_axes) > 1:
     raise ValueError(f"logical axis {group_axis!r} maps to several batch mesh axes {expert_axes}; map it to "
                      "one (config.mesh.rules)")
@@ -337,7 +292,7 @@ def run_grouped(fn: Callable, rows_RD: jax.Array, plan: Plan, *weights: jax.Arra
     return expert_parallel.exchange(fn, rows, row_groups(sizes, rows.shape[0]), w,
                                     num_groups=plan.num_groups, axis=axis, equal_groups=equal)
 
-  return on_shards(local, (rows_RD, plan.group_sizes), weights,
+  return sharding.on_shards(local, (rows_RD, plan.group_sizes), weights,
                    weight_specs=tuple(P(axis) for _ in weights))
 
 
@@ -406,7 +361,7 @@ def add_per_group(y_RF: jax.Array, per_group_GF: jax.Array, plan: Plan) -> jax.A
   def local(sizes, y, per_group):
     groups_R = jnp.minimum(row_groups(sizes, y.shape[0]), plan.num_groups - 1)
     return y + jnp.take(per_group, groups_R, axis=0)
-  return on_shards(local, (plan.group_sizes, y_RF), (per_group_GF,))
+  return sharding.on_shards(local, (plan.group_sizes, y_RF), (per_group_GF,))
 
 
 def per_group_init(init: Callable) -> Callable:

@@ -222,6 +222,50 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(logical))
 
 
+def mesh_axes(logical: str) -> tuple[str, ...]:
+  """The active mesh's axes that logical axis `logical` maps to under the active rules (() without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes((logical,))
+  entry = spec[0] if spec is not None and len(spec) else None
+  axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def batch_axes() -> tuple[str, ...]:
+  """Mesh axes the batch is split over under the active mesh and rules (() without a mesh, or already
+  inside a shard_map over them)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return ()
+  return tuple(a for a in mesh_axes("batch") if mesh.shape[a] > 1)
+
+
+def num_shards() -> int:
+  """How many ways `on_shards` splits the tokens (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in batch_axes())
+
+
+def on_shards(fn: Callable, tokens: Sequence[Any], weights: Sequence[Any] = (),
+              weight_specs: Sequence[Any] | None = None):
+  """fn(*tokens, *weights) run by every device on its own rows of `tokens` (pytrees of arrays whose leading
+  axis is split over the batch mesh axes); its outputs are split the same way. `weights` are whole on every
+  device unless `weight_specs` says otherwise (PartitionSpecs over batch mesh axes, e.g. P("expert")).
+  Without a mesh, or when a leading axis does not split evenly, it is fn(*tokens, *weights).
+
+  Used by `moma.dispatch` and the routers, so that each device plans over its own tokens; calls nest (an
+  inner call inside a shard_map over the batch axes is the plain call)."""
+  axes, n = batch_axes(), num_shards()
+  leading = [x.shape[0] for x in jax.tree.leaves(tokens)]
+  if n == 1 or any(m % n for m in leading):
+    return fn(*tokens, *weights)
+  token_specs = jax.tree.map(lambda _: PartitionSpec(axes), tuple(tokens))
+  if weight_specs is None:
+    weight_specs = jax.tree.map(lambda _: PartitionSpec(), tuple(weights))
+  return jax.shard_map(fn, in_specs=(*token_specs, *weight_specs), out_specs=PartitionSpec(axes),
+                       axis_names=set(axes))(*tokens, *weights)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, L, ...] batch array: B over the data-like axes, the rest per the `length` rule."""
   logical = ("batch", "length") + (None,) * (ndim - 2) if ndim >= 2 else ("batch",)

@@ -1,7 +1,7 @@
 """What a data-parallel train step communicates does not grow with the global batch, for every model.
 
 Read off the optimized HLO of the compiled train step on an (8,) data mesh (`moma.sharding.collective_bytes`):
-every sparse layer plans over each device's own tokens (`moma.dispatch.on_shards`), so a step moves the
+every sparse layer plans over each device's own tokens (`moma.sharding.on_shards`), so a step moves the
 gradients (and a few scalars), as the dense model does, whatever the batch.
 """
 

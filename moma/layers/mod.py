@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from moma import dispatch
+from moma import sharding
 from moma.layers import routing as rt
 
 
@@ -101,14 +102,14 @@ class MixtureOfDepths(nn.Module):
     else:
       tokens = length
 
-    per_slice = tokens or b * length // dispatch.num_shards()
+    per_slice = tokens or b * length // sharding.num_shards()
     k = math.ceil(self.capacity * per_slice)
 
     def select(score):  # one device's tokens: the top k of each routing slice, in token order
       _, idx_NK = jax.lax.top_k(score.reshape(-1, per_slice), k)
       return dispatch.selection(jnp.sort(idx_NK, axis=-1), slice_tokens=per_slice)
 
-    sel = dispatch.on_shards(select, (score_M,))
+    sel = sharding.on_shards(select, (score_M,))
     if self.selection == "batch" and self.block_attends:
       kwargs["attention_span"] = length  # a document of a packed row spans ≤ L tokens: attention skips farther
     # One packed row [k] per routing slice, in token order: causality and positions survive packing.

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
+from moma import sharding
 from moma.layers import ffn
 from moma.layers import routing as rt
 
@@ -150,8 +151,8 @@ class MoE(nn.Module):
       plan = dispatch.expert_choice(picks, slice_tokens=tokens, expert_slot=slot_E, slots=max(layout.sizes))
       return plan, jnp.concatenate(gates), chosen, overflow[None]
 
-    plan, gate_R, chosen_ME, overflow = dispatch.on_shards(local, (scores_ME, allowed_ME))
-    tokens_here = m // dispatch.num_shards()
+    plan, gate_R, chosen_ME, overflow = sharding.on_shards(local, (scores_ME, allowed_ME))
+    tokens_here = m // sharding.num_shards()
     caps = rt.static_capacity(layout, self.capacity_factor, slice_tokens or tokens_here, self.token_fractions)
     rows_E = np.repeat(caps, layout.sizes) * (tokens_here // (slice_tokens or tokens_here))
     out_RD = self._experts(plan.dispatch(x_MD), plan, w, static_sizes=rows_E)
@@ -180,7 +181,7 @@ class MoE(nn.Module):
     else:
       probs_ME = jnp.where(allowed_ME, jax.nn.sigmoid(logits_ME), 0.0)
     # Per device: XLA does not partition top_k's batch dimension (it would gather every token's scores).
-    _, top_MK = dispatch.on_shards(lambda p: jax.lax.top_k(p, k),
+    _, top_MK = sharding.on_shards(lambda p: jax.lax.top_k(p, k),
                                    (jnp.where(allowed_ME, jax.lax.stop_gradient(probs_ME), -1.0),))
     gates_MK = jnp.take_along_axis(probs_ME, top_MK, axis=1)
     keep_MK = jnp.broadcast_to(valid_M[:, None], top_MK.shape)
@@ -199,7 +200,7 @@ class MoE(nn.Module):
         pos_MK = pos_NKTE.sum(-1).transpose(0, 2, 1).reshape(-1, k)
         return pos_MK < cap_E[top]
 
-      keep_MK &= dispatch.on_shards(under_capacity, (top_MK, onehot_KME.transpose(1, 0, 2)))
+      keep_MK &= sharding.on_shards(under_capacity, (top_MK, onehot_KME.transpose(1, 0, 2)))
       dropped = 1 - keep_MK.sum() / jnp.maximum(valid_M.sum() * k, 1)
       self.sow("metrics", "dropped_frac", dropped.astype(jnp.float32))
     y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w, e)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
+from moma import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ def slice_tokens(routing_rows: int, shape_BLD, field: str) -> int | None:
     raise ValueError(f"config.model.{field}.routing_rows={routing_rows} must be >= 0 (0: each device's rows)")
   if not routing_rows:
     return None
-  rows = shape_BLD[0] // dispatch.num_shards()
+  rows = shape_BLD[0] // sharding.num_shards()
   if rows % routing_rows:
     raise ValueError(f"config.model.{field}.routing_rows={routing_rows} does not divide the {rows} batch rows "
                      "each device holds; choose a divisor (or 0)")

@@ -165,21 +165,7 @@ def restore_params(workdir: str, field: str):
     tree = getattr(metadata, "item_metadata", metadata)
     # The whole state is read (this orbax has no placeholder restore), only the params are returned.
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree))
-    return upgrade_params(ckptr.restore(path, target)["params"])
-
-
-def upgrade_params(tree):
-  """Params saved before 38f4ad4 held MoE experts as `wi_gate`, `wi_up` [.., E, d, F] and `wo`
-  [.., E, F, d]; today they are `wi/kernel` [.., E, d, 2, F] (gate then up) and `wo/kernel`. Renamed here,
-  so sampling, evaluation and upcycling read such runs (resuming their training does not: the optimizer
-  state keeps the old names)."""
-  if not isinstance(tree, dict):
-    return tree
-  if {"wi_gate", "wi_up", "wo"} <= tree.keys() and not isinstance(tree["wo"], dict):
-    rest = {k: upgrade_params(v) for k, v in tree.items() if k not in ("wi_gate", "wi_up", "wo")}
-    wi = jax.numpy.stack([tree["wi_gate"], tree["wi_up"]], axis=-2)
-    return {**rest, "wi": {"kernel": wi}, "wo": {"kernel": tree["wo"]}}
-  return {k: upgrade_params(v) for k, v in tree.items()}
+    return ckptr.restore(path, target)["params"]
 
 
 def _jsonable(v):

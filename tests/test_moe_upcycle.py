@@ -1,13 +1,11 @@
 """Sparse upcycling: experts start as exact copies of their modality's FFN."""
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moma import checkpoint
 from moma import dispatch
 from moma import upcycle
 from moma.layers import moe
@@ -77,20 +75,3 @@ def test_upcycle_from_dense_ffn_to_shared_experts():
 def test_upcycle_errors(src, match):
   with pytest.raises(ValueError, match=match):
     upcycle.upcycle(src, _dst(), layout="4t4i", modalities=MODS)
-
-
-def test_params_saved_with_the_old_expert_names_load_as_todays():
-  """Before 38f4ad4 the experts were wi_gate, wi_up [E, d, F] and wo [E, F, d]; `restore_params` renames
-  them to wi/kernel [E, d, 2, F] (gate then up) and wo/kernel, and the layer computes the same output."""
-  x = jax.random.normal(jax.random.key(0), (2, 16, D))
-  plan = dispatch.partition(jax.random.randint(jax.random.key(1), (2, 16), 0, 2), 2)
-  layer = moe.MoE(F, MODS, "4t4i", token_fractions=(1.0, 1.0))
-  params = {"layers": nn.meta.unbox(layer.init(jax.random.key(2), x, plan)["params"]), "embed": jnp.ones(3)}
-  wi = params["layers"]["wi"]["kernel"]
-  old = {"embed": params["embed"], "layers": {"router": params["layers"]["router"], "wi_gate": wi[..., 0, :],
-                                              "wi_up": wi[..., 1, :], "wo": params["layers"]["wo"]["kernel"]}}
-  upgraded = checkpoint.upgrade_params(old)
-  chex.assert_trees_all_equal(upgraded, params)
-  chex.assert_trees_all_equal(checkpoint.upgrade_params(params), params)  # today's names pass through
-  apply = lambda p: layer.apply({"params": p["layers"]}, x, plan, mutable=["metrics", "intermediates"])[0]
-  np.testing.assert_array_equal(apply(upgraded), apply(params))

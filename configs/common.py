@@ -102,6 +102,7 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       progress_bar=True,
       nan_policy="stop",  # non-finite loss or grad norm: "stop" (keep the good checkpoints) or "skip" the update
       prefetch=2,  # host batches prepared ahead in a background thread (0: inline)
+      peak_flops=0.0,  # FLOP/s per device for perf/mfu; 0: the data sheet's bf16 peak (moma.metrics), if known
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps={"tiny": 100, "small": 500}.get(size, 1000), max_to_keep=3, async_save=True))

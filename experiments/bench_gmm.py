@@ -10,7 +10,9 @@ noisy shared machine):
            XLA itself does with a [G, K, N] weight and no raggedness. With many small groups the G×
            larger weight (and, backward, its G× larger gradient) costs memory traffic a dense matmul
            never pays; speed_vs_batched separates that cost from the impl's own overhead.
-The xla/ragged_dot ratio is t_ragged_dot / t_xla. The last stdout line is a JSON object with every ratio.
+The xla/ragged_dot ratio is t_ragged_dot / t_xla; `dense_gflops` is the dense matmul's FLOP/s, the figure
+to give `--config.train.peak_flops` on a machine without a data-sheet peak (CPU). The last stdout line is a
+JSON object with every ratio.
 """
 
 import json
@@ -94,6 +96,8 @@ def bench(num_groups, m, k, n, dtype, impls, rounds):
     if "xla" in impls and "ragged_dot" in impls:
       results[f"{mode}/xla_vs_ragged_dot"] = median["ragged_dot"] / median["xla"]
     results[f"{mode}/dense_ms"] = 1e3 * median["dense"]
+    # The dense matmul's FLOP/s (fwd: 2MKN; fwd+bwd: 3×): a measured peak for --config.train.peak_flops.
+    results[f"{mode}/dense_gflops"] = (2 if mode == "fwd" else 6) * m * k * n / median["dense"] / 1e9
   return results
 
 

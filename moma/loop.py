@@ -167,6 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, plan: Plan) -> dict[str
 def _loop(config, workdir, plan, mngr, writer, preemption, state, state_sh, start, saved):
   tcfg = config.train
   skip = tcfg.nan_policy == "skip"
+  peak = metrics_lib.peak_flops_per_device(tcfg.peak_flops, plan.mesh.devices.flat[0])
   console = console_lib.Console(config, workdir, plan.describe, start)
   steps = StepCache(lambda task: task.step_fn, state_sh, (plan.mesh, plan.rules))
 
@@ -212,6 +213,8 @@ def _loop(config, workdir, plan, mngr, writer, preemption, state, state_sh, star
         row["flops_per_token"] = (sum(t.tokens * t.flops_per_token for t in _tasks_of(plan, window))
                                   / sum(t.tokens for t in _tasks_of(plan, window)))
         row["lr"] = float(plan.lr(step - 1))
+        if peak:
+          row["perf/mfu"] = metrics_lib.mfu(row["tokens_per_s"], row["flops_per_token"], peak, plan.mesh.size)
         writer.write(step, row)
         console.log(step, row)
         final.update(row, step=step)

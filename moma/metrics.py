@@ -16,13 +16,13 @@ from absl import logging
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets, no sparsity).
+# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets, no sparsity). Longer
+# prefixes first: "TPU v5 lite" (v5e) must not match "TPU v5" (v5p).
 PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA B200": 2250e12,
     "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA B200": 2250e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
@@ -33,13 +33,19 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops_per_device(device=None) -> float | None:
-  """Peak bf16 FLOP/s of one device, or None where unknown (CPU): MFU is then not reported."""
+def peak_flops_per_device(override: float = 0.0, device=None) -> float | None:
+  """Peak FLOP/s of one device: `override` (config.train.peak_flops) when > 0, else the table's entry for
+  the device's kind, else None (e.g. CPU): then no MFU is reported rather than a made-up one."""
+  if override > 0:
+    return float(override)
   kind = (device or jax.devices()[0]).device_kind
-  for prefix, peak in PEAK_FLOPS.items():
-    if kind.startswith(prefix):
-      return peak
-  return None
+  return next((peak for prefix, peak in PEAK_FLOPS.items() if kind.startswith(prefix)), None)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_per_device: float, num_devices: int) -> float:
+  """Model FLOPs utilisation: the analytic training FLOPs (`moma.flops`, not XLA's count) done per second
+  over the peak of the devices the step runs on."""
+  return tokens_per_s * flops_per_token / (peak_per_device * num_devices)
 
 
 class MetricWriter:

@@ -69,6 +69,8 @@ def check_fields(config) -> None:
   _choice(config, "train.schedule", SCHEDULES, "cosine")
   _choice(config, "train.nan_policy", faults.NAN_POLICIES, "stop")
   _int(config, "train.prefetch", 0, 2)
+  _number(config, "train.peak_flops", 0, math.inf, "2e11 (FLOP/s per device; 0: the device's data sheet)",
+          open_high=True)
   _int(config, "model.num_layers", 1, 2)
   _int(config, "checkpoint.every_steps", 1, 100)
   _int(config, "checkpoint.max_to_keep", 1, 3)

@@ -12,6 +12,7 @@ import pytest
 
 from moma import checkpoint
 from moma import faults
+from moma import flops
 from moma import metrics
 from moma import steps
 from moma import train
@@ -25,7 +26,7 @@ def _losses(workdir):
 
 
 def test_one_step_writes_the_run_directory(tiny_config, tmp_path):
-  tiny_config.train.steps = 1
+  tiny_config.train.update(steps=1, peak_flops=2e11)
   final = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert final["step"] == 1 and np.isfinite(final["loss"]) and np.isfinite(final["eval/loss"])
   with open(tmp_path / "config.json") as f:
@@ -36,11 +37,24 @@ def test_one_step_writes_the_run_directory(tiny_config, tmp_path):
   for key in ("loss", "loss/text", "loss/image", "tokens_per_s", "flops_per_token", "grad_norm", "lr"):
     assert np.isfinite(row[key]), key
   assert "eval/loss/text" in eval_row
+  # MFU: the analytic training FLOPs at the measured throughput over the given peak of the one device.
+  analytic = flops.per_token(saved["model"], tiny_config.train.seq_len)["total"]
+  assert row["flops_per_token"] == pytest.approx(analytic)
+  assert row["perf/mfu"] == pytest.approx(row["tokens_per_s"] * analytic / 2e11)
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
-  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+  assert metrics.tensorboard_steps(str(tmp_path))["perf/mfu"] == [1]
   with open(tmp_path / "loss.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert not os.path.exists(tmp_path / "lock")  # Released at the end.
+
+
+def test_peak_flops_come_from_the_config_or_the_data_sheet():
+  fake = lambda kind: type("Device", (), {"device_kind": kind})()
+  assert metrics.peak_flops_per_device(0.0, fake("TPU v5 lite")) == 197e12  # v5e, not v5p's "TPU v5"
+  assert metrics.peak_flops_per_device(0.0, fake("TPU v5")) == 459e12
+  assert metrics.peak_flops_per_device(0.0, fake("NVIDIA H100 80GB HBM3")) == 989e12
+  assert metrics.peak_flops_per_device(3e9, fake("NVIDIA H100 80GB HBM3")) == 3e9
+  assert metrics.peak_flops_per_device(0.0, jax.devices("cpu")[0]) is None  # No MFU row rather than a made-up one.
 
 
 def test_loss_falls(tiny_config, tmp_path):

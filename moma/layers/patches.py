@@ -54,7 +54,8 @@ class _ResBlock(nn.Module):
 
 
 class PatchIn(nn.Module):
-  """(x_BLD token embeddings, diffusion.Inputs) → (x_BLD with image positions replaced, skip_BLD | None)."""
+  """(x_BLD token embeddings, diffusion.Inputs) → (x_BLD with image positions replaced, (skip_BLD | None,
+  temb)): the skip (unet) and the timestep embedding, which `PatchOut` takes back."""
 
   d_model: int
   kind: str = "linear"

@@ -25,7 +25,7 @@ import numpy as np
 
 from moma import checkpoint
 from moma import data
-from moma import train
+from moma import steps
 from moma import transfusion_sample
 from moma.models import generate
 
@@ -55,7 +55,7 @@ def load(workdir: str):
   if config.model.get("name", "decoder") != "decoder":
     raise ValueError(f"--workdir={workdir!r} holds a config.model.name={config.model.name!r} run; sampling "
                      "needs a decoder LM (configs/dense.py, mot.py, moma.py, mamba.py, mom.py)")
-  return config, train.build_model(config), {"params": checkpoint.restore_params(workdir, "--workdir")}
+  return config, steps.build_model(config), {"params": checkpoint.restore_params(workdir, "--workdir")}
 
 
 def prompt_batch(config, prompt: str, then: str, num_samples: int) -> dict[str, jax.Array]:

@@ -9,11 +9,10 @@ are built from live in moma/steps.py. The run directory is described in docs/des
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import sys
 import traceback
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import ml_collections
@@ -27,8 +26,7 @@ from moma import flops
 from moma import loop
 from moma import steps
 from moma import validation
-# The pieces most callers use through this module (tests, moma.sample, notebooks).
-from moma.steps import build_model, model_module
+
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy with derived fields filled in (vocab_size from the data), every train / checkpoint field and
@@ -76,15 +74,11 @@ def host_batches(config, split: str) -> Callable[[int], dict]:
   return lambda step: packer.batch(config.train.seed, step, per_process)
 
 
-def _batches(config, split: str, start_step: int) -> Iterator[dict]:
-  at = host_batches(config, split)
-  return (at(step) for step in itertools.count(start_step))
-
 def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
   """The plain language-model run as a one-task plan; builds and checks data, mesh and model (abstract
   init) and writes nothing."""
   tcfg = config.train
-  module, model = model_module(config), build_model(config)
+  module, model = steps.model_module(config), steps.build_model(config)
   mesh, rules = steps.make_mesh(config)
   with faults.damaged_data_cache(config.data.cache_dir):
     train_at = host_batches(config, "train")

@@ -10,6 +10,7 @@ from configs import mamba
 from configs import mom
 from configs import mot
 from moma import flops
+from moma import steps
 from moma import train
 
 
@@ -17,7 +18,7 @@ from moma import train
 @pytest.mark.parametrize("family", [dense, mot])
 def test_every_preset_builds_a_valid_model(family, size):
   config = train.resolve_config(family.get_config(f"size={size}"))
-  model = train.build_model(config)  # Validates config.model (no parameters built).
+  model = steps.build_model(config)  # Validates config.model (no parameters built).
   assert model.config.max_seq_len >= config.train.seq_len
   for key in ("train.steps", "train.batch_size", "train.seed", "train.log_every",
               "checkpoint.every_steps", "mesh.shape", "mesh.axes"):
@@ -31,7 +32,7 @@ def test_mamba_presets_match_dense_flops(size):
   dense_flops = flops.per_token(dense_config.model, dense_config.train.seq_len)["total"]
   for family in (mamba, mom):
     config = train.resolve_config(family.get_config(f"size={size}"))
-    model = train.build_model(config)
+    model = steps.build_model(config)
     cfg = model.config
     assert (cfg.block, cfg.d_ff, cfg.mamba.d_state, cfg.mamba.expand) == ("mamba", 0, 16, 2)
     assert cfg.max_seq_len >= config.train.seq_len
@@ -117,7 +118,7 @@ def test_unknown_model_name():
   config = dense.get_config()
   config.model.name = "nosuch"
   with pytest.raises(ValueError, match="config.model.name='nosuch'"):
-    train.model_module(config)
+    steps.model_module(config)
 
 
 @pytest.mark.parametrize("arg,modalities,layout", [
@@ -128,7 +129,7 @@ def test_unknown_model_name():
 def test_moma_presets_build(arg, modalities, layout):
   from configs import moma  # pylint: disable=g-import-not-at-top
   config = train.resolve_config(moma.get_config(arg))
-  model = train.build_model(config)
+  model = steps.build_model(config)
   assert tuple(config.data.modalities) == modalities and model.config.moe.layout == layout
   assert model.config.mod.enabled == ("mod=true" in arg)
 

@@ -16,6 +16,7 @@ from moma import checkpoint
 from moma import flops
 from moma import metrics as metrics_lib
 from moma import studies
+from moma import steps
 from moma import train
 from moma.models import decoder
 from moma.models import model_config
@@ -91,7 +92,7 @@ def test_aux_router_generation_path_is_causal():
                                 mod=dict(enabled=True, aux_router=True, capacity=0.5)))
   batch = make_batch()
   variables = init(model, batch)
-  causal_model = model.clone(config=dataclasses.replace(model.config, causal=True))
+  causal_model = model.clone(config=dataclasses.replace(model.config, aux_routing=True))
   causal = jax.jit(functools.partial(apply, causal_model))  # one compilation, two batches
   logits = causal(variables, batch)
   t = 11
@@ -101,7 +102,7 @@ def test_aux_router_generation_path_is_causal():
   assert not np.allclose(logits[:, t:], logits_future[:, t:])
   # The batch-level routing of training does look ahead: the same check would not hold there.
   with pytest.raises(ValueError, match="moe.aux_router=True"):
-    decoder.as_model(dict(BASE, ffn="moe", causal=True))
+    decoder.as_model(dict(BASE, ffn="moe", aux_routing=True))
 
 
 def test_upcycled_model_first_forward_equals_the_1t1i_model():
@@ -205,20 +206,21 @@ def test_aux_router_stage_changes_only_aux_routers(runs, data_cache_dir, tmp_pat
   for path, value in after:
     if path not in aux:
       np.testing.assert_array_equal(value, before[path], err_msg=jax.tree_util.keystr(path))
-  # Inference with the trained aux routers (experiments/eval_sources.py --causal): per-token decisions
+  # Inference with the trained aux routers (experiments/eval_sources.py --aux_routing): per-token decisions
   # replace expert choice, so the losses move, and each source reports the experts its tokens used.
   with pytest.raises(ValueError, match="aux_router=True"):  # expert choice without trained aux routers
-    eval_sources.source_losses(studies.load_run(source), 1, causal=True)
+    eval_sources.source_losses(studies.load_run(source), 1, aux_routing=True)
   run = studies.load_run(tmp_path)
-  causal = eval_sources.source_losses(run, 1, causal=True)
+  per_token = eval_sources.source_losses(run, 1, aux_routing=True)
   chosen = eval_sources.source_losses(run, 1)
-  assert set(causal) == set(chosen) and "scene_caption" in causal
-  present = [s for s in causal if "experts_per_token" in causal[s]]  # sources with positions in the batch
+  assert set(per_token) == set(chosen) and "scene_caption" in per_token
+  present = [s for s in per_token if "experts_per_token" in per_token[s]]  # sources with positions in a batch
   assert present and all("experts_per_token" in chosen[s] for s in present)
   for source in present:
-    assert 0 <= causal[source]["experts_per_token"] <= 4 and 0 <= chosen[source]["experts_per_token"] <= 4
-    assert all(np.isfinite(v) for v in causal[source].values()), source
-  assert any(causal[s]["loss/image"] != chosen[s]["loss/image"] for s in causal if "loss/image" in causal[s])
+    assert 0 <= per_token[source]["experts_per_token"] <= 4 and 0 <= chosen[source]["experts_per_token"] <= 4
+    assert all(np.isfinite(v) for v in per_token[source].values()), source
+  assert any(per_token[s]["loss/image"] != chosen[s]["loss/image"] for s in per_token
+             if "loss/image" in per_token[s])
 
 
 def test_aux_router_stage_needs_aux_routers(data_cache_dir):
@@ -228,5 +230,5 @@ def test_aux_router_stage_needs_aux_routers(data_cache_dir):
 
 
 def test_dense_config_still_has_no_moe():
-  config = train.build_model(train.resolve_config(dense_configs.get_config())).config
+  config = steps.build_model(train.resolve_config(dense_configs.get_config())).config
   assert config.ffn == "dense" and config.moe == model_config.MoeConfig()

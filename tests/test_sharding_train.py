@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import dense, mamba, moma, mom, mot
-from moma import checkpoint, metrics, sharding, train
+from moma import checkpoint, metrics, sharding, steps, train
 
 STEPS = 4
 # vocab_size comes from the data (537, odd): keep `vocab` whole where a tensor axis would split it; MoT's
@@ -109,8 +109,8 @@ def test_train_state_is_sharded_as_the_rules_say(run, data_cache_dir):
   assert params["layers"]["ffn"]["wo"]["kernel"] == P(None, None, "tensor", "fsdp")
   assert params["embed"]["embedding"] == P(None, "fsdp")  # vocab stays whole (rule override)
   config = train.resolve_config(make_config("mot", "2x2x2", STEPS, data_cache_dir))
-  model = train.build_model(config)
-  batch = next(train._batches(config, "train", 0))  # pylint: disable=protected-access
+  model = steps.build_model(config)
+  batch = train.host_batches(config, "train")(0)
   boxed = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, deterministic=True), batch)["params"]
   rules = sharding.rules_from_config(config.mesh)
   expected = jax.tree.map(lambda x: sharding.mesh_spec(x.names, rules) if hasattr(x, "names") else P(),

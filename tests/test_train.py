@@ -170,7 +170,7 @@ def test_dense_train_step_traces(data_cache_dir):
   config = dense.get_config("size=tiny")
   config.data.cache_dir = data_cache_dir
   config = train.resolve_config(config)
-  model = train.build_model(config)
+  model = steps.build_model(config)
   batch = train.host_batches(config, "train")(0)
   state = jax.eval_shape(lambda b: nn.unbox(steps.create_state(config, model, b)), batch)
   step = functools.partial(steps.train_step, model=model, loss_fn=decoder.loss_fn,

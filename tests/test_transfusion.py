@@ -278,9 +278,9 @@ def test_flops_count_the_patch_projections(patch_proj):
 
 @pytest.mark.parametrize("arch", transfusion.ARCHS)
 def test_every_transfusion_config_builds(arch):
-  from moma import train  # pylint: disable=g-import-not-at-top
+  from moma import steps, train  # pylint: disable=g-import-not-at-top
   config = train.resolve_config(transfusion.get_config(f"arch={arch},objective=flow,patch_proj=unet"))
-  model = train.build_model(config)
+  model = steps.build_model(config)
   assert model.config.patch_dim == 4 and model.config.patch_proj == "unet" and config.data.image_form == "patches"
   assert model.config.diffusion.objective == "flow" and model.config.modalities == ("text", "image")
   with pytest.raises(ValueError, match="arch='gpt'"):

@@ -96,9 +96,10 @@ class MetricWriter:
       self._tb.close()
 
 
-def read(workdir: str) -> list[dict]:
-  """The rows of DIR/metrics.jsonl, in order (for tests, notebooks and plots); a torn last line (a kill
-  during a write) is left out with a warning, a damaged line elsewhere is an error naming it."""
+def read(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of DIR/metrics.jsonl, in order (for the trainer, studies, tests, notebooks and plots); a
+  torn last line (a kill during a write) is left out with a warning, a damaged line elsewhere is an error
+  naming it."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []

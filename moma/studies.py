@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moma import metrics
+
 NOT_REACHED = "not reached"
 # Config fields two runs must share to be compared (their losses are over the same tokens).
 _SAME_DATA_FIELDS = ("data", "model.vocab_size", "model.modalities")
@@ -41,22 +43,6 @@ def config_value(config: dict, dotted: str, default: Any = KeyError) -> Any:
       return default
     node = node[part]
   return node
-
-
-def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
-  """metrics.jsonl records in order; a truncated last line (a run killed mid-write) is dropped."""
-  path = pathlib.Path(run_dir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  lines = [l for l in path.read_text().splitlines() if l.strip()]
-  records = []
-  for i, line in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i != len(lines) - 1:
-        raise ValueError(f"{path}:{i + 1} is not a JSON object; metrics.jsonl is corrupted") from None
-  return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +91,7 @@ def load_run(run_dir: str | pathlib.Path) -> Run:
   config_path = path / "config.json"
   if not config_path.exists():
     raise ValueError(f"{config_path} does not exist; pass run directories written by moma.main")
-  return Run(path, json.loads(config_path.read_text()), read_metrics(path))
+  return Run(path, json.loads(config_path.read_text()), metrics.read(path))
 
 
 def load_group(path: str | pathlib.Path) -> list[Run]:
@@ -122,7 +108,7 @@ def load_group(path: str | pathlib.Path) -> list[Run]:
 
 
 def last_step(run_dir: str | pathlib.Path) -> int | None:
-  steps = [r["step"] for r in read_metrics(run_dir) if "step" in r]
+  steps = [r["step"] for r in metrics.read(run_dir) if "step" in r]
   return max(steps) if steps else None
 
 
@@ -144,7 +130,7 @@ def is_finished(run_dir: str | pathlib.Path, steps: int | None = None) -> bool:
     steps = config_value(json.loads((path / "config.json").read_text()), "train.steps", None)
     if steps is None:
       raise ValueError(f"{path}/config.json has no train.steps; pass the expected steps explicitly")
-  return _reached(read_metrics(path), steps)
+  return _reached(metrics.read(path), steps)
 
 
 def flops_per_token(record: dict, modalities: Sequence[str]) -> float | None:

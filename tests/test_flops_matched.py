@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import flops_matched
+from moma import metrics
 from moma import studies
 
 STEPS = np.arange(10, 2001, 10)
@@ -141,10 +142,10 @@ def test_runs_on_different_data_are_refused(tmp_path, capsys, field, kwargs):
 
 def test_metrics_reader_drops_only_a_truncated_last_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-  assert studies.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+  assert metrics.read(tmp_path) == [{"step": 1, "loss": 2.0}]
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
-  with pytest.raises(ValueError, match="metrics.jsonl:1"):
-    studies.read_metrics(tmp_path)
+  with pytest.raises(ValueError, match="metrics.jsonl line 1 is not JSON"):
+    metrics.read(tmp_path)
 
 
 def test_seeds_give_a_mean_and_a_95_interval(tmp_path, capsys):

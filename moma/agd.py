@@ -9,7 +9,7 @@ A config with an `agd` section trains several tasks on one shared parameter tree
 Each step the schedule names a task (a pure function of (seed, step), so a resumed run continues the
 same sequence); its batch (a pure function of (seed, task, step)) goes through that task's own compiled
 train step, with its own shapes: no padding to a common shape, no recompiling after the first step.
-`plan(config, workdir)` hands the tasks to the one training loop (moma/loop.py) that also runs plain LM
+`plan(config)` hands the tasks to the one training loop (moma/loop.py) that also runs plain LM
 runs, built from the same pieces (moma/steps.py); `moma.models.encoder.Model` puts the decoder and the
 encoder heads in one tree. Each task's `batch_size` is global (split over processes), like
 `train.batch_size`.
@@ -20,8 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
-import os
 from typing import Callable
 
 import jax
@@ -29,7 +27,6 @@ import ml_collections
 import numpy as np
 
 from moma import agd_data
-from moma import checkpoint
 from moma import console
 from moma import faults
 from moma import flops
@@ -253,14 +250,13 @@ def _data_sources(config, tasks, split):
   return sources
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
+def plan(config: ml_collections.ConfigDict) -> loop.Plan:
   """The tasks of `config.agd` (config resolved by `train.resolve_config`) as a `loop.Plan`; opens and
   checks every task's data, the mesh and the shared model (abstract init), and writes nothing."""
   tasks = tasks_from_config(config)
   tcfg = config.train
   with faults.damaged_data_cache(config.data.cache_dir):
     sources = _data_sources(config, tasks, "train")
-  _check_same_tasks(config, workdir)
   schedule = Schedule.from_tasks(config.agd.schedule, tasks, tcfg.seed)
   first = tasks[schedule.task_at(0)]
   mesh, rules = steps.make_mesh(config)
@@ -288,20 +284,6 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> loop.Plan:
       init=lambda mngr: steps.init_or_restore(config, model, mngr, init_batch, mesh, rules, abstract),
       mesh=mesh, rules=rules, lr=steps.lr_schedule(tcfg),
       describe=console.describe(config, abstract.params, mean_flops))
-
-
-def _check_same_tasks(config, workdir: str) -> None:
-  """The schedule and each task's data are part of what a resumed run must continue."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = checkpoint.flatten(json.load(f))
-  new = checkpoint.flatten(config)
-  diffs = [k for k in sorted(set(old) | set(new)) if k.startswith("agd.") and old.get(k) != new.get(k)]
-  if diffs:
-    raise ValueError(f"workdir {workdir} holds an AGD run with other tasks; differing fields: {diffs}. "
-                     "Use a new --workdir, or revert them to resume that run.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,11 @@ import orbax.checkpoint as ocp
 
 # Fields that must match between the config that made a workdir and the one resuming it (prefixes):
 # model shape/architecture, data (mixture, tokenisation, vocabulary), batch shape and seed (data order),
-# training stage and initialisation. Everything else (train.steps, log_every, lr, checkpoint.*, mesh.*)
-# changes how long or how visibly the run goes, not what is trained, and may change on resume.
+# training stage and initialisation, and an AGD run's tasks and schedule. Everything else (train.steps,
+# log_every, lr, checkpoint.*, mesh.*) changes how long or how visibly the run goes, not what is trained,
+# and may change on resume.
 MUST_MATCH = ("model.", "data.", "train.batch_size", "train.seq_len", "train.seed", "train.stage",
-              "init.")
+              "init.", "agd.")
 # Exceptions inside MUST_MATCH: where the embedded data is cached does not change the data.
 MAY_DIFFER = ("data.cache_dir",)
 

@@ -122,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} is a file; name a directory (new or of a run to resume)")
   checkpoint.check_compatible(config, workdir)
-  plan = agd.plan(config, workdir) if "agd" in config else lm_plan(config)
+  plan = agd.plan(config) if "agd" in config else lm_plan(config)
   return loop.run(config, workdir, plan)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from moma import agd
+from moma import checkpoint
 from moma import data
 from moma import loop
 from moma import objectives
@@ -157,6 +158,15 @@ def test_schedule_name_is_checked(data_cache_dir):
   config.agd.schedule = "shuffle"
   with pytest.raises(ValueError, match="config.agd.schedule='shuffle'"):
     agd.tasks_from_config(train.resolve_config(config))
+
+
+def test_resuming_with_other_tasks_or_schedule_is_refused(data_cache_dir, tmp_path):
+  checkpoint.write_config(train.resolve_config(small_config(data_cache_dir)), str(tmp_path))
+  other = small_config(data_cache_dir, schedule="sample")
+  other.agd.tasks.lm.batch_size = 8
+  with pytest.raises(ValueError, match=r"agd\.schedule: workdir has 'round_robin', config has 'sample'") as e:
+    train.train_and_evaluate(other, str(tmp_path))
+  assert "agd.tasks.lm.batch_size: workdir has 4, config has 8" in str(e.value)
 
 
 # --- compiled steps and the shared state ------------------------------------------------------------

@@ -20,7 +20,6 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 
 from configs import agd as agd_config
 from moma import agd
+from moma import cli
 from moma import loop
 from moma import objectives
 from moma import steps
@@ -87,7 +87,7 @@ def run_agd(config, state):
 
 def run_mixed(config, state):
   tasks, sources = _sources(config, "train")
-  models = {t.name: agd.build_model(config, t.objective) for t in tasks}
+  models = {t.name: agd.objective_model(config, t.objective) for t in tasks}
   step_fn = functools.partial(steps.train_step, model=agd.MixedModel(models),
                               loss_fn=agd.mixed_loss_fn(tasks), seed=config.train.seed,
                               modalities=tuple(config.model.modalities))
@@ -109,7 +109,7 @@ def evaluate(config, params, num_batches):
   out = {}
   for t in tasks:
     fn = jax.jit(functools.partial(
-        steps.eval_step, model=agd.build_model(config, t.objective),
+        steps.eval_step, model=agd.objective_model(config, t.objective),
         loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=1.0),
         modalities=tuple(config.model.modalities)))
     rows = jax.device_get([fn(params, sources[t.name].batch(config.train.seed, i))
@@ -126,7 +126,7 @@ def main(argv):
   mixed = make_config(num_steps, batch_divisor=len(TASKS))
   tasks, sources = _sources(full, "train")
   init_task = tasks[0]
-  create = functools.partial(steps.create_state, full, agd.build_model(full, init_task.objective))
+  create = functools.partial(steps.create_state, full, agd.objective_model(full, init_task.objective))
   init = nn.unbox(jax.jit(create)(sources[init_task.name].batch(0, 0)))
   copy = lambda: jax.tree.map(lambda x: x.copy(), init)
 
@@ -167,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -39,8 +39,9 @@ SCHEDULES = ("sample", "round_robin")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Task:
-  """One AGD task. `data` is a moma.data config whose mixture holds only this task's entries.
+class TaskSpec:
+  """One AGD task as `config.agd.tasks.<name>` states it, validated (the loop runs it as a `loop.Task`).
+  `data` is a moma.data config whose mixture holds only this task's entries.
 
   seq_len: decoder objectives: the packed length; contrastive: the caption length.
   image_size: encoder objectives: image side in pixels (0: the dataset's own), a multiple of it.
@@ -68,7 +69,7 @@ def task_config(objective: str, mixture, *, batch_size: int, seq_len: int = 0, i
       image_size=image_size, loss_weight=float(loss_weight), weight=float(weight), interval=interval))
 
 
-def tasks_from_config(config: ml_collections.ConfigDict) -> list[Task]:
+def tasks_from_config(config: ml_collections.ConfigDict) -> list[TaskSpec]:
   """The tasks of `config.agd`, validated; ValueError naming the field for anything they cannot run."""
   if "agd" not in config or not config.agd.get("tasks"):
     raise ValueError("config.agd.tasks is empty: add tasks with moma.agd.task_config (configs/agd.py).")
@@ -110,7 +111,7 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> list[Task]:
       task_data.mixture[entry_name] = entry
     if not task_data.mixture:
       raise ValueError(f"{field}.mixture is empty: name entries of data.mixture.")
-    tasks.append(Task(name, cfg.objective, task_data, cfg.batch_size, cfg.seq_len, cfg.image_size,
+    tasks.append(TaskSpec(name, cfg.objective, task_data, cfg.batch_size, cfg.seq_len, cfg.image_size,
                       cfg.loss_weight, cfg.weight, cfg.interval))
   return tasks
 
@@ -137,7 +138,7 @@ class Schedule:
     self.cycle = np.repeat(np.arange(len(intervals)), intervals)
 
   @classmethod
-  def from_tasks(cls, kind: str, tasks: list[Task], seed: int) -> "Schedule":
+  def from_tasks(cls, kind: str, tasks: list[TaskSpec], seed: int) -> "Schedule":
     return cls(kind, [t.weight for t in tasks], [t.interval for t in tasks], seed)
 
   def tasks_at(self, steps) -> np.ndarray:
@@ -170,20 +171,20 @@ def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
   return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def build_model(config: ml_collections.ConfigDict, objective: str) -> encoder.Model:
+def objective_model(config: ml_collections.ConfigDict, objective: str) -> encoder.Model:
   """The shared model, running `objective`'s forward pass."""
   return encoder.Model(steps.build_model(config), objective, num_classes=config.agd.num_classes)
 
 
-def task_step(config: ml_collections.ConfigDict, task: Task) -> Callable:
+def task_step(config: ml_collections.ConfigDict, task: TaskSpec) -> Callable:
   """The trainer's `train_step` for `task` (jit it once per task): (state, batch) → (state, metrics)."""
   loss_fn = functools.partial(objectives.loss_fn(task.objective), loss_weight=task.loss_weight)
-  return functools.partial(steps.train_step, model=build_model(config, task.objective), loss_fn=loss_fn,
+  return functools.partial(steps.train_step, model=objective_model(config, task.objective), loss_fn=loss_fn,
                            modalities=tuple(config.model.modalities), seed=config.train.seed,
                            skip_nonfinite=config.train.nan_policy == "skip")
 
 
-def validate_shapes(task: Task, source, max_seq_len: int) -> None:
+def validate_shapes(task: TaskSpec, source, max_seq_len: int) -> None:
   """A task whose sequences the model cannot take fails before any compilation."""
   for key, length in source.lengths.items():
     if length > max_seq_len:
@@ -250,8 +251,8 @@ def _data_sources(config, tasks, split):
   return sources
 
 
-def plan(config: ml_collections.ConfigDict) -> loop.Plan:
-  """The tasks of `config.agd` (config resolved by `train.resolve_config`) as a `loop.Plan`; opens and
+def plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
+  """The tasks of `config.agd` (config resolved by `train.resolve_config`) as a `loop.RunPlan`; opens and
   checks every task's data, the mesh and the shared model (abstract init), and writes nothing."""
   tasks = tasks_from_config(config)
   tcfg = config.train
@@ -263,10 +264,10 @@ def plan(config: ml_collections.ConfigDict) -> loop.Plan:
   shard = functools.partial(loop.shard_batch, mesh=mesh, rules=rules)
   with faults.damaged_data_cache(config.data.cache_dir):
     init_batch = shard(sources[first.name].batch(tcfg.seed, 0))  # Shapes only; any task's model builds all.
-  model = build_model(config, first.objective)
+  model = objective_model(config, first.objective)
   abstract = steps.abstract_state(config, model, init_batch, mesh, rules)
   eval_fns = {t.name: jax.jit(functools.partial(
-      steps.eval_step, model=build_model(config, t.objective), modalities=tuple(config.model.modalities),
+      steps.eval_step, model=objective_model(config, t.objective), modalities=tuple(config.model.modalities),
       loss_fn=functools.partial(objectives.loss_fn(t.objective), loss_weight=t.loss_weight)))
               for t in tasks}
   # Opened on the first evaluation only: a run without eval never touches the validation split.
@@ -277,7 +278,7 @@ def plan(config: ml_collections.ConfigDict) -> loop.Plan:
   names = [t.name for t in tasks]
   share = np.array([t.weight * lt.tokens for t, lt in zip(tasks, loop_tasks)])
   mean_flops = float(np.dot(share, [lt.flops_per_token for lt in loop_tasks]) / share.sum())
-  return loop.Plan(
+  return loop.RunPlan(
       tasks=loop_tasks, task_at=schedule.task_at,
       summarise=lambda window, step: summarise(window, dict(zip(names, schedule.counts(step).tolist()))),
       evaluate=lambda params: evaluate(config, tasks, eval_sources(), eval_fns, params, shard),
@@ -305,7 +306,7 @@ class MixedModel:
     return outputs, sown
 
 
-def mixed_loss_fn(tasks: list[Task]) -> Callable:
+def mixed_loss_fn(tasks: list[TaskSpec]) -> Callable:
   """Sum of the tasks' weighted losses; metrics as `<task>/<key>`."""
 
   def loss_fn(outputs, batches, modalities):

@@ -1,6 +1,6 @@
 """The training loop every run goes through: a plain LM run is one task, an AGD run several.
 
-`run(config, workdir, plan)` takes a validated `Plan` (tasks, which task trains at each step, how a
+`run(config, workdir, plan)` takes a validated `RunPlan` (tasks, which task trains at each step, how a
 window of step outputs becomes a logged row, evaluation) and owns everything a cluster run must
 survive: the workdir lock, preemption signals, divergence, checkpoints that carry the unlogged window (so
 a resumed run logs whole windows and every step once), and host batches prepared ahead in a
@@ -42,7 +42,7 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class RunPlan:
   """What `run` trains. `task_at(i)`: index into `tasks` of step i (a pure function, so resumes continue
   it); `summarise(window, step)`: host rows [(task name, out)] of the steps up to `step` → logged means;
   `evaluate(params)` → eval row; `init(mngr)` → (state, state shardings, start step, saved window) from
@@ -140,7 +140,7 @@ def _stop_signal(preemption: faults.Preemption) -> int:
   return signum
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, plan: Plan) -> dict[str, float]:
+def run(config: ml_collections.ConfigDict, workdir: str, plan: RunPlan) -> dict[str, float]:
   """Trains `plan` in `workdir` (validated by the caller: nothing was written before this call)."""
   tcfg = config.train
   with faults.WorkdirLock(workdir, jax.process_index()), faults.Preemption() as preemption:
@@ -245,12 +245,12 @@ def _loop(config, workdir, plan, mngr, writer, preemption, state, state_sh, star
   return final
 
 
-def _tasks_of(plan: Plan, window) -> list[Task]:
+def _tasks_of(plan: RunPlan, window) -> list[Task]:
   by_name = {t.name: t for t in plan.tasks}
   return [by_name[name] for name, _ in window]
 
 
-def _summarise(plan: Plan, window, step: int, skip: bool) -> dict[str, float]:
+def _summarise(plan: RunPlan, window, step: int, skip: bool) -> dict[str, float]:
   """The plan's means over the window; with nan_policy=skip over its finite steps, plus their count."""
   if not skip:
     return plan.summarise(window, step)

@@ -2,7 +2,7 @@
 
 `build_model`, `make_optimizer`, `create_state`, `train_step(state, batch, ...)` (jit it per task or per
 shape), `eval_step`, `init_or_restore` (a checkpoint or a fresh, sharded state). The plain LM run
-(moma/train.py) and AGD (moma/agd.py) both build a `loop.Plan` from them; neither imports the other's
+(moma/train.py) and AGD (moma/agd.py) both build a `loop.RunPlan` from them; neither imports the other's
 plan.
 """
 

@@ -1,7 +1,7 @@
 """The one trainer: `train_and_evaluate(config, workdir)`, used by the CLI, tests and notebooks.
 
 It validates everything (config fields, data, mesh, the model by an abstract init) before it writes
-anything, then hands a `loop.Plan` to `moma.loop.run`: the plain LM run is a one-task plan (`lm_plan`),
+anything, then hands a `loop.RunPlan` to `moma.loop.run`: the plain LM run is a one-task plan (`lm_plan`),
 an AGD run (a config with an `agd` section) the several-task plan of `moma.agd.plan`. The pieces both
 are built from live in moma/steps.py. The run directory is described in docs/design.md and README.md.
 """
@@ -74,7 +74,7 @@ def host_batches(config, split: str) -> Callable[[int], dict]:
   return lambda step: packer.batch(config.train.seed, step, per_process)
 
 
-def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
+def lm_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
   """The plain language-model run as a one-task plan; builds and checks data, mesh and model (abstract
   init) and writes nothing."""
   tcfg = config.train
@@ -108,7 +108,7 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.Plan:
     del step
     return steps.mean_rows([out for _, out in window])
 
-  return loop.Plan(
+  return loop.RunPlan(
       tasks=[task], task_at=lambda step: 0, summarise=summarise, evaluate=evaluate,
       init=lambda mngr: steps.init_or_restore(config, model, mngr, first, mesh, rules, abstract),
       mesh=mesh, rules=rules, lr=steps.lr_schedule(tcfg),

@@ -177,7 +177,7 @@ def test_one_trace_per_task_and_one_shared_state(data_cache_dir):
   tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
   first = sources["digits8"].batch(0, 0)
-  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.build_model(config, "classification"), b)))(
+  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.objective_model(config, "classification"), b)))(
       first)
   structure = jax.tree.structure(state)
   assert set(state.params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
@@ -208,7 +208,7 @@ def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
   config = train.resolve_config(config)
   tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
-  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.build_model(config, "classification"), b)))(
+  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.objective_model(config, "classification"), b)))(
       sources["digits8"].batch(0, 0))
   experts = lambda s: jax.tree.map(np.asarray, s.params["backbone"]["layers"]["ffn"])
   before = experts(state)

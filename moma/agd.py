@@ -292,7 +292,7 @@ class MixedModel:
   """The mixed-batch baseline: every task's forward pass on its own batch in one step.
 
   Duck-types `model.apply` for `steps.train_step`, so both arms of an AGD-vs-mixed comparison run the
-  trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)`.
+  trainer's step on the same parameter tree; pair it with `mixed_loss_fn(tasks)` (`mixed_plan` does).
   """
 
   models: dict
@@ -319,3 +319,27 @@ def mixed_loss_fn(tasks: list[TaskSpec]) -> Callable:
     return total, metrics
 
   return loss_fn
+
+
+def mixed_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
+  """The mixed-batch baseline of `plan(config)` for `loop.run`: one task whose every step holds each AGD
+  task's batch (`MixedModel`, `mixed_loss_fn`), with the same data, initial state, optimizer and
+  evaluation. Its rows name each task's loss `task/<name>/loss`, as AGD's do."""
+  agd_plan = plan(config)
+  tasks = tasks_from_config(config)
+  step_fn = functools.partial(
+      steps.train_step, model=MixedModel({t.name: objective_model(config, t.objective) for t in tasks}),
+      loss_fn=mixed_loss_fn(tasks), modalities=tuple(config.model.modalities), seed=config.train.seed,
+      skip_nonfinite=config.train.nan_policy == "skip")
+  parts = agd_plan.tasks
+  tokens = sum(t.tokens for t in parts)
+  mixed = loop.Task("mixed", step_fn, lambda step: {t.name: t.batch_at(step) for t in parts}, tokens,
+                    sum(t.tokens * t.flops_per_token for t in parts) / tokens)
+
+  def summarise(window, step):
+    del step
+    row = steps.mean_rows([out for _, out in window])
+    return {(f"task/{k.removesuffix('/objective_loss')}/loss" if k.endswith("/objective_loss") else k): v
+            for k, v in row.items()}
+
+  return dataclasses.replace(agd_plan, tasks=[mixed], task_at=lambda step: 0, summarise=summarise)

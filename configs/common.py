@@ -77,21 +77,18 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
     raise ValueError(f"config argument size={size!r} is unknown; choose one of {list(SIZES)}")
   s = SIZES[size]
   from moma import data  # Imported here so that `configs/*.py` stay cheap to parse.
+  from moma.models import model_config
 
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(dict(
-      name="decoder", modalities=modalities,
-      vocab_size=0,  # 0: the trainer takes it from moma.data.vocab_size(config.data).
-      d_model=s["d_model"], num_layers=s["num_layers"], num_heads=s["num_heads"],
-      num_kv_heads=s["num_heads"], head_dim=0, d_ff=s["d_ff"],
-      block="transformer", ffn="dense", untie=(),
-      # LLaMA / Chameleon norms: eps 1e-5; Chameleon-7B's QK-norm is a LayerNorm with bias per head.
-      norm="rms", norm_eps=1e-5, norm_placement="pre", qk_norm=size == "7B", qk_norm_kind="layer",
-      rope_theta=10_000.0,
-      max_seq_len=s["seq_len"], tie_embeddings=False,
-      dtype="float32" if size in CPU_SIZES else "bfloat16", param_dtype="float32",
-      remat=size not in CPU_SIZES + ("S",), gmm_impl="auto", attention_impl="auto", attention_block=128,
-  ))
+  # ModelConfig's defaults (its sections moe, mod, mamba, diffusion come with the presets that use them),
+  # then what this size changes. vocab_size 0: the trainer takes it from moma.data.vocab_size(config.data).
+  c.model = {k: v for k, v in model_config.defaults(model_config.ModelConfig).items() if not isinstance(v, dict)}
+  c.model.update(
+      modalities=modalities, d_model=s["d_model"], num_layers=s["num_layers"], num_heads=s["num_heads"],
+      d_ff=s["d_ff"], max_seq_len=s["seq_len"], dtype="float32" if size in CPU_SIZES else "bfloat16",
+      remat=size not in CPU_SIZES + ("S",))
+  if size == "7B":  # Chameleon-7B's QK-norm: a LayerNorm with bias over each head
+    c.model.update(qk_norm=True, qk_norm_kind="layer")
   c.train = ml_collections.ConfigDict(dict(
       steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,
       lr=s["lr"], min_lr_ratio=0.1, warmup_steps=s["warmup_steps"], schedule="cosine",

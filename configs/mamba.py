@@ -1,8 +1,9 @@
 """Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|small|S|M|1.4B,modalities=...`.
 
-Pre-norm RMSNorm → Mamba-1 block → residual, no FFN (d_ff=0), d_state 16, expand 2, conv 4,
-dt_rank ceil(d_model / 16). Each size keeps the dense preset's width, batch, length and schedule and takes
-the depth that matches the dense preset's training FLOPs per token at its seq_len (`moma.flops.per_token`):
+Pre-norm RMSNorm → Mamba-1 block → residual, no FFN (d_ff=0), with `MambaConfig`'s defaults (the paper's
+d_state 16, expand 2, conv 4, dt_rank ceil(d_model / 16)). Each size keeps the dense preset's width, batch,
+length and schedule and takes the depth that matches the dense preset's training FLOPs per token at its
+seq_len (`moma.flops.per_token`):
 
   size   d_model  layers (dense)  Mamba / dense FLOPs per token
   tiny        64     4    (2)     0.94
@@ -19,6 +20,7 @@ transformer's depth, e.g. 48 layers at 1.4B) is `--config.model.num_layers=48`.
 import ml_collections
 
 from configs import common
+from moma.models import model_config
 
 NUM_LAYERS = {"tiny": 4, "small": 8, "S": 34, "M": 74, "1.4B": 76}
 
@@ -28,10 +30,8 @@ def mamba_config(size: str, modalities: str = "text+image+audio") -> ml_collecti
   if size not in NUM_LAYERS:
     raise ValueError(f"config argument size={size!r} is unknown; choose one of {list(NUM_LAYERS)}")
   config = common.base_config(size, common.parse_modalities(modalities))
-  config.model.update(block="mamba", d_ff=0, num_layers=NUM_LAYERS[size], untie=())
-  config.model.mamba = ml_collections.ConfigDict(dict(
-      d_state=16, d_conv=4, expand=2, dt_rank=0,  # 0: ceil(d_model / 16)
-      scan_impl="auto", chunk_size=64))
+  config.model.update(block="mamba", d_ff=0, num_layers=NUM_LAYERS[size])
+  config.model.mamba = model_config.defaults(model_config.MambaConfig)
   return config
 
 

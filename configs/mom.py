@@ -9,12 +9,12 @@ each size matches `configs/mamba.py` (and hence the dense preset) in FLOPs per t
 
 from configs import common
 from configs import mamba
+from moma.models.model_config import MAMBA_PROJECTIONS
 
-PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 UNTIE_PRESETS = {
-    "all": PROJECTIONS,
-    "all_conv": PROJECTIONS + ("conv",),
-    "everything": PROJECTIONS + ("conv", "norm"),
+    "all": MAMBA_PROJECTIONS,
+    "all_conv": MAMBA_PROJECTIONS + ("conv",),
+    "everything": MAMBA_PROJECTIONS + ("conv", "norm"),
     "none": (),
 }
 

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 from configs import common
 from moma.layers import routing
-from moma.models import decoder
+from moma.models import model_config
 
 
 def get_config(arg=None):
@@ -23,10 +23,11 @@ def get_config(arg=None):
   if args.routing not in ("ec", "topk"):
     raise ValueError(f"config argument routing={args.routing!r}: expected ec or topk")
   config.model.ffn = "moe"
-  top_k = min(decoder.MOE_DEFAULTS["top_k"], min(layout.sizes))  # token choice: 1 for 1t1i / 7t1i
-  config.model.moe = dict(decoder.MOE_DEFAULTS, layout=args.experts, routing=args.routing, top_k=top_k)
+  top_k = min(model_config.MoeConfig.top_k, min(layout.sizes))  # token choice: 1 for 1t1i / 7t1i
+  config.model.moe = dict(model_config.defaults(model_config.MoeConfig), layout=args.experts, routing=args.routing,
+                          top_k=top_k)
   # None by default, a tuple of per-group token-share bounds when set (e.g. "(0.6,0.4)").
   config.model.moe.token_fractions = config_dict.placeholder(tuple)
-  config.model.mod = dict(decoder.MOD_DEFAULTS, enabled=args.mod)
+  config.model.mod = dict(model_config.defaults(model_config.ModConfig), enabled=args.mod)
   config.init.params_from = ""  # stage 2: start from this workdir's params (same architecture)
   return config

@@ -6,9 +6,10 @@ every weight the model has: `qk_norm` only on presets with QK-norm (7B).
 """
 
 from configs import common
+from moma.models.model_config import UNTIE_COMPONENTS
 
 UNTIE_PRESETS = {
-    "all": ("qkv", "o", "ffn", "norm", "qk_norm"),
+    "all": UNTIE_COMPONENTS["transformer"],
     "attn": ("qkv", "o"),
     "ffn": ("ffn",),
     "ffn_norm": ("ffn", "norm"),

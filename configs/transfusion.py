@@ -5,7 +5,7 @@
 | mamba | mom (Mixture-of-Mamba); each is the matching discrete-image config with
 `data.image_form="patches"` (p×p pixel patches, `data.patch_size`), a patch projection
 (`model.patch_dim`, `model.patch_proj=linear|unet`) and the diffusion objective (`model.diffusion.*`,
-`moma.diffusion.DEFAULTS`: ddpm or flow, λ = loss_weight 5, noise_limit 500, caption_dropout 0.1).
+`moma.diffusion.DiffusionConfig`: ddpm or flow, λ = loss_weight 5, noise_limit 500, caption_dropout 0.1).
 """
 
 from configs import common
@@ -13,8 +13,8 @@ from configs import mamba
 from configs import mom
 from configs import moma
 from configs import mot
-from moma import diffusion
 from moma.models import decoder
+from moma.models import model_config
 
 ARCHS = ("dense", "mot", "moma", "mod", "mamba", "mom")
 
@@ -28,7 +28,7 @@ def _arch_config(arch: str, size: str):
     return moma.get_config(f"size={size},experts=4t4i")
   if arch == "mod":
     config = common.base_config(size, ("text", "image"))
-    config.model.mod = dict(decoder.MOD_DEFAULTS, enabled=True)
+    config.model.mod = dict(model_config.defaults(model_config.ModConfig), enabled=True)
     return config
   if arch == "mamba":
     return mamba.mamba_config(size, "text+image")
@@ -47,6 +47,6 @@ def get_config(arg=None):
       entry.weight = 0.0
   config.model.patch_dim = config.data.patch_size ** 2
   config.model.patch_proj = args.patch_proj
-  config.model.diffusion = dict(diffusion.DEFAULTS, objective=args.objective)
+  config.model.diffusion = dict(model_config.defaults(model_config.DiffusionConfig), objective=args.objective)
   decoder.as_model(dict(config.model, vocab_size=1))  # a bad objective / patch_proj fails here, named
   return config

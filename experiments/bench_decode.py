@@ -22,16 +22,17 @@ import numpy as np
 
 from moma.models import decoder
 from moma.models import generate
+from moma.models.model_config import MAMBA_PROJECTIONS
 
 COMMON = dict(modalities=("text", "image"), vocab_size=512, d_model=256, num_layers=4, num_heads=4, d_ff=1024)
 MODELS = {
     "dense": dict(COMMON),
     "mot": dict(COMMON, untie=("qkv", "o", "ffn", "norm")),
-    "moma_4t4i_ec": dict(COMMON, ffn="moe", d_ff=256, causal=True,
+    "moma_4t4i_ec": dict(COMMON, ffn="moe", d_ff=256, aux_routing=True,
                          moe=dict(layout="4t4i", routing="ec", aux_router=True)),
     "mamba": dict(COMMON, block="mamba", d_ff=0, mamba=dict(d_state=16)),
     "mom": dict(COMMON, block="mamba", d_ff=0, mamba=dict(d_state=16),
-                untie=("in_proj", "x_proj", "dt_proj", "out_proj")),
+                untie=MAMBA_PROJECTIONS),
 }
 
 

@@ -30,8 +30,7 @@ from moma import dispatch
 from moma import flops
 from moma.models import blocks
 from moma.models import decoder
-
-UNTIE_ALL = ("qkv", "o", "ffn", "norm", "qk_norm")
+from moma.models.model_config import UNTIE_COMPONENTS
 MODALITIES = ("text", "image", "audio")
 # config.model overrides of the sparse variants; MoE at the defaults: expert choice, capacity factor 1.
 SPARSE = {"moma_4t4i": dict(ffn="moe", moe=dict(layout="4t4i")),
@@ -206,8 +205,8 @@ def main():
   result = {}
   if "mot" in rows:
     for num_modalities in (2, 3):
-      compare(args, make_batch(args, num_modalities), num_modalities, {"mot": dict(untie=UNTIE_ALL)},
-              ("layer", "model"), result)
+      compare(args, make_batch(args, num_modalities), num_modalities,
+              {"mot": dict(untie=UNTIE_COMPONENTS["transformer"])}, ("layer", "model"), result)
   if "moma" in rows:
     batch = interleaved_batch(args)
     image_share = float(jnp.mean(batch["modality"] == 1))
@@ -216,7 +215,7 @@ def main():
     compare(args, batch, 2, SPARSE, ("ffn", "layer", "model"), result, flops_rows=True)
   if "compile" in rows:
     batch = make_batch(args, 3)
-    for arch, untie in (("dense", ()), ("mot", UNTIE_ALL)):
+    for arch, untie in (("dense", ()), ("mot", UNTIE_COMPONENTS["transformer"])):
       seconds = {n: compile_seconds(model_config(args, 3, n, untie), batch) for n in (2, 24)}
       ratio = seconds[24] / seconds[2]
       result[f"compile_24_over_2_layers_{arch}"] = round(ratio, 3)

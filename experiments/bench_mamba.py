@@ -29,9 +29,9 @@ from moma import dispatch
 from moma import flops
 from moma.layers import mamba
 from moma.models import decoder
+from moma.models.model_config import MAMBA_PROJECTIONS, MambaConfig
 
-VARIANTS = {"mamba": (), "mom": ("in_proj", "x_proj", "dt_proj", "out_proj"),
-            "mom+conv": mamba.UNTIE_COMPONENTS}
+VARIANTS = {"mamba": (), "mom": MAMBA_PROJECTIONS, "mom+conv": MAMBA_PROJECTIONS + ("conv",)}
 
 
 def interleaved_medians(calls, reps):
@@ -102,7 +102,7 @@ def bench_blocks(batch, length, d_model, num_modalities, reps):
   tx = optax.adamw(1e-3)
   calls = {}
   for name, untie in VARIANTS.items():
-    block = mamba.MambaBlock(d_model, num_modalities=num_modalities, untie=untie)
+    block = mamba.MambaBlock(MambaConfig(), d_model=d_model, num_modalities=num_modalities, untie=untie)
 
     def loss_fn(params, x, modality, block=block):
       plan = dispatch.partition(modality, num_modalities)  # built once per pass, as in the decoder
@@ -180,7 +180,7 @@ def main():
     blocks = bench_blocks(args.block_batch, args.block_len, args.d_model, 3, args.reps)
     result.update(block_seconds=blocks, mom_vs_mamba=blocks["mom"] / blocks["mamba"],
                   mom_conv_vs_mamba=blocks["mom+conv"] / blocks["mamba"],
-                  flops_per_token=mamba.mamba_flops_per_token(args.d_model), goal_mom_vs_mamba=1.15)
+                  flops_per_token=mamba.mamba_flops_per_token(MambaConfig(), args.d_model), goal_mom_vs_mamba=1.15)
   if "model" in parts:
     models, model_flops = bench_models(args.block_batch, args.block_len, args.d_model, args.model_layers, 3,
                                        args.reps)

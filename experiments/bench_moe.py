@@ -17,6 +17,7 @@ import numpy as np
 from moma import dispatch
 from moma.layers import mod
 from moma.layers import moe
+from moma.models.model_config import ModConfig, MoeConfig
 
 
 class DenseSwiGLU(nn.Module):
@@ -86,12 +87,12 @@ def main():
   plan = dispatch.partition(modality, 2)
   variants = {
       "dense": DenseSwiGLU(a.d_ff),
-      "moma_4t4i_ec": moe.MoE(a.d_ff, mods, "4t4i"),
-      "moe_8shared_ec": moe.MoE(a.d_ff, mods, "8shared"),
-      "moma_1t1i_ec": moe.MoE(a.d_ff, mods, "1t1i"),
+      "moma_4t4i_ec": moe.MoE(MoeConfig(layout="4t4i"), a.d_ff, mods),
+      "moe_8shared_ec": moe.MoE(MoeConfig(layout="8shared"), a.d_ff, mods),
+      "moma_1t1i_ec": moe.MoE(MoeConfig(layout="1t1i"), a.d_ff, mods),
       # Token choice goes through kernels.gmm: with the bootstrap reference gmm it costs E x the work.
-      "moe_8shared_top1": moe.MoE(a.d_ff, mods, "8shared", routing="topk", top_k=1),
-      "mod25_dense_ffn": mod.MixtureOfDepths(DenseSwiGLU(a.d_ff, residual=True), capacity=0.25),
+      "moe_8shared_top1": moe.MoE(MoeConfig(layout="8shared", routing="topk", top_k=1), a.d_ff, mods),
+      "mod25_dense_ffn": mod.MixtureOfDepths(DenseSwiGLU(a.d_ff, residual=True), ModConfig(capacity=0.25)),
   }
   steps = {name: compile_step(layer, x, plan) for name, layer in variants.items()}
   ms, ratios = time_round_robin(steps, a.repeats)

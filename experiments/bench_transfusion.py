@@ -19,12 +19,12 @@ import numpy as np
 from experiments import bench_layers
 from moma import flops
 from moma.models import decoder
+from moma.models.model_config import MAMBA_PROJECTIONS, UNTIE_COMPONENTS
 
 PATCH_DIM = 4
-MOM = ("in_proj", "x_proj", "dt_proj", "out_proj")
 # name: (variant overrides, baseline overrides)
-PAIRS = {"mot": (dict(untie=bench_layers.UNTIE_ALL), {}),
-         "mom": (dict(block="mamba", d_ff=0, untie=MOM),
+PAIRS = {"mot": (dict(untie=UNTIE_COMPONENTS["transformer"]), {}),
+         "mom": (dict(block="mamba", d_ff=0, untie=MAMBA_PROJECTIONS),
                  dict(block="mamba", d_ff=0))}
 
 

@@ -12,9 +12,9 @@ in training, so expert-choice routing sees the same competition) with the loss r
 positions at a time (`data.Packer.batch(with_source=True)`). `--alone` evaluates each source on batches
 drawn from it only, as a model meets one kind of input at inference: expert-choice routing (which ranks a
 batch's tokens against each other) then sees other competition than in training, while MoT and dense
-models, whose tokens do not interact outside attention, give the same losses up to sampling. `--causal`
+models, whose tokens do not interact outside attention, give the same losses up to sampling. `--aux_routing`
 evaluates expert-choice runs that trained auxiliary routers (`configs/moma.py`, stage `aux_routers`) with
-per-token routing by those routers (`model.causal`), the MoMa paper's inference mode; for MoE models each
+per-token routing by those routers (`model.aux_routing`), the MoMa paper's inference mode; for MoE models each
 source also reports `experts_per_token` (mean over layers; a dense FFN is 1.0), the FFN compute the routing
 spent on it.
 
@@ -44,16 +44,16 @@ from moma import studies
 
 
 def source_losses(run: studies.Run, eval_steps: int | None = None, alone: bool = False,
-                  causal: bool = False) -> dict[str, dict[str, float]]:
+                  aux_routing: bool = False) -> dict[str, dict[str, float]]:
   """{source: {"loss/<modality>": mean over its target tokens, "tokens/<modality>": per batch, and for MoE
   models "experts_per_token": over its positions}} of the run's latest checkpoint on the trainer's first
   `eval_steps` validation batches, the loss restricted to one source's positions at a time (the sources
   partition the trainer's validation loss). `alone`: on batches drawn from that source only instead (as
-  at inference on one kind of input). `causal`: a routed run's routers replaced by its trained auxiliary
-  routers (`model.causal`, per-token decisions); other runs are evaluated as they are."""
+  at inference on one kind of input). `aux_routing`: a routed run's routers replaced by its trained auxiliary
+  routers (`model.aux_routing`, per-token decisions); other runs are evaluated as they are."""
   config = ml_collections.ConfigDict(run.config)
-  if causal and (config.model.ffn == "moe" or config.model.get("mod", {}).get("enabled")):
-    config.model.causal = True  # build_model refuses routers without trained aux routers, naming the field
+  if aux_routing and (config.model.ffn == "moe" or config.model.get("mod", {}).get("enabled")):
+    config.model.aux_routing = True  # build_model refuses routers without trained aux routers, naming the field
   model = steps.build_model(config)
   params = checkpoint.restore_params(str(run.path), "run")
   modalities, loss_fn = tuple(config.model.modalities), steps.model_module(config).loss_fn
@@ -131,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--eval_steps", type=int, help="validation batches (default: the run's train.eval_steps)")
   parser.add_argument("--alone", action="store_true",
                       help="evaluate each source on batches of that source only (routing sees no other source)")
-  parser.add_argument("--causal", action="store_true",
-                      help="routed runs route with their trained auxiliary routers (model.causal); others as they are")
+  parser.add_argument("--aux_routing", action="store_true",
+                      help="routed runs route with their trained auxiliary routers (model.aux_routing); others as "
+                           "they are")
   args = parser.parse_args(argv)
   groups = list(dict.fromkeys(([args.baseline] if args.baseline else []) + args.runs))
   try:
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(finished) < len(runs):
       unfinished = ", ".join(run.name for run in runs if not run.finished)
       print(f"{path}: left out (not finished): {unfinished}", file=sys.stderr)
-    losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone, args.causal) for run in finished}
+    losses[path] = {run.seed: source_losses(run, args.eval_steps, args.alone, args.aux_routing) for run in finished}
     table += [{"run": run.name, "source": source, **values}
               for run in finished for source, values in losses[path][run.seed].items()]
   print(studies.markdown_table(table))

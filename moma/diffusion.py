@@ -44,9 +44,6 @@ class DiffusionConfig:
   flow_shift: float = 1.0
 
 
-DEFAULTS = dataclasses.asdict(DiffusionConfig())  # what presets start from (configs/transfusion.py)
-
-
 def check(s: DiffusionConfig) -> None:
   """Raises ValueError naming the config.model.diffusion field for settings that cannot train."""
   if s.objective not in OBJECTIVES:

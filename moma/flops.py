@@ -37,8 +37,6 @@ def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
   cfg = _config(model_config)
   if cfg.block == "mamba":
     return mamba_forward_per_token(cfg)
-  if cfg.block != "transformer":
-    raise ValueError(f"flops: config.model.block={cfg.block!r} not counted yet (have: 'transformer')")
   d, d_ff, layers, vocab = cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.vocab_size
   heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   ffn = 2 * 3 * d * d_ff  # SwiGLU gate, up, down
@@ -52,8 +50,7 @@ def forward_per_token(model_config: Any, seq_len: int) -> dict[str, float]:
     mod = cfg.mod
     n_mod = layers // mod.every  # one MoD layer per group of `every`
     routed = dict(per_layer, attention=per_layer["attention"] * mod.capacity)
-    mod_flops = mod_lib.flops_per_token(d, sum(routed.values()), capacity=mod.capacity,
-                                        aux_router=mod.aux_router)
+    mod_flops = mod_lib.flops_per_token(mod, d, sum(routed.values()))
     for k in per_layer:
       out[k] -= n_mod * (per_layer[k] - mod.capacity * routed[k])
     out["mod_router"] = n_mod * mod_flops["router_flops"]
@@ -65,10 +62,7 @@ def moe_layer(model_config: Any) -> dict[str, float]:
   """`moma.layers.moe.flops_per_token` of one MoE layer of config.model: forward FLOPs, active and total
   parameters (expert weights, router, aux router)."""
   cfg = _config(model_config)
-  moe = cfg.moe
-  return moe_lib.flops_per_token(cfg.d_model, cfg.d_ff, modalities=cfg.modalities, layout=moe.layout,
-                                 routing=moe.routing, capacity_factor=moe.capacity_factor, top_k=moe.top_k,
-                                 aux_router=moe.aux_router)
+  return moe_lib.flops_per_token(cfg.moe, cfg.d_model, cfg.d_ff, cfg.modalities)
 
 
 def ffn_params(model_config: Any) -> dict[str, float]:
@@ -106,8 +100,8 @@ def mamba_forward_per_token(model_config: Any) -> dict[str, float]:
   cfg = _config(model_config)
   if cfg.mod.enabled:
     raise ValueError("flops: config.model.mod with block='mamba' is not counted yet")
-  m, d = cfg.mamba, cfg.d_model
-  block = mamba_layer.mamba_flops_per_token(d, m.d_state, m.d_conv, m.expand, m.dt_rank)
+  d = cfg.d_model
+  block = mamba_layer.mamba_flops_per_token(cfg.mamba, d)
   ffn = 0
   if cfg.d_ff:
     ffn = moe_layer(cfg)["forward_flops"] if cfg.ffn == "moe" else 2 * 3 * d * cfg.d_ff

@@ -200,11 +200,9 @@ def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
   """Issue 8: AGD with MoMa layers (config.model.ffn="moe"): per-modality experts, their sown aux losses
   (token choice sows them; expert choice has none) and routing metrics, shared by a decoder objective
   and an encoder one."""
-  from moma.models import decoder
-
   config = small_config(data_cache_dir, untie="none")
   config.model.ffn = "moe"
-  config.model.moe = dict(decoder.MOE_DEFAULTS, layout="2t2i1a", routing="topk", top_k=1)
+  config.model.moe = dict(layout="2t2i1a", routing="topk", top_k=1)
   config = train.resolve_config(config)
   tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access

@@ -27,13 +27,13 @@ def compiled(request):
 @pytest.mark.parametrize("split,chunk", [(8, 1), (3, 1), (4, 2)])
 def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
   """Decoding continues the last prompt document (split 8: the second; split 3: the first, with chunked
-  steps crossing nothing); MoE / MoD models decode with their per-token aux routers (causal=True)."""
+  steps crossing nothing); MoE / MoD models decode with their per-token aux routers (aux_routing=True)."""
   m = compiled
   batch = make_batch(seed=1, l=L)
   if split < 6:  # keep the decoded tokens in the prompt's document
     batch = dict(batch, segment=jnp.ones_like(batch["segment"]),
                  position=jnp.broadcast_to(jnp.arange(L), batch["tokens"].shape))
-  full = jax.jit(generate._causal(m.model).apply)(m.variables, batch)
+  full = jax.jit(generate._aux_routed(m.model).apply)(m.variables, batch)
   decoded, cache = decode_in_steps(m, batch, split, chunk)
   np.testing.assert_allclose(decoded, full, rtol=2e-5, atol=2e-5)
   lengths = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if path[-1].key == "length"]
@@ -44,7 +44,7 @@ def test_bfloat16_cache_decodes_like_the_full_forward():
   m = Compiled(**dict(MOT, dtype="bfloat16"))
   batch = make_batch(seed=4, l=L)
   decoded, cache = decode_in_steps(m, batch, 8)
-  assert cache["layers"]["mixer"]["k_BSHK"].dtype == jnp.bfloat16
+  assert cache["layers"]["mixer"]["k_BSGK"].dtype == jnp.bfloat16
   np.testing.assert_allclose(decoded, m.apply(m.variables, batch), rtol=2e-2, atol=2e-2)
 
 
@@ -73,7 +73,7 @@ def test_greedy_generate_is_argmax_of_the_full_forward(name):
   whole = dict(tokens=extend("tokens", tokens), modality=extend("modality", modality),
                segment=extend("segment", jnp.full((2, new), 2, jnp.int32)),
                position=extend("position", prompt["position"][:, -1:] + 1 + jnp.arange(new)))
-  full = generate._causal(m.model).apply(m.variables, whole)
+  full = generate._aux_routed(m.model).apply(m.variables, whole)
   np.testing.assert_array_equal(tokens, jnp.argmax(full[:, prompt_len - 1:-1], -1))
 
 

@@ -1,5 +1,5 @@
 """Mamba / Mixture-of-Mamba block: decoding equals the full forward, MoM reduces to Mamba, causality,
-document resets, untie switches, reference inits, errors."""
+document resets, untie switches, reference inits, the decode length limit."""
 
 import math
 
@@ -11,13 +11,15 @@ import pytest
 
 from moma import dispatch
 from moma.layers import mamba
+from moma.models.model_config import MAMBA_PROJECTIONS, MambaConfig
 
 D_MODEL, G, L = 16, 3, 12
-ALL = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv")
+ALL = MAMBA_PROJECTIONS + ("conv",)
 
 
-def block(**kw):
-  return mamba.MambaBlock(D_MODEL, **{"d_state": 4, "num_modalities": G, **kw})
+def block(scan_impl="auto", chunk_size=64, **kw):
+  config = MambaConfig(d_state=4, scan_impl=scan_impl, chunk_size=chunk_size)
+  return mamba.MambaBlock(config, **{"d_model": D_MODEL, "num_modalities": G, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,9 @@ def param_shapes(m, x, modality):
           for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]}
 
 
-def apply(m, method="__call__"):
-  return jax.jit(lambda v, x, mod, **kw: m.apply(v, x, dispatch.partition(mod, G), method=method, **kw))
+def apply(m, **static):
+  """Jitted forward; `return_cache=True`: also the MambaCache, the decoder's decode path (`Block._recurrent`)."""
+  return jax.jit(lambda v, x, mod, **kw: m.apply(v, x, dispatch.partition(mod, G), **static, **kw))
 
 
 @jax.jit
@@ -57,29 +60,28 @@ def test_prefill_then_steps_equals_full_forward(data, untie, impl):
   m = block(untie=untie, scan_impl=impl, chunk_size=5)
   v = randomize(init(m, x, modality))
   full = apply(m)(v, x, modality)
-  split = 5
-  y, cache = apply(m, "prefill")(v, x[:, :split], modality[:, :split])
+  split, step = 5, apply(m, return_cache=True)
+  y, cache = step(v, x[:, :split], modality[:, :split])
   assert cache.conv_BKD.shape == (2, 3, 2 * D_MODEL)
   assert cache.ssm_BDN.shape == (2, 2 * D_MODEL, 4) and cache.ssm_BDN.dtype == jnp.float32
-  step = jax.jit(lambda v, x, mod, c: m.apply(v, x, dispatch.partition(mod, G), c, method="step"))
   ys = [y]
   for t in range(split, L):
-    y, cache = step(v, x[:, t:t + 1], modality[:, t:t + 1], cache)
+    y, cache = step(v, x[:, t:t + 1], modality[:, t:t + 1], cache=cache)
     ys.append(y)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), full, rtol=1e-5, atol=1e-5)
   assert int(cache.length) == L
   # the cache matters: the empty state continues like a fresh forward, not like the prompt
   empty = mamba.MambaCache.zeros(2, 2 * D_MODEL, 4)
-  y_fresh, _ = step(v, x[:, -1:], modality[:, -1:], empty)
+  y_fresh, _ = step(v, x[:, -1:], modality[:, -1:], cache=empty)
   np.testing.assert_allclose(y_fresh, apply(m)(v, x[:, -1:], modality[:, -1:]), rtol=1e-5, atol=1e-5)
   assert not np.allclose(y_fresh, full[:, -1:], atol=1e-3)
 
 
 def test_mom_with_equal_weights_per_modality_is_mamba(data):
   x, modality = data
-  dense = block(num_modalities=1)
-  v = randomize(dense.init(jax.random.key(2), x, None))
-  y_dense = jax.jit(dense.apply)(v, x, None)
+  dense = block()
+  v = randomize(init(dense, x, modality))
+  y_dense = apply(dense)(v, x, modality)
   mom = block(untie=ALL)
   shapes = nn.meta.unbox(jax.eval_shape(mom.init, jax.random.key(0), x, dispatch.partition(modality, G)))
   tiled = jax.tree.map(lambda p, s: jnp.broadcast_to(p, s.shape), v, shapes)
@@ -106,7 +108,7 @@ def test_packed_documents_do_not_leak(data):
   v = randomize(init(m, x, modality))
   cut = 5  # documents [0, 5) and [5, 12) in row 0; row 1 holds one document
   segment = jnp.array([[1] * cut + [2] * (L - cut), [1] * L])
-  f, prefill = apply(m), apply(m, "prefill")
+  f, prefill = apply(m), apply(m, return_cache=True)
   packed = f(v, x, modality, segment_BL=segment)
   alone = lambda sl: f(v, x[:1, sl], modality[:1, sl])
   np.testing.assert_allclose(packed[0, :cut], alone(slice(0, cut))[0], rtol=1e-5, atol=1e-5)
@@ -162,28 +164,22 @@ def test_flops_match_parameter_count(data):
     kernels //= G if untie else 1  # a token uses one modality's weights: active FLOPs do not change
     d_inner = 2 * D_MODEL
     expected = 2 * kernels + 9 * d_inner * 4 + (2 * 4 + 10) * d_inner
-    assert mamba.mamba_flops_per_token(D_MODEL, d_state=4) == expected
+    assert mamba.mamba_flops_per_token(MambaConfig(d_state=4), D_MODEL) == expected
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(untie=("qkv",)), "untie"),
-    (dict(d_state=0), "d_state"),
-    (dict(chunk_size=0, scan_impl="chunked"), "chunk_size"),
-    (dict(max_len=8), "max_len"),
-])
-def test_bad_config_names_the_field(data, kw, field):
+def test_a_sequence_past_max_len_raises(data):
   x, modality = data
-  with pytest.raises(ValueError, match=field):
-    param_shapes(block(**kw), x, modality)
+  with pytest.raises(ValueError, match="max_len"):
+    param_shapes(block(max_len=8), x, modality)
 
 
 def test_decoding_past_max_len_raises(data):
   x, modality = data
   m = block(max_len=L)
   v = init(m, x, modality)
-  _, cache = apply(m, "prefill")(v, x, modality)
+  _, cache = apply(m, return_cache=True)(v, x, modality)
   with pytest.raises(ValueError, match="max_len"):
-    m.apply(v, x[:, :1], dispatch.partition(modality[:, :1], G), cache, method="step")
+    m.apply(v, x[:, :1], dispatch.partition(modality[:, :1], G), cache=cache, return_cache=True)
   with pytest.raises(ValueError, match="max_len"):
     mamba.check_decode_length(L - 2, 3, L)
   mamba.check_decode_length(L - 2, 2, L)

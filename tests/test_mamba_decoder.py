@@ -13,10 +13,10 @@ from moma import metrics
 from moma import train
 from moma.models import decoder
 from moma.models import generate
+from moma.models.model_config import MAMBA_PROJECTIONS as PROJECTIONS
 from tests.test_decoder import make_batch, tie_copies
 from tests.test_flops import xla_train_flops_per_token
 
-PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 BASE = dict(modalities=("text", "image", "audio"), vocab_size=48, d_model=16, num_layers=2, d_ff=0,
             block="mamba", mamba=dict(d_state=4), max_seq_len=16)
 L = 12
@@ -172,6 +172,7 @@ def test_tiny_mom_config_trains(data_cache_dir, tmp_path):
     (dict(mamba=dict(d_state=0)), "config.model.mamba.d_state=0"),
     (dict(mamba=dict(d_state=4, dstate=8)), "config.model.mamba has unknown keys"),
     (dict(mamba=dict(scan_impl="fast")), "config.model.mamba.scan_impl"),
+    (dict(mamba=dict(chunk_size=0)), "config.model.mamba.chunk_size=0"),
 ])
 def test_bad_config_names_the_field(override, match):
   with pytest.raises(ValueError, match=match):

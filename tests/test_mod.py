@@ -9,6 +9,7 @@ import pytest
 from moma import dispatch
 from moma.layers import mod
 from moma.layers import moe
+from moma.models.model_config import ModConfig, MoeConfig
 
 D = 8
 
@@ -24,6 +25,11 @@ class CausalMix(nn.Module):
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] != 0) & jnp.tri(n, dtype=bool)
     mix = jnp.einsum("bqk,bkd->bqd", same / jnp.maximum(same.sum(-1, keepdims=True), 1), x)
     return x + jnp.tanh(mix @ w)
+
+
+def _mod(block, aux_routing=False, **kw):
+  """MoD around `block`; `routing_rows` 0: "batch" selection over the whole (meshless) batch."""
+  return mod.MixtureOfDepths(block, ModConfig(**{"routing_rows": 0, **kw}), aux_routing=aux_routing)
 
 
 def _batch(b=2, length=16):
@@ -42,7 +48,7 @@ def _apply(layer, x, plan, variables=None, **kw):
 @pytest.mark.parametrize("selection", ["batch", "sequence"])
 def test_selected_tokens_see_only_selected_tokens_of_their_own_row(selection):
   x, segment, plan = _batch()
-  layer = mod.MixtureOfDepths(CausalMix(), capacity=0.25, selection=selection)
+  layer = _mod(CausalMix(), capacity=0.25, selection=selection)
   variables, y, st = _apply(layer, x, plan, segment=segment)
   np.testing.assert_allclose(st["metrics"]["mod_skip_frac"][0], 0.75)
   p = nn.meta.unbox(variables)["params"]
@@ -62,7 +68,7 @@ def test_selected_tokens_see_only_selected_tokens_of_their_own_row(selection):
 
 def test_full_capacity_is_the_router_weighted_block():
   x, segment, plan = _batch()
-  layer = mod.MixtureOfDepths(CausalMix(), capacity=1.0, selection="sequence")
+  layer = _mod(CausalMix(), capacity=1.0, selection="sequence")
   variables, y, _ = _apply(layer, x, plan, segment=segment)
   p = nn.meta.unbox(variables)["params"]
   r = jax.nn.sigmoid(x @ p["router"])[..., None]
@@ -72,23 +78,23 @@ def test_full_capacity_is_the_router_weighted_block():
 
 def test_gradients_reach_the_mod_router():
   x, segment, plan = _batch()
-  layer = mod.MixtureOfDepths(CausalMix())
+  layer = _mod(CausalMix())
   variables = layer.init(jax.random.key(3), x, plan, segment=segment)
   g = jax.grad(lambda v: jnp.sum(layer.apply(v, x, plan, segment=segment, mutable=["metrics"])[0] ** 2))(
       variables)
   assert float(jnp.abs(nn.meta.unbox(g)["params"]["router"]).sum()) > 0
 
 
-def test_causal_path_ignores_future_tokens():
+def test_aux_routing_ignores_future_tokens():
   x, segment, plan = _batch()
-  layer = mod.MixtureOfDepths(CausalMix(), aux_router=True, causal=True)
+  layer = _mod(CausalMix(), aux_router=True, aux_routing=True)
   variables, y, st = _apply(layer, x, plan, segment=segment)
   assert 0 < float(st["metrics"]["mod_skip_frac"][0]) < 1
   t = 11
   x2 = x.at[:, t:].set(jax.random.normal(jax.random.key(9), x[:, t:].shape))
   _, y2, _ = _apply(layer, x2, plan, variables, segment=segment)
   np.testing.assert_allclose(y[:, :t], y2[:, :t], rtol=1e-6, atol=1e-6)
-  train = mod.MixtureOfDepths(CausalMix(), aux_router=True)
+  train = _mod(CausalMix(), aux_router=True)
   _, _, st = _apply(train, x, plan, variables, segment=segment)
   assert float(st["losses"]["mod_aux_router_bce"][0]) > 0 and "mod_aux_router_acc" in st["metrics"]
 
@@ -96,19 +102,31 @@ def test_causal_path_ignores_future_tokens():
 def test_mod_around_moma_experts():
   """MoD before the modality split: the wrapped MoE layer gets a plan over the selected tokens only."""
   x, segment, plan = _batch()
-  layer = mod.MixtureOfDepths(moe.MoE(16, ("text", "image"), "2t2i"), capacity=0.5)
+  layer = _mod(moe.MoE(MoeConfig(layout="2t2i"), d_ff=16, modalities=("text", "image")), capacity=0.5)
   _, y, st = _apply(layer, x, plan, segment=segment)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
   np.testing.assert_allclose(st["metrics"]["mod_skip_frac"][0], 0.5)
   assert "no_expert/text" in st["metrics"]["block"]
 
 
-@pytest.mark.parametrize("kw,match", [(dict(capacity=0.0), "capacity"), (dict(capacity=1.5), "capacity"),
-                                      (dict(selection="row"), "selection"), (dict(causal=True), "aux_router")])
-def test_mod_errors(kw, match):
-  x, segment, plan = _batch()
-  with pytest.raises(ValueError, match=match):
-    mod.MixtureOfDepths(CausalMix(), **kw).init(jax.random.key(0), x, plan, segment=segment)
+def test_aux_routing_needs_the_segment():
+  x, _, plan = _batch()
+  with pytest.raises(ValueError, match="segment="):
+    _mod(CausalMix(), aux_router=True, aux_routing=True).init(jax.random.key(0), x, plan)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_each_group_of_routing_rows_selects_alone(rows):
+  """"batch" selection with routing_rows=r: a batch's output is that of its groups of r rows, each alone."""
+  x, segment, plan = _batch(b=4)
+  layer = _mod(CausalMix(), routing_rows=rows)
+  variables, y, _ = _apply(layer, x, plan, segment=segment)
+  modality = plan.group_of_token.reshape(4, -1)
+  alone = [_apply(layer, x[i:i + rows], dispatch.partition(modality[i:i + rows], 2), variables,
+                  segment=segment[i:i + rows])[1] for i in range(0, 4, rows)]
+  np.testing.assert_allclose(y, jnp.concatenate(alone), rtol=1e-6, atol=1e-6)
+  whole = _apply(_mod(CausalMix()), x, plan, variables, segment=segment)[1]
+  assert not np.allclose(y, whole)
 
 
 def test_packed_batch_attention_is_banded_and_exact():
@@ -125,7 +143,7 @@ def test_packed_batch_attention_is_banded_and_exact():
   modality = jax.random.randint(jax.random.key(1), (b, length), 0, 2)
   plan = dispatch.partition(modality, 2)
   ctx = dict(modality=modality, segment=segment, position=position)
-  make = lambda impl, attends: mod.MixtureOfDepths(blocks.Block(config(impl)), capacity=0.75,
+  make = lambda impl, attends: mod.MixtureOfDepths(blocks.Block(config(impl)), ModConfig(capacity=0.75, routing_rows=0),
                                                    block_attends=attends)
   variables = make("xla", False).init(jax.random.key(2), x, plan, **ctx)
   full = make("xla", False).apply(variables, x, plan, **ctx)

@@ -8,10 +8,12 @@ import pytest
 
 from moma.models import decoder
 from moma.models import generate
+from moma.models import model_config
 from moma.models.model_config import ModelConfig, MoeConfig
 
 MODEL = dict(modalities=("text", "image"), vocab_size=32, d_model=16, num_heads=4, d_ff=32, ffn="moe",
              moe=dict(layout="2t2i", token_fractions=(0.5, 0.5)))
+MOD = dict(MODEL, ffn="dense", mod=dict(enabled=True))
 
 
 def test_config_dict_and_its_json_round_trip_give_one_hashable_config():
@@ -31,7 +33,16 @@ def test_config_dict_and_its_json_round_trip_give_one_hashable_config():
     (dict(MODEL, moe=dict(layout="2t2x")), r"config.model.moe.layout='2t2x'"),
     (dict(MODEL, moe=dict(layout="2t2i", gate="relu")), r"config.model.moe.gate='relu'"),
     (dict(MODEL, moe=dict(layout="2t2i", token_fractions=(1.0,))), r"config.model.moe.token_fractions=\(1.0,\)"),
-    (dict(MODEL, mod=dict(enabled=True, routing_rows=-1)), r"config.model.mod.routing_rows=-1"),
+    (dict(MODEL, moe=dict(layout="2t2i", capacity_factor=0.0)), r"config.model.moe.capacity_factor=0.0"),
+    (dict(MODEL, moe=dict(layout="2t2i", routing="hash")), r"config.model.moe.routing='hash'"),
+    (dict(MODEL, moe=dict(layout="2t2i", routing="topk", top_k=3)), r"config.model.moe.top_k=3"),
+    (dict(MODEL, moe=dict(layout="2t2i", routing_rows=-1)), r"config.model.moe.routing_rows=-1"),
+    (dict(MODEL, aux_routing=True), r"config.model.moe.aux_router=True, trained by the aux_routers stage"),
+    (dict(MOD, mod=dict(enabled=True, routing_rows=-1)), r"config.model.mod.routing_rows=-1"),
+    (dict(MOD, mod=dict(enabled=True, capacity=1.5)), r"config.model.mod.capacity=1.5"),
+    (dict(MOD, mod=dict(enabled=True, selection="row")), r"config.model.mod.selection='row'"),
+    (dict(MOD, mod=dict(enabled=True, every=3)), r"config.model.mod.every=3"),
+    (dict(MOD, aux_routing=True), r"config.model.mod.aux_router=True"),
 ])
 def test_unknown_or_bad_fields_are_named(model, match):
   with pytest.raises(ValueError, match=match):
@@ -43,3 +54,14 @@ def test_equal_models_share_one_compiled_generate():
   a, b = decoder.as_model(MODEL), decoder.as_model(ml_collections.ConfigDict(MODEL))
   assert a is not b and generate._compiled(a, 3) is generate._compiled(b, 3)  # pylint: disable=protected-access
   assert generate._compiled(a, 3) is not generate._compiled(a, 4)  # pylint: disable=protected-access
+
+
+def test_aux_routing_of_token_choice_needs_no_aux_router():
+  ModelConfig.from_config(dict(MODEL, aux_routing=True, moe=dict(layout="2t2i", routing="topk")))
+
+
+def test_routing_rows_must_divide_each_devices_rows():
+  assert model_config.routing_group("moe", 1, 6) == 1 and model_config.routing_group("moe", 3, 6) == 3
+  assert model_config.routing_group("mod", 0, 6) == 6  # 0: each device's rows
+  with pytest.raises(ValueError, match=r"config.model.mod.routing_rows=4 does not divide the 6 batch rows"):
+    model_config.routing_group("mod", 4, 6)

@@ -12,11 +12,18 @@ import pytest
 from moma import dispatch
 from moma.layers import moe
 from moma.layers import routing
+from moma.models.model_config import MoeConfig
 
 MODS = ("text", "image")
 D, F = 8, 16
 STEPS = 30  # optimisation steps of the two tests that train (compiled once, cheap per step)
 LB_LR = 1e-1
+
+
+def _moe(layout="4t4i", aux_routing=False, **kw):
+  """An MoE layer over the test's modalities; `routing_rows` 0: it routes over the whole (meshless) batch."""
+  return moe.MoE(MoeConfig(**{"layout": layout, "routing_rows": 0, **kw}), d_ff=F, modalities=MODS,
+                 aux_routing=aux_routing)
 
 
 def _batch(b=2, length=16, seed=0, num_modalities=2):
@@ -60,32 +67,21 @@ def test_layout_errors(layout, match):
     routing.parse_layout(layout, ("text", "image", "audio"))
 
 
-@pytest.mark.parametrize("kw,match", [(dict(capacity_factor=0.0), "capacity_factor"),
-                                      (dict(routing="topk", top_k=5), "top_k=5"),
-                                      (dict(causal=True), "aux_router"),
-                                      (dict(token_fractions=(0.5,)), "token_fractions"),
-                                      (dict(routing="hash"), "routing")])
-def test_bad_config_errors(kw, match):
-  x, _, plan = _batch()
-  with pytest.raises(ValueError, match=match):
-    moe.MoE(F, MODS, "4t4i", **kw).init(jax.random.key(0), x, plan)
-
-
 def test_plan_without_modalities_is_an_error():
   x, modality, _ = _batch()
   with pytest.raises(ValueError, match="dispatch.partition"):
-    moe.MoE(F, MODS, "4t4i").init(jax.random.key(0), x, dispatch.partition(modality, 1))
+    _moe().init(jax.random.key(0), x, dispatch.partition(modality, 1))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(layout="6t2i"), dict(routing="topk"),
                                 dict(routing="topk", dropless=True, gate="sigmoid"),
-                                dict(aux_router=True, causal=True)])
+                                dict(aux_router=True, aux_routing=True)])
 def test_no_token_reaches_another_modalitys_expert(kw):
   x, modality, plan = _batch()
-  layer = moe.MoE(F, MODS, **{"layout": "4t4i", **kw})
+  layer = _moe(**kw)
   variables, y, state = _run(layer, x, plan)
   chosen = state["intermediates"]["chosen"][0]
-  expert_group = routing.parse_layout(layer.layout, MODS).expert_group
+  expert_group = routing.parse_layout(layer.config.layout, MODS).expert_group
   assert not np.any(np.asarray(chosen) & (modality.reshape(-1, 1) != expert_group[None]))
   # Perturbing the image experts must leave every text token's output bit-identical.
   p = _params(variables)
@@ -104,7 +100,7 @@ def test_expert_choice_takes_exactly_its_capacity_and_matches_reference(layout, 
   counts = np.bincount(np.ravel(modality), minlength=2)
   lay = routing.parse_layout(layout, MODS)
   fractions = None if lay.shared else tuple(counts / counts.sum())  # bounds that fit this batch
-  layer = moe.MoE(F, MODS, layout, capacity_factor=c, token_fractions=fractions)
+  layer = _moe(layout, capacity_factor=c, token_fractions=fractions)
   variables, y, state = _run(layer, x, plan)
   chosen = np.asarray(state["intermediates"]["chosen"][0])
   b = counts if not lay.shared else [counts.sum()]
@@ -117,9 +113,26 @@ def test_expert_choice_takes_exactly_its_capacity_and_matches_reference(layout, 
   np.testing.assert_allclose(y.reshape(-1, D), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(routing="topk", top_k=1)])
+def test_each_group_of_routing_rows_routes_alone(kw):
+  """routing_rows=r: the output of a batch is that of its groups of r rows, each routed alone (1, the
+  default, routes every row on its own), so no device count can change what a token gets."""
+  x, modality, plan = _batch(b=4)
+  ys = {}
+  for rows in (1, 2, 0):
+    layer = _moe(routing_rows=rows, **kw)
+    variables, ys[rows], _ = _run(layer, x, plan)
+    if rows:
+      alone = [_run(layer, x[i:i + rows], dispatch.partition(modality[i:i + rows], 2), variables)[1]
+               for i in range(0, 4, rows)]
+      np.testing.assert_allclose(ys[rows], jnp.concatenate(alone), rtol=1e-6, atol=1e-6)
+  if not kw:  # expert choice ranks the tokens of its group of rows against each other
+    assert not np.allclose(ys[1], ys[0]) and not np.allclose(ys[2], ys[0])
+
+
 def test_expert_choice_picks_the_top_scores():
   x, modality, plan = _batch()
-  variables, _, state = _run(moe.MoE(F, MODS, "4t4i", token_fractions=(1.0, 1.0)), x, plan)
+  variables, _, state = _run(_moe(token_fractions=(1.0, 1.0)), x, plan)
   chosen = np.asarray(state["intermediates"]["chosen"][0])
   score = np.asarray(jax.nn.sigmoid(x.reshape(-1, D) @ _params(variables)["router"]))
   for e in range(8):
@@ -130,7 +143,7 @@ def test_expert_choice_picks_the_top_scores():
 def test_1t1i_full_capacity_equals_untied_swiglu():
   """Capacity covering every token: y = sigmoid(router score) · untied FFN of the token's modality."""
   x, modality, plan = _batch()
-  layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
+  layer = _moe("1t1i", token_fractions=(1.0, 1.0))
   variables, y, _ = _run(layer, x, plan)
   p = _params(variables)
   # Expert e of 1t1i is modality e's FFN: the per-token reference at each token's own modality.
@@ -143,7 +156,7 @@ def test_1t1i_full_capacity_equals_untied_swiglu():
 @pytest.mark.parametrize("gate,dropless", [("softmax", True), ("sigmoid", True), ("softmax", False)])
 def test_token_choice_matches_reference(gate, dropless):
   x, modality, plan = _batch()
-  layer = moe.MoE(F, MODS, "4t4i", routing="topk", top_k=2, gate=gate, dropless=dropless)
+  layer = _moe(routing="topk", top_k=2, gate=gate, dropless=dropless)
   variables, y, state = _run(layer, x, plan)
   chosen = np.asarray(state["intermediates"]["chosen"][0])
   assert chosen.sum(1).max() <= 2
@@ -164,7 +177,7 @@ def test_token_choice_matches_reference(gate, dropless):
 @pytest.mark.parametrize("kw", [dict(), dict(routing="topk"), dict(routing="topk", gate="sigmoid")])
 def test_gradients_reach_the_router(kw):
   x, _, plan = _batch()
-  layer = moe.MoE(F, MODS, "4t4i", **kw)
+  layer = _moe(**kw)
   variables = layer.init(jax.random.key(0), x, plan)
 
   def loss(params):
@@ -176,9 +189,9 @@ def test_gradients_reach_the_router(kw):
   assert all(float(jnp.abs(grads[k]["kernel"]).sum()) > 0 for k in ("wi", "wo"))
 
 
-def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
+def test_aux_routing_ignores_future_tokens_and_main_grads():
   x, modality, plan = _batch(length=16)
-  layer = moe.MoE(F, MODS, "4t4i", aux_router=True, causal=True)
+  layer = _moe(aux_router=True, aux_routing=True)
   variables, y, state = _run(layer, x, plan)
   assert 0 < np.asarray(state["intermediates"]["chosen"][0]).mean() < 1  # aux router is actually deciding
   t = 9
@@ -187,7 +200,7 @@ def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
   _, y2, _ = _run(layer, x2, dispatch.partition(m2, 2), variables)
   np.testing.assert_allclose(y[:, :t], y2[:, :t], rtol=1e-6, atol=1e-6)
   # Training mode: the aux BCE only trains the aux router (stop-gradient inputs and targets).
-  train = moe.MoE(F, MODS, "4t4i", aux_router=True)
+  train = _moe(aux_router=True)
 
   def aux_loss(params):
     _, st = train.apply({"params": params}, x, plan, mutable=["losses", "metrics"])
@@ -200,7 +213,7 @@ def test_aux_router_causal_path_ignores_future_tokens_and_main_grads():
 
 def test_aux_router_learns_the_main_routers_choices():
   x, _, plan = _batch()
-  layer = moe.MoE(F, MODS, "4t4i", aux_router=True)
+  layer = _moe(aux_router=True)
   params = layer.init(jax.random.key(0), x, plan)["params"]
   opt = optax.adam(1e-1)
   state = opt.init(params)
@@ -224,7 +237,7 @@ def test_top_k_load_balancing_spreads_a_skewed_batch():
   x = jax.random.normal(jax.random.key(0), (2, 32, D))
   x = x.at[..., 0].add(3.0)  # a shared direction every token carries
   plan = dispatch.partition(jnp.zeros((2, 32), jnp.int32), 2)
-  layer = moe.MoE(F, MODS, "8shared", routing="topk", top_k=1, dropless=True, load_balance_weight=1.0)
+  layer = _moe("8shared", routing="topk", top_k=1, dropless=True, load_balance_weight=1.0)
   params = nn.meta.unbox(layer.init(jax.random.key(1), x, plan)["params"])
   params["router"] = params["router"].at[0, 0].set(5.0)  # everyone prefers expert 0
 
@@ -245,7 +258,7 @@ def test_top_k_load_balancing_spreads_a_skewed_batch():
 
 def test_router_noise_only_in_training():
   x, _, plan = _batch()
-  layer = moe.MoE(F, MODS, "4t4i", router_noise=1.0)
+  layer = _moe(router_noise=1.0)
   variables, y, _ = _run(layer, x, plan)
   _, y_eval, _ = _run(layer, x, plan, variables, deterministic=True)
   np.testing.assert_array_equal(y, y_eval)
@@ -256,7 +269,7 @@ def test_router_noise_only_in_training():
 def test_padding_tokens_get_no_expert():
   x, modality, plan = _batch()
   segment = jnp.ones(modality.shape, jnp.int32).at[:, -4:].set(0)
-  _, y, state = _run(moe.MoE(F, MODS, "4t4i"), x, plan, segment=segment)
+  _, y, state = _run(_moe(), x, plan, segment=segment)
   assert not np.asarray(state["intermediates"]["chosen"][0]).reshape(2, 16, 8)[:, -4:].any()
   np.testing.assert_array_equal(y[:, -4:], 0)
 
@@ -269,7 +282,7 @@ def _compiled_flops(layout):
     from experiments.bench_moe import DenseSwiGLU  # pylint: disable=g-import-not-at-top
     layer = DenseSwiGLU(256)
   else:
-    layer = moe.MoE(256, MODS, layout)
+    layer = moe.MoE(MoeConfig(layout=layout), d_ff=256, modalities=MODS)
   variables = layer.init(jax.random.key(0), x, plan)
   fn = jax.jit(lambda v, x: layer.apply(v, x, plan, mutable=["losses", "metrics"])[0])
   cost = fn.lower(variables, x).compile().cost_analysis()
@@ -277,7 +290,7 @@ def _compiled_flops(layout):
 
 
 def test_4t4i_at_capacity_one_costs_a_dense_ffn():
-  analytic = moe.flops_per_token(64, 256, modalities=MODS, layout="4t4i")
+  analytic = moe.flops_per_token(MoeConfig(layout="4t4i"), 64, 256, MODS)
   assert analytic["expert_flops"] == 2 * 3 * 64 * 256  # exactly the dense SwiGLU's
   assert analytic["forward_flops"] - analytic["expert_flops"] == 2 * 64 * 8  # the router
   assert analytic["total_params"] == 8 * 3 * 64 * 256 + 64 * 8
@@ -295,7 +308,7 @@ def test_scan_over_layers_in_bfloat16():
       layer = nn.scan(lambda mdl, c, p: (c + mdl(c, p), None),
                       variable_axes={"params": 0, "losses": 0, "metrics": 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=2, metadata_params={nn.PARTITION_NAME: "layers"})
-      return layer(moe.MoE(F, MODS, "4t4i", routing="topk", dtype=jnp.bfloat16), x, plan)[0]
+      return layer(moe.MoE(MoeConfig(routing="topk"), d_ff=F, modalities=MODS, dtype=jnp.bfloat16), x, plan)[0]
 
   x, _, plan = _batch()
   # init_with_output: the forward pass and the stacked collections from one compiled function.

@@ -9,6 +9,7 @@ import pytest
 from moma import dispatch
 from moma import upcycle
 from moma.layers import moe
+from moma.models.model_config import MoeConfig
 
 MODS = ("text", "image")
 D, F = 8, 16
@@ -19,8 +20,9 @@ def test_upcycled_4t4i_layer_equals_1t1i_when_every_copy_is_selected():
   x = jax.random.normal(jax.random.key(0), (2, 16, D))
   modality = jax.random.randint(jax.random.key(1), (2, 16), 0, 2)
   plan = dispatch.partition(modality, 2)
-  src_layer = moe.MoE(F, MODS, "1t1i", token_fractions=(1.0, 1.0))
-  dst_layer = moe.MoE(F, MODS, "4t4i", capacity_factor=4.0, token_fractions=(1.0, 1.0))
+  src_layer = moe.MoE(MoeConfig(layout="1t1i", token_fractions=(1.0, 1.0)), d_ff=F, modalities=MODS)
+  dst_layer = moe.MoE(MoeConfig(layout="4t4i", capacity_factor=4.0, token_fractions=(1.0, 1.0)), d_ff=F,
+                      modalities=MODS)
   src = src_layer.init(jax.random.key(2), x, plan)["params"]
   dst = dst_layer.init(jax.random.key(3), x, plan)["params"]
   up = upcycle.upcycle(src, dst, layout="4t4i", modalities=MODS)

@@ -191,7 +191,7 @@ def test_every_architecture_trains_on_patches_and_decodes_images_from_its_cache(
     assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads[name]))
   # Row 1's second document is caption → image: prefix [0, 14), its image block [14, 18).
   predict = {k: v[1:, :18] for k, v in dict(batch, timestep=jnp.full((2, 20), 0.4)).items()}
-  full = jax.jit(generate._causal(model).apply)(variables, predict)
+  full = jax.jit(generate._aux_routed(model).apply)(variables, predict)
   prefix = {k: v[:, :14] for k, v in predict.items() if k not in ("patches", "timestep", "image_block")}
   _, cache = jax.jit(lambda v, b: generate.prefill(model, v, b))(variables, prefix)
   block = {k: predict[k][:, 14:] for k in ("patches", "timestep")}

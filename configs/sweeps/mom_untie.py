@@ -5,15 +5,15 @@ combination better than any single one; the conv and the state matrix A stay sha
 reference.
 """
 
-BASELINE = "mamba"
+from moma.models.model_config import MAMBA_PROJECTIONS
 
-PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+BASELINE = "mamba"
 
 
 def get_sweep(size="tiny"):
-  untie_sets = [(p,) for p in PROJECTIONS] + [PROJECTIONS]
+  untie_sets = [(p,) for p in MAMBA_PROJECTIONS] + [MAMBA_PROJECTIONS]
   runs = [{"name": "mamba", "config": f"configs/mamba.py:size={size}"}]
   for untie in untie_sets:
-    name = "mom_" + ("all" if untie == PROJECTIONS else untie[0])
+    name = "mom_" + ("all" if untie == MAMBA_PROJECTIONS else untie[0])
     runs.append({"name": name, "config": f"configs/mom.py:size={size},untie={'+'.join(untie)}"})
   return runs

@@ -128,23 +128,23 @@ class Attention(nn.Module):
                                      dtype=self.dtype)
     qkv_BLF = in_plan.combine(qkv_RF, lead)
     q_BLHK = qkv_BLF[..., :heads * head_dim].reshape(*lead, heads, head_dim)
-    kv_BL2HK = qkv_BLF[..., heads * head_dim:].reshape(*lead, 2, kv_heads, head_dim)
-    k_BLHK, v_BLHK = kv_BL2HK[:, :, 0], kv_BL2HK[:, :, 1]
+    kv_BL2GK = qkv_BLF[..., heads * head_dim:].reshape(*lead, 2, kv_heads, head_dim)
+    k_BLGK, v_BLGK = kv_BL2GK[:, :, 0], kv_BL2GK[:, :, 1]
     if self.qk_norm:
       norm = lambda name: Norm(self.qk_norm_kind, self._groups("qk_norm"), self.norm_eps, feature_axis="kv",
                                dtype=self.dtype,
                                param_dtype=self.param_dtype, name=name)
-      q_BLHK, k_BLHK = norm("q_norm")(q_BLHK, modality), norm("k_norm")(k_BLHK, modality)
+      q_BLHK, k_BLGK = norm("q_norm")(q_BLHK, modality), norm("k_norm")(k_BLGK, modality)
     q_BLHK = apply_rope(q_BLHK, position, self.rope_theta)
-    k_BLHK = apply_rope(k_BLHK, position, self.rope_theta)
+    k_BLGK = apply_rope(k_BLGK, position, self.rope_theta)
 
-    cached = (self._cached(k_BLHK, v_BLHK, segment, image_block)
+    cached = (self._cached(k_BLGK, v_BLGK, segment, image_block)
               if self.is_mutable_collection("cache") and not self.is_initializing() else None)
     if cached is not None:  # a decode step: a few queries against the max_len cache slots
-      k_BSHK, v_BSHK, mask_B1LS = cached
-      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_B1LS)
+      k_BSGK, v_BSGK, mask_B1LS = cached
+      out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS)
     else:
-      out_BLHK = attend(q_BLHK, k_BLHK, v_BLHK, segment, image_block, impl=self.attention_impl,
+      out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, segment, image_block, impl=self.attention_impl,
                         span=attention_span, block=self.attention_block)
     out_BLF = out_BLHK.reshape(*lead, self.num_heads * self.head_dim)
 
@@ -154,7 +154,7 @@ class Attention(nn.Module):
                                    dtype=self.dtype)
     return out_plan.combine(y_RD, lead)
 
-  def _cached(self, k_BLHK, v_BLHK, segment_BL, image_block_BL=None):
+  def _cached(self, k_BLGK, v_BLGK, segment_BL, image_block_BL=None):
     """Keeps the decode cache up to date (module docstring); returns (keys, values, mask=) to attend
     over at a decode step, None at prefill (the prompt attends to itself like a training forward)."""
     b, length = segment_BL.shape
@@ -163,13 +163,13 @@ class Attention(nn.Module):
         raise ValueError(f"decode: prompt length {length} exceeds max_len {self.max_len} "
                          "(config.model.max_seq_len)")
       pad = lambda x: jnp.pad(x, [(0, 0), (0, self.max_len - length)] + [(0, 0)] * (x.ndim - 2))
-      for name, value in (("k_BSHK", k_BLHK), ("v_BSHK", v_BLHK), ("segment_BS", segment_BL)):
+      for name, value in (("k_BSGK", k_BLGK), ("v_BSGK", v_BLGK), ("segment_BS", segment_BL)):
         self.put_variable("cache", name, pad(value))
       self.put_variable("cache", "length", jnp.int32(length))
       return None
     start = self.get_variable("cache", "length")
     cached = {}
-    for name, value in (("k_BSHK", k_BLHK), ("v_BSHK", v_BLHK), ("segment_BS", segment_BL)):
+    for name, value in (("k_BSGK", k_BLGK), ("v_BSGK", v_BLGK), ("segment_BS", segment_BL)):
       old = self.get_variable("cache", name)
       cached[name] = lax.dynamic_update_slice_in_dim(old, value.astype(old.dtype), start, axis=1)
       self.put_variable("cache", name, cached[name])
@@ -182,7 +182,7 @@ class Attention(nn.Module):
       images = (image_block_BL[:, :, None], key_image_BS[:, None, :])
     mask_BLS = allowed(query_L[:, None], jnp.arange(self.max_len)[None, :], segment_BL[:, :, None],
                        cached["segment_BS"][:, None, :], *images)
-    return cached["k_BSHK"], cached["v_BSHK"], mask_BLS[:, None]
+    return cached["k_BSGK"], cached["v_BSGK"], mask_BLS[:, None]
 
   def _kernel(self, name, in_dim, features, in_axis, out_axes, component) -> jax.Array:
     """The weight `name` flattened for `grouped_matmul`: [in, out] tied, [G, in, out] untied."""

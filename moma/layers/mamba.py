@@ -8,8 +8,8 @@ Mixture-of-Mamba unties in_proj, x_proj, dt_proj (weight and bias) and out_proj 
 A_log, D and the single scan over the mixed sequence stay shared. With `untie=()` it is plain Mamba.
 
 Packed sequences: with `segment_BL` the conv and the scan restart at every document start. Decoding:
-`prefill` returns a `MambaCache` (pre-conv inputs of the last d_conv - 1 tokens, fp32 SSM state) and `step`
-continues it one token at a time; the cache is a pytree whose leaves stack over layers.
+`return_cache=True` also returns a `MambaCache` (pre-conv inputs of the last d_conv - 1 tokens, fp32 SSM
+state) and `cache=` continues one; the decoder keeps it in its "cache" collection (`Block._recurrent`).
 """
 
 from __future__ import annotations
@@ -57,20 +57,19 @@ def dt_rank_for(d_model: int, dt_rank: int = 0) -> int:
   return dt_rank if dt_rank > 0 else math.ceil(d_model / 16)
 
 
-def mamba_flops_per_token(d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                          dt_rank: int = 0) -> int:
+def mamba_flops_per_token(config: MambaConfig, d_model: int) -> int:
   """Forward FLOPs of one Mamba / Mixture-of-Mamba block per token (untying changes no active FLOPs).
 
   Matmuls count 2 per multiply-add; the scan counts 9 per (channel, state) as in the Mamba paper
   (discretise Δ·A, exp, Δ·B·u, state update, C·h); the conv, softplus, D skip and SiLU gates are elementwise.
   Training costs about 3× this (backward = 2× forward).
   """
-  d_inner = expand * d_model
-  rank = dt_rank_for(d_model, dt_rank)
+  d_inner, d_state = config.expand * d_model, config.d_state
+  rank = dt_rank_for(d_model, config.dt_rank)
   matmuls = 2 * (d_model * 2 * d_inner + d_inner * (rank + 2 * d_state) + rank * d_inner
                  + d_inner * d_model)
   scan = 9 * d_inner * d_state
-  elementwise = 2 * d_conv * d_inner + 10 * d_inner  # conv MACs; SiLU x2, softplus, D skip, gating
+  elementwise = 2 * config.d_conv * d_inner + 10 * d_inner  # conv MACs; SiLU x2, softplus, D skip, gating
   return matmuls + scan + elementwise
 
 
@@ -132,28 +131,24 @@ def _per_group(init, num_groups):
 
 
 class MambaBlock(nn.Module):
-  """Mamba-1 mixer over [batch, L, d_model]; Mixture-of-Mamba when `untie` names components.
+  """Mamba-1 mixer over [batch, L, d_model]; Mixture-of-Mamba when `untie` names its components.
 
   Attributes:
-    d_model: model width. d_state: SSM state size N (> 0). d_conv: depthwise conv kernel size.
-    expand: d_inner = expand * d_model. dt_rank: 0 → ceil(d_model / 16).
+    config: d_state, d_conv, expand, dt_rank, scan_impl, chunk_size (`MambaConfig`, checked there).
+    d_model: model width.
     num_modalities: groups of the modality plan the decoder passes in (used by untied components).
-    untie: subset of UNTIE_COMPONENTS given per-modality weights.
+    untie: components given per-modality weights (`model_config.UNTIE_COMPONENTS["mamba"]`; the block's
+      norm and FFN are not the mixer's and are ignored here).
     num_layers: depth, scales out_proj's init by 1/sqrt(num_layers) like the reference.
-    scan_impl / chunk_size: see `selective_scan`. max_len: longest sequence decoding accepts (0: none).
+    max_len: longest sequence decoding accepts (0: none).
     dt_min, dt_max, dt_init_floor: dt initialisation range.
   """
 
+  config: MambaConfig
   d_model: int
-  d_state: int = 16
-  d_conv: int = 4
-  expand: int = 2
-  dt_rank: int = 0
   num_modalities: int = 1
   untie: Sequence[str] = ()
   num_layers: int = 1
-  scan_impl: str = "auto"
-  chunk_size: int = 64
   max_len: int = 0
   dt_min: float = 1e-3
   dt_max: float = 1e-1
@@ -161,15 +156,6 @@ class MambaBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   gmm_impl: str = "auto"
-
-  def _validate(self):
-    unknown = set(self.untie) - set(UNTIE_COMPONENTS)
-    if unknown:
-      raise ValueError(f"MambaBlock: untie has unknown components {sorted(unknown)}; "
-                       f"choose from {UNTIE_COMPONENTS}")
-    for name in ("d_model", "d_state", "d_conv", "expand"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"MambaBlock: {name}={getattr(self, name)} must be > 0")
 
   def _groups(self, component):
     return self.num_modalities if component in self.untie else 1
@@ -198,12 +184,10 @@ class MambaBlock(nn.Module):
 
     `plan`: the modality partition. Untied dt biases and conv weights are looked up per token from its
     `group_of_token`: the conv mixes neighbouring tokens of any modality, so it cannot run on sorted rows."""
-    self._validate()
+    cfg = self.config
     batch, length, _ = x_BLD.shape
-    if plan is None:  # plain Mamba needs no plan
-      plan = dispatch.identity_plan()
-    d_inner, n, k = self.expand * self.d_model, self.d_state, self.d_conv
-    rank = dt_rank_for(self.d_model, self.dt_rank)
+    d_inner, n, k = cfg.expand * self.d_model, cfg.d_state, cfg.d_conv
+    rank = dt_rank_for(self.d_model, cfg.dt_rank)
     if cache is not None and segment_BL is not None:
       raise ValueError("MambaBlock: segment_BL must be None when continuing from a cache")
     if self.max_len:  # checked when the length is known at trace time; jitted loops use check_decode_length
@@ -251,7 +235,7 @@ class MambaBlock(nn.Module):
       reset = jnp.concatenate([jnp.zeros((batch, 1), bool), segment_BL[:, 1:] != segment_BL[:, :-1]], 1)
     y_BLI, ssm = selective_scan(
         u_BLI, dt_BLI, -jnp.exp(a_log), b_BLN, c_BLN, d_skip, z_BLI, delta_bias=dt_bias,
-        delta_softplus=True, impl=self.scan_impl, chunk_size=self.chunk_size, reset=reset,
+        delta_softplus=True, impl=cfg.scan_impl, chunk_size=cfg.chunk_size, reset=reset,
         initial_state=None if cache is None else cache.ssm_BDN, return_final_state=True)
 
     out_init = nn.initializers.variance_scaling(1 / (3 * self.num_layers), "fan_in", "uniform")
@@ -260,11 +244,3 @@ class MambaBlock(nn.Module):
       return y_BLD
     done = jnp.zeros((), jnp.int32) if cache is None else cache.length
     return y_BLD, MambaCache(new_conv, ssm, done + length)
-
-  def prefill(self, x_BLD, plan, *, segment_BL=None):
-    """(y_BLD, MambaCache) for a prompt; the cache continues its last document."""
-    return self(x_BLD, plan, segment_BL=segment_BL, return_cache=True)
-
-  def step(self, x_B1D, plan, cache):
-    """One decoding token: (y_B1D, next MambaCache). `plan` groups this token's modality."""
-    return self(x_B1D, plan, cache=cache, return_cache=True)

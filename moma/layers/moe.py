@@ -3,20 +3,23 @@
 Each expert is a full-size SwiGLU FFN; a token only reaches the experts of its modality's group (the layout,
 see `routing.parse_layout`). Two routings:
 
-* expert choice ("ec", the paper's): score = sigmoid(x·W_g); expert e of group g takes the batch-wide top
-  k_g = ceil(c·b_g/|E_g|) tokens of group g (b_g: the batch's tokens of g) and its output is weighted by the
-  score. Shapes are static: each expert owns `static_capacity` slots (ceil(c·f_g·M/|E_g|), f_g a per-group
-  token-fraction bound from config); slots past k_g are computed and weighted 0. The experts then run as
-  one batched matmul per run of experts with equal capacity (`grouped_swiglu(static_sizes=...)`),
-  gathered from and back to token order: no sort of the activations at all.
+* expert choice ("ec", the paper's): score = sigmoid(x·W_g); expert e of group g takes the top
+  k_g = ceil(c·b_g/|E_g|) tokens of group g in each routing slice of `routing_rows` batch rows (b_g: the
+  slice's tokens of g) and its output is weighted by the score. Shapes are static: each expert owns
+  `static_capacity` slots (ceil(c·f_g·M/|E_g|), f_g a per-group token-fraction bound from config); slots
+  past k_g are computed and weighted 0. The experts then run as one batched matmul per run of experts with
+  equal capacity (`grouped_swiglu(static_sizes=...)`), gathered from and back to token order: no sort of
+  the activations at all.
 * token choice ("topk"): softmax or sigmoid gates over the group's experts, top-k per token, optional
   capacity with dropping (GShard priority: all first choices before second choices), load-balancing and
   router z-losses; the rows go through a sort plan over expert ids and `moma.kernels.gmm`.
 
-`causal=True` is the inference mode for expert choice: a token uses expert e when its auxiliary router
+`aux_routing=True` is the inference mode for expert choice: a token uses expert e when its auxiliary router
 (`aux_router=True`) says so (score > 0.5), weighted by the main router's score; nothing looks at other
-tokens. With `aux_router=True` and `causal=False` the aux router trains on stop-gradient inputs against the
-main router's choices (loss `aux_router_bce`), so it never changes the main model's gradients.
+tokens. With `aux_router=True` and `aux_routing=False` the aux router trains on stop-gradient inputs against
+the main router's choices (loss `aux_router_bce`), so it never changes the main model's gradients.
+
+Settings come as a `MoeConfig` (`moma.models.model_config`, which holds their defaults and checks).
 """
 
 from __future__ import annotations
@@ -32,52 +35,27 @@ from moma import dispatch
 from moma import sharding
 from moma.layers import ffn
 from moma.layers import routing as rt
+from moma.models.model_config import MoeConfig
 
 
 class MoE(nn.Module):
   """Routed SwiGLU experts. Params: router [d, E], `wi/kernel` [E, d, 2, d_ff] (gate and up fused, as the
   MoT FFN's), `wo/kernel` [E, d_ff, d]: `dispatch.GroupedKernel`s on the logical axis "expert"."""
 
+  config: MoeConfig
   d_ff: int
   modalities: Sequence[str] = ("text", "image")
-  layout: str = "4t4i"
-  routing: str = "ec"  # "ec" | "topk"
-  capacity_factor: float = 1.0
-  token_fractions: Sequence[float] | None = None  # per-group bound on the batch's token fraction (static)
-  top_k: int = 2
-  gate: str = "softmax"  # token choice: "softmax" | "sigmoid"
-  dropless: bool = False
-  load_balance_weight: float = 1e-2
-  z_loss_weight: float = 1e-3
-  router_noise: float = 0.0  # scale of Gumbel-sigmoid noise on router logits in training (rng "dropout")
-  aux_router: bool = False
-  aux_loss_weight: float = 1.0
-  routing_rows: int = 0  # batch rows routed together (expert choice, capacity); 0: each device's rows
-  causal: bool = False
+  aux_routing: bool = False  # route per token with the aux routers (decoding), not over the batch
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   gmm_impl: str = "auto"
-
-  def _check(self) -> rt.Layout:
-    layout = rt.parse_layout(self.layout, self.modalities)
-    if self.routing not in ("ec", "topk"):
-      raise ValueError(f"moe.routing={self.routing!r} must be 'ec' or 'topk'")
-    if self.gate not in ("softmax", "sigmoid"):
-      raise ValueError(f"moe.gate={self.gate!r} must be 'softmax' or 'sigmoid'")
-    if self.routing == "topk" and not 1 <= self.top_k <= min(layout.sizes):
-      raise ValueError(f"moe.top_k={self.top_k} must be in [1, {min(layout.sizes)}] (smallest group of "
-                       f"layout {self.layout!r})")
-    if self.capacity_factor <= 0:
-      raise ValueError(f"moe.capacity_factor={self.capacity_factor} must be > 0")
-    if self.causal and self.routing == "ec" and not self.aux_router:
-      raise ValueError("moe.causal=True with routing='ec' needs moe.aux_router=True (trained aux routers)")
-    return layout
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, plan: dispatch.Plan, *, segment: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
     """plan: the decoder's modality partition (its group_of_token picks each token's expert group)."""
-    layout = self._check()
+    cfg = self.config
+    layout = rt.parse_layout(cfg.layout, self.modalities)
     *lead, d = x_BLD.shape
     x_MD = x_BLD.reshape(-1, d)
     m, e = x_MD.shape[0], layout.num_experts
@@ -91,30 +69,30 @@ class MoE(nn.Module):
     router = self.param("router", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                ("embed", "expert")), (d, e), self.param_dtype)
     logits_ME = jnp.dot(x_MD.astype(jnp.float32), router.astype(jnp.float32))
-    if self.router_noise > 0 and not deterministic:
-      logits_ME += self.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
+    if cfg.router_noise > 0 and not deterministic:
+      logits_ME += cfg.router_noise * rt.logistic_noise(self.make_rng("dropout"), logits_ME.shape)
     w = ffn.swiglu_kernels(d, self.d_ff, e, self.param_dtype, group_axis="expert")  # (wi, wo)
     aux = rt.AuxRouter(e, len(layout.sizes), self.dtype, self.param_dtype, self.gmm_impl, name="aux_router")
     x_in = x_MD.astype(self.dtype)
-    slice_tokens = rt.slice_tokens(self.routing_rows, x_BLD.shape, "moe")
 
-    if self.routing == "ec" and self.causal:
+    if cfg.routing == "ec" and self.aux_routing:
       scores_ME = jax.nn.sigmoid(logits_ME)
       use_ME = allowed_ME & (aux(x_in, plan) > 0)
       y_MD, chosen_ME = self._per_token(x_in, layout, group_M, use_ME, scores_ME, w), use_ME
       probs_ME = scores_ME
-    elif self.routing == "ec":
-      y_MD, chosen_ME, probs_ME = self._expert_choice(x_in, layout, allowed_ME, logits_ME, w, slice_tokens)
+    elif cfg.routing == "ec":
+      y_MD, chosen_ME, probs_ME = self._expert_choice(x_in, layout, allowed_ME, logits_ME, w,
+                                                      cfg.slice_tokens(x_BLD.shape))
     else:
       y_MD, chosen_ME, probs_ME = self._token_choice(x_in, layout, allowed_ME, valid_M, logits_ME, w,
-                                                     slice_tokens)
+                                                     x_BLD.shape)
 
     self.sow("intermediates", "chosen", chosen_ME)  # bool [M, E]: token m used expert e (for analysis)
     self._sow_metrics(layout, allowed_ME, valid_M, chosen_ME, probs_ME)
-    if self.aux_router and not self.causal:
+    if cfg.aux_router and not self.aux_routing:
       aux_logits = aux(jax.lax.stop_gradient(x_in), plan)
       bce, acc = rt.aux_router_loss(aux_logits, chosen_ME, allowed_ME)
-      self.sow("losses", "aux_router_bce", self.aux_loss_weight * bce)
+      self.sow("losses", "aux_router_bce", cfg.aux_loss_weight * bce)
       self.sow("metrics", "aux_router_acc", acc)
     return y_MD.reshape(*lead, d).astype(x_BLD.dtype)
 
@@ -122,16 +100,16 @@ class MoE(nn.Module):
     return dispatch.grouped_swiglu(rows_RD, plan, *w, impl=self.gmm_impl,
                                    dtype=self.dtype, group_axis="expert", static_sizes=static_sizes)
 
-  def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, slice_tokens):
-    """Each expert takes the top tokens of its group in every routing slice (per device, static shapes)."""
+  def _expert_choice(self, x_MD, layout, allowed_ME, logits_ME, w, tokens):
+    """Each expert takes the top tokens of its group in every routing slice of `tokens` (static shapes)."""
+    cfg = self.config
     m, e = allowed_ME.shape
     scores_ME = jax.nn.sigmoid(logits_ME)
     slot_E = np.concatenate([np.arange(size) for size in layout.sizes])
+    caps = rt.static_capacity(layout, cfg.capacity_factor, tokens, cfg.token_fractions)
 
     def local(scores, allowed):  # one device's tokens, in n routing slices of `tokens`
-      tokens = slice_tokens or scores.shape[0]
       n = scores.shape[0] // tokens
-      caps = rt.static_capacity(layout, self.capacity_factor, tokens, self.token_fractions)
       scores_NEM = scores.reshape(n, tokens, e).transpose(0, 2, 1)
       allowed_NEM = allowed.reshape(n, tokens, e).transpose(0, 2, 1)
       masked_NEM = jnp.where(allowed_NEM, jax.lax.stop_gradient(scores_NEM), -1.0)
@@ -139,7 +117,7 @@ class MoE(nn.Module):
       for g, (start, size) in enumerate(zip(layout.starts, layout.sizes)):
         experts = slice(start, start + size)
         vals, top_NEC = jax.lax.top_k(masked_NEM[:, experts], caps[g])  # vals < 0: outside the group
-        want_NE = jnp.ceil(self.capacity_factor * allowed_NEM[:, experts].sum(-1) / size).astype(jnp.int32)
+        want_NE = jnp.ceil(cfg.capacity_factor * allowed_NEM[:, experts].sum(-1) / size).astype(jnp.int32)
         keep_NEC = (jnp.arange(caps[g]) < want_NE[..., None]) & (vals >= 0)
         picks.append((top_NEC, vals >= 0))
         gates.append(jnp.where(keep_NEC, jnp.take_along_axis(scores_NEM[:, experts], top_NEC, axis=2), 0.0)
@@ -152,9 +130,7 @@ class MoE(nn.Module):
       return plan, jnp.concatenate(gates), chosen, overflow[None]
 
     plan, gate_R, chosen_ME, overflow = sharding.on_shards(local, (scores_ME, allowed_ME))
-    tokens_here = m // sharding.num_shards()
-    caps = rt.static_capacity(layout, self.capacity_factor, slice_tokens or tokens_here, self.token_fractions)
-    rows_E = np.repeat(caps, layout.sizes) * (tokens_here // (slice_tokens or tokens_here))
+    rows_E = np.repeat(caps, layout.sizes) * (m // sharding.num_shards() // tokens)  # per device
     out_RD = self._experts(plan.dispatch(x_MD), plan, w, static_sizes=rows_E)
     y_MD = plan.combine(out_RD * gate_R[:, None].astype(out_RD.dtype), (m,))
     overflow = overflow.sum(0)
@@ -172,11 +148,12 @@ class MoE(nn.Module):
     gates_MK = jnp.where(use_MK, jnp.take_along_axis(scores_ME, cand_MK, axis=1), 0.0)
     return self._routed(x_MD, jnp.where(use_MK, cand_MK, e), gates_MK, w, e)
 
-  def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w, slice_tokens):
+  def _token_choice(self, x_MD, layout, allowed_ME, valid_M, logits_ME, w, shape_BLD):
+    cfg = self.config
     m, e = allowed_ME.shape
-    k = self.top_k
+    k = cfg.top_k
     masked = jnp.where(allowed_ME, logits_ME, -1e9)
-    if self.gate == "softmax":
+    if cfg.gate == "softmax":
       probs_ME = jnp.where(allowed_ME, jax.nn.softmax(masked, axis=-1), 0.0)
     else:
       probs_ME = jnp.where(allowed_ME, jax.nn.sigmoid(logits_ME), 0.0)
@@ -186,12 +163,12 @@ class MoE(nn.Module):
     gates_MK = jnp.take_along_axis(probs_ME, top_MK, axis=1)
     keep_MK = jnp.broadcast_to(valid_M[:, None], top_MK.shape)
     onehot_KME = jax.nn.one_hot(top_MK.T, e, dtype=jnp.int32) * keep_MK.T[..., None]
-    if not (self.dropless or self.causal):
+    if not (cfg.dropless or self.aux_routing):
+      tokens = cfg.slice_tokens(shape_BLD)
+      caps = rt.static_capacity(layout, cfg.capacity_factor, tokens, cfg.token_fractions, per_token=k)
+      cap_E = jnp.asarray(np.repeat(caps, layout.sizes))
 
       def under_capacity(top, onehot):  # one device's tokens, per routing slice
-        tokens = slice_tokens or top.shape[0]
-        caps = rt.static_capacity(layout, self.capacity_factor, tokens, self.token_fractions, per_token=k)
-        cap_E = jnp.asarray(np.repeat(caps, layout.sizes))
         n = top.shape[0] // tokens
         # Priority: every token's first choice before any second choice, then token order.
         assigned_NKTE = onehot.reshape(n, tokens, k, e).transpose(0, 2, 1, 3)
@@ -205,7 +182,7 @@ class MoE(nn.Module):
       self.sow("metrics", "dropped_frac", dropped.astype(jnp.float32))
     y = self._routed(x_MD, jnp.where(keep_MK, top_MK, e), jnp.where(keep_MK, gates_MK, 0.0), w, e)
     chosen_ME = jnp.zeros((m, e), bool).at[jnp.arange(m)[:, None], top_MK].max(keep_MK)
-    if not self.causal:
+    if not self.aux_routing:
       self._sow_token_choice_losses(layout, allowed_ME, valid_M, logits_ME, probs_ME, onehot_KME.sum(0))
     return y, chosen_ME, probs_ME
 
@@ -214,14 +191,14 @@ class MoE(nn.Module):
     b_E = allowed_ME.sum(0).astype(jnp.float32)
     sizes_E = jnp.asarray(np.repeat(layout.sizes, layout.sizes), jnp.float32)
     p_ME = probs_ME / jnp.maximum(probs_ME.sum(-1, keepdims=True), 1e-9)
-    frac_E = assigned_ME.sum(0) / (self.top_k * jnp.maximum(b_E, 1))
+    frac_E = assigned_ME.sum(0) / (self.config.top_k * jnp.maximum(b_E, 1))
     prob_E = p_ME.sum(0) / jnp.maximum(b_E, 1)
     share_E = b_E / jnp.maximum(valid_M.sum(), 1)
     balance = (sizes_E * frac_E * prob_E * share_E).sum()
     z = jax.nn.logsumexp(jnp.where(allowed_ME, logits_ME, -1e9), axis=-1)
     z_loss = jnp.where(valid_M, z ** 2, 0.0).sum() / jnp.maximum(valid_M.sum(), 1)
-    self.sow("losses", "load_balance", self.load_balance_weight * balance)
-    self.sow("losses", "router_z", self.z_loss_weight * z_loss)
+    self.sow("losses", "load_balance", self.config.load_balance_weight * balance)
+    self.sow("losses", "router_z", self.config.z_loss_weight * z_loss)
 
   def _routed(self, x_MD, ids_MK, gates_MK, w, num_experts):
     """Rows (token, choice) grouped by expert id (E: an unused choice, no row), experts, weighted combine."""
@@ -241,18 +218,18 @@ class MoE(nn.Module):
     self.sow("metrics", "router_entropy", rt.group_entropy(probs_ME, allowed_ME, valid_M))
 
 
-def flops_per_token(d_model: int, d_ff: int, *, modalities: Sequence[str], layout: str, routing: str = "ec",
-                    capacity_factor: float = 1.0, top_k: int = 2, aux_router: bool = False) -> dict:
+def flops_per_token(config: MoeConfig, d_model: int, d_ff: int, modalities: Sequence[str]) -> dict:
   """Analytic forward FLOPs per token (2 per multiply-add) and parameter counts of one MoE layer.
 
   Expert choice at capacity c gives a token c experts on average (c = 1: a dense SwiGLU FFN's FLOPs);
   token choice gives it top_k. The router computes all E logits for every token.
   """
-  lay = rt.parse_layout(layout, modalities)
+  lay = rt.parse_layout(config.layout, modalities)
   e, ffn = lay.num_experts, 3 * d_model * d_ff
-  per_token_experts = capacity_factor if routing == "ec" else top_k
-  aux = (d_model * (d_model // 2) * len(lay.sizes) + (d_model // 2) * e) if aux_router else 0
-  aux_active = (d_model * (d_model // 2) + (d_model // 2) * e) if aux_router else 0
+  per_token_experts = config.capacity_factor if config.routing == "ec" else config.top_k
+  half = d_model // 2
+  aux = (d_model * half * len(lay.sizes) + half * e) if config.aux_router else 0
+  aux_active = (d_model * half + half * e) if config.aux_router else 0
   active = per_token_experts * ffn + d_model * e + aux_active
   return {"forward_flops": 2 * active, "expert_flops": 2 * per_token_experts * ffn,
           "active_params": active, "total_params": e * ffn + d_model * e + aux}

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from moma import dispatch
-from moma import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,24 +73,6 @@ def parse_layout(layout: str, modalities: Sequence[str]) -> Layout:
   return Layout(modalities, tuple(counts[c] for c in letters), False)
 
 
-def slice_tokens(routing_rows: int, shape_BLD, field: str) -> int | None:
-  """Tokens routed together (`routing_rows` batch rows of L), or None: each device's own tokens.
-
-  Batch-level routing (expert choice, token-choice capacity, MoD's batch selection) picks among the tokens
-  of one routing slice. The default, each device's batch, never moves a token; a fixed `routing_rows`
-  makes the choice the same on every mesh (it must divide every device's rows).
-  """
-  if routing_rows < 0:
-    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} must be >= 0 (0: each device's rows)")
-  if not routing_rows:
-    return None
-  rows = shape_BLD[0] // sharding.num_shards()
-  if rows % routing_rows:
-    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} does not divide the {rows} batch rows "
-                     "each device holds; choose a divisor (or 0)")
-  return routing_rows * shape_BLD[1]
-
-
 def static_capacity(layout: Layout, capacity_factor: float, num_tokens: int,
                     token_fractions: Sequence[float] | None, per_token: int = 1) -> tuple[int, ...]:
   """Rows each expert of group g can take, known at trace time: ceil(c·k·f_g·M / |E_g|), at most M.
@@ -100,12 +81,8 @@ def static_capacity(layout: Layout, capacity_factor: float, num_tokens: int,
   default equal shares, 1 for a shared group). A batch with more tokens of g than f_g·M keeps the top rows
   only (sown as `capacity_overflow`), so the compute, and the FLOPs, stay fixed by the config.
   """
-  if capacity_factor <= 0:
-    raise ValueError(f"moe.capacity_factor={capacity_factor} must be > 0")
   g = len(layout.sizes)
   fractions = (1.0 / g,) * g if token_fractions is None else tuple(token_fractions)
-  if len(fractions) != g or any(not 0 < f <= 1 for f in fractions):
-    raise ValueError(f"moe.token_fractions={token_fractions} needs {g} values in (0, 1] (one per group)")
   return tuple(min(num_tokens, max(1, math.ceil(capacity_factor * per_token * f * num_tokens / n)))
                for f, n in zip(fractions, layout.sizes))
 

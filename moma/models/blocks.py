@@ -1,8 +1,9 @@
 """The layers the decoder stacks: `Block` (mixer then FFN sublayer) and `ModGroup` (Mixture-of-Depths).
 
-Both read the decoder's `ModelConfig` (field `config`) and hand each layer its settings by keyword.
+Both read the decoder's `ModelConfig` (field `config`) and hand each layer its settings: the routed and
+Mamba layers their typed sub-config (`cfg.moe`, `cfg.mod`, `cfg.mamba`), the others their fields by keyword.
 Block slots: a block is `x + mixer(...)` then `x + ffn(...)` (norms placed by `norm_placement`).
-`make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=`. A mixer is called as
+`make_mixer` / `make_ffn` pick the modules for `block=` / `ffn=` (checked by `ModelConfig`). A mixer is called as
 `mixer(h_BLD, plan, modality=, segment=, position=, image_block=)`, an FFN as `ffn(h_BLD, plan)` (MoE:
 also `segment=`, `deterministic=`); both return y_BLD and may sow into "losses" / "metrics".
 
@@ -11,8 +12,6 @@ attention keeps its keys and values (`moma.layers.attention`), Mamba its recurre
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -32,28 +31,23 @@ def _dtypes(cfg: ModelConfig) -> dict:
 
 
 def make_mixer(cfg: ModelConfig, name: str) -> nn.Module:
-  if cfg.block == "transformer":
-    return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                     num_modalities=cfg.num_modalities, untie=cfg.untie, qk_norm=cfg.qk_norm,
-                     rope_theta=cfg.rope_theta, gmm_impl=cfg.gmm_impl, max_len=cfg.max_seq_len,
-                     qk_norm_kind=cfg.qk_norm_kind, norm_eps=cfg.norm_eps, attention_impl=cfg.attention_impl,
-                     attention_block=cfg.attention_block, **_dtypes(cfg), name=name)
   if cfg.block == "mamba":
-    return mamba_layer.MambaBlock(
-        d_model=cfg.d_model, **dataclasses.asdict(cfg.mamba), num_modalities=cfg.num_modalities,
-        untie=tuple(c for c in cfg.untie if c in mamba_layer.UNTIE_COMPONENTS), num_layers=cfg.num_layers,
-        max_len=cfg.max_seq_len, gmm_impl=cfg.gmm_impl, **_dtypes(cfg), name=name)
-  raise ValueError(f"config.model.block={cfg.block!r} is not available (have: 'transformer', 'mamba')")
+    return mamba_layer.MambaBlock(cfg.mamba, d_model=cfg.d_model, num_modalities=cfg.num_modalities,
+                                  untie=cfg.untie, num_layers=cfg.num_layers, max_len=cfg.max_seq_len,
+                                  gmm_impl=cfg.gmm_impl, **_dtypes(cfg), name=name)
+  return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                   num_modalities=cfg.num_modalities, untie=cfg.untie, qk_norm=cfg.qk_norm,
+                   rope_theta=cfg.rope_theta, gmm_impl=cfg.gmm_impl, max_len=cfg.max_seq_len,
+                   qk_norm_kind=cfg.qk_norm_kind, norm_eps=cfg.norm_eps, attention_impl=cfg.attention_impl,
+                   attention_block=cfg.attention_block, **_dtypes(cfg), name=name)
 
 
 def make_ffn(cfg: ModelConfig, name: str) -> nn.Module:
-  if cfg.ffn == "dense":
-    return SwiGLU(d_ff=cfg.d_ff, num_modalities=cfg.num_modalities, untie=cfg.untie, gmm_impl=cfg.gmm_impl,
-                  **_dtypes(cfg), name=name)
   if cfg.ffn == "moe":
-    return MoE(d_ff=cfg.d_ff, modalities=cfg.modalities, **dataclasses.asdict(cfg.moe), causal=cfg.causal,
+    return MoE(cfg.moe, d_ff=cfg.d_ff, modalities=cfg.modalities, aux_routing=cfg.aux_routing,
                gmm_impl=cfg.gmm_impl, **_dtypes(cfg), name=name)
-  raise ValueError(f"config.model.ffn={cfg.ffn!r} is not available yet (have: 'dense')")
+  return SwiGLU(d_ff=cfg.d_ff, num_modalities=cfg.num_modalities, untie=cfg.untie, gmm_impl=cfg.gmm_impl,
+                **_dtypes(cfg), name=name)
 
 
 class Block(nn.Module):
@@ -117,8 +111,6 @@ class ModGroup(nn.Module):
     for i in range(mod.every - 1):
       x_BLD = Block(s, name=f"block_{i}")(x_BLD, plan, **ctx)
     # parent=None: the block is adopted by the MoD wrapper (params under layers/mod/block).
-    routed = MixtureOfDepths(Block(s, parent=None), capacity=mod.capacity, selection=mod.selection,
-                             block_attends=s.block == "transformer", router_noise=mod.router_noise,
-                             aux_router=mod.aux_router, aux_loss_weight=mod.aux_loss_weight,
-                             routing_rows=mod.routing_rows, causal=s.causal, **_dtypes(s), name="mod")
+    routed = MixtureOfDepths(Block(s, parent=None), mod, block_attends=s.block == "transformer",
+                             aux_routing=s.aux_routing, **_dtypes(s), name="mod")
     return routed(x_BLD, plan, **ctx)

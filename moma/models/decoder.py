@@ -7,8 +7,8 @@ layer; layers (`moma.models.blocks`) are stacked with `nn.scan` so compile time 
 MoMa (`ffn="moe"`, `config.model.moe.*`): the FFN is `moma.layers.moe.MoE` under the same name "ffn"; the
 modality plan then always has one group per modality (the experts' groups are read off it).
 Mixture-of-Depths (`config.model.mod.enabled`): the scan step is `mod.every` layers, the last one wrapped in
-`moma.layers.mod.MixtureOfDepths` (params `layers/block_<i>` and `layers/mod/block`). `causal=True` (set by
-`moma.models.generate`) is the generation path: aux routers replace the batch-level routers.
+`moma.layers.mod.MixtureOfDepths` (params `layers/block_<i>` and `layers/mod/block`). `aux_routing=True` (set
+by `moma.models.generate`) is the generation path: aux routers replace the batch-level routers.
 `block="mamba"` (usually with `d_ff=0`: no FFN sublayer) is Mamba, or Mixture-of-Mamba when `untie` names
 its projections (`config.model.mamba.*`). Decoding state (attention's keys and values, Mamba's recurrent
 state, the document being continued) lives in the "cache" collection (`moma.models.generate`).
@@ -35,10 +35,6 @@ from moma.layers.norms import Norm
 from moma.models import model_config
 from moma.models.blocks import Block, ModGroup
 from moma.models.model_config import ModelConfig
-
-# config.model.moe.* / config.model.mod.* defaults (configs/moma.py starts from these).
-MOE_DEFAULTS = model_config.defaults(model_config.MoeConfig)
-MOD_DEFAULTS = model_config.defaults(model_config.ModConfig)
 
 
 class Model(nn.Module):

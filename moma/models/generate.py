@@ -12,7 +12,8 @@ Decoded tokens continue each row's last prompt document. A Mamba step costs O(1)
 an attention step attends over the `max_seq_len` cache slots (masked past the tokens so far). Prompts of
 different lengths are left-padded with `segment` 0, which no later token attends to (attention) and which a
 document start wipes (Mamba). Batch-level routing (MoE expert choice, MoD) would let later tokens change
-earlier ones, so decoding runs the model with `config.causal=True`: the auxiliary routers decide per token.
+earlier ones, so decoding runs the model with `config.aux_routing=True`: the auxiliary routers decide per
+token.
 """
 
 from __future__ import annotations
@@ -27,17 +28,12 @@ import jax.numpy as jnp
 from moma.layers import mamba as mamba_layer
 
 
-def _causal(model):
-  """The model decoding runs: per-token (aux router) routing where the model routes over the batch."""
+def _aux_routed(model):
+  """The model decoding runs: per-token (aux router) routing where the model routes over the batch
+  (`ModelConfig` refuses a routed model without aux routers, naming the field)."""
   cfg = model.config
-  needs_aux = {"moe": cfg.ffn == "moe" and cfg.moe.routing == "ec", "mod": cfg.mod.enabled}
-  for field, batch_routed in needs_aux.items():
-    if batch_routed and not getattr(cfg, field).aux_router:
-      raise ValueError(f"decoding: this model routes over the whole batch (config.model.{field}), so it "
-                       f"decodes with aux routers: config.model.{field}.aux_router=True, trained by the "
-                       "aux_routers stage (configs/moma.py)")
   routed = cfg.ffn == "moe" or cfg.mod.enabled
-  return model.clone(config=dataclasses.replace(cfg, causal=True)) if routed and not cfg.causal else model
+  return model.clone(config=dataclasses.replace(cfg, aux_routing=True)) if routed and not cfg.aux_routing else model
 
 
 def _cache_length(cache) -> int:
@@ -57,7 +53,7 @@ def _params(variables: Mapping[str, Any]) -> dict[str, Any]:
 def prefill(model, variables, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
   """(logits_BPV, cache) for a prompt batch (docs/design.md batch); the cache continues each row's last document.
   A Transfusion prompt (with `patches`) gives the `moma.diffusion.Output`'s logits."""
-  out, mutated = _causal(model).apply(_params(variables), batch, mutable=["cache"])
+  out, mutated = _aux_routed(model).apply(_params(variables), batch, mutable=["cache"])
   return getattr(out, "logits", out), mutated["cache"]
 
 
@@ -70,7 +66,7 @@ def decode_step(model, variables, cache, tokens_B1, modality_B1, position_B1,
   mamba_layer.check_decode_length(_cache_length(cache), tokens_B1.shape[1], model.config.max_seq_len)
   segment_B1 = jnp.broadcast_to(cache["document_B"][:, None], tokens_B1.shape)
   batch = dict(tokens=tokens_B1, modality=modality_B1, segment=segment_B1, position=position_B1, **image)
-  logits_B1V, mutated = _causal(model).apply({**_params(variables), "cache": cache}, batch,
+  logits_B1V, mutated = _aux_routed(model).apply({**_params(variables), "cache": cache}, batch,
                                              mutable=["cache"])
   return logits_B1V, mutated["cache"]
 

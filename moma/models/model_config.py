@@ -4,8 +4,11 @@
 edit it. `ModelConfig.from_config(config.model)` turns it into a `ModelConfig` once: defaults filled, lists
 made tuples, `moe` / `mod` / `mamba` / `diffusion` made `MoeConfig` / `ModConfig` / `MambaConfig` /
 `moma.diffusion.DiffusionConfig`, and every setting checked (a ValueError naming the config.model field).
-Modules take it by name (`decoder.Model(config=cfg)`, `blocks.Block(cfg)`); layers get their fields by
-keyword from it. Being hashable, a model (and its config) can key a compile cache.
+This module is the one place that holds each setting's default and its check: presets (configs/*.py) state
+only how they differ, and layers trust what they are given. Modules take it by name (`decoder.Model(config=
+cfg)`, `blocks.Block(cfg)`); the routed and Mamba layers take their typed sub-config (`MoE(cfg.moe, ...)`,
+`MixtureOfDepths(block, cfg.mod, ...)`, `MambaBlock(cfg.mamba, ...)`), the others their fields by keyword.
+Being hashable, a model (and its config) can key a compile cache.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from moma import diffusion
+from moma import sharding
 from moma.diffusion import DiffusionConfig
 from moma.layers import patches
 from moma.layers import routing
@@ -21,9 +25,12 @@ from moma.layers import selective_scan
 from moma.layers.attention import check_attention_config
 from moma.layers.norms import NORM_KINDS
 
+# Mixture-of-Mamba's per-modality projections (the paper's four; the conv is an extra ablation).
+MAMBA_PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+# What `untie` may name per block kind: every component with weights.
 UNTIE_COMPONENTS = {
     "transformer": ("qkv", "o", "ffn", "norm", "qk_norm"),
-    "mamba": ("in_proj", "x_proj", "dt_proj", "out_proj", "conv", "norm", "ffn"),
+    "mamba": MAMBA_PROJECTIONS + ("conv", "norm", "ffn"),
 }
 # Components applied to sorted rows (the others look up per-token parameters and need no sort).
 SORTED_COMPONENTS = ("qkv", "o", "ffn", "in_proj", "x_proj", "dt_proj", "out_proj", "conv")
@@ -47,7 +54,11 @@ class MoeConfig:
   router_noise: float = 0.0
   aux_router: bool = False
   aux_loss_weight: float = 1.0
-  routing_rows: int = 0
+  routing_rows: int = 1  # batch rows routed together (expert choice, token-choice capacity); 0: each device's
+
+  def slice_tokens(self, shape_BLD: Sequence[int]) -> int:
+    """Tokens routed together in a [B, L, D] batch (per device under a mesh)."""
+    return _slice_tokens("moe", self.routing_rows, shape_BLD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +72,11 @@ class ModConfig:
   router_noise: float = 0.0
   aux_router: bool = False
   aux_loss_weight: float = 1.0
-  routing_rows: int = 0
+  routing_rows: int = 1  # selection="batch": rows selected among together; 0: each device's
+
+  def slice_tokens(self, shape_BLD: Sequence[int]) -> int:
+    """Tokens selected among together in a [B, L, D] batch (per device under a mesh)."""
+    return _slice_tokens("mod", self.routing_rows, shape_BLD) if self.selection == "batch" else shape_BLD[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +91,32 @@ class MambaConfig:
   chunk_size: int = 64
 
 
+def routing_group(field: str, routing_rows: int, rows_per_device: int) -> int:
+  """Batch rows routed together: `routing_rows`, or all of a device's rows for 0.
+
+  Batch-level routing (MoE expert choice, token-choice capacity, MoD's batch selection) picks among the
+  tokens of one group of rows. A fixed number of rows gives the same choice on every mesh; 0 makes the
+  device count part of the model (the trainer records the rows it stands for: `moma.train.resolve_config`).
+  """
+  if rows_per_device % (routing_rows or rows_per_device):
+    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} does not divide the {rows_per_device} "
+                     "batch rows each device holds: choose a divisor (1, the default, routes each row alone)")
+  return routing_rows or rows_per_device
+
+
+def _slice_tokens(field: str, routing_rows: int, shape_BLD: Sequence[int]) -> int:
+  """Tokens routed together in a [B, L, ...] batch split over the active mesh's batch shards."""
+  return routing_group(field, routing_rows, shape_BLD[0] // sharding.num_shards()) * shape_BLD[1]
+
+
 _NESTED = {"moe": MoeConfig, "mod": ModConfig, "mamba": MambaConfig, "diffusion": DiffusionConfig}
 
 
 def defaults(kind: type) -> dict[str, Any]:
-  """A nested config's defaults as a dict (presets start from these: `configs/moma.py`)."""
-  return dataclasses.asdict(kind())
+  """A config dataclass's defaults as a dict, its sections as dicts (the presets, configs/*.py, start from
+  these and state only what they change)."""
+  return {f.name: dataclasses.asdict(f.default) if dataclasses.is_dataclass(f.default) else f.default
+          for f in dataclasses.fields(kind)}
 
 
 def parse_untie(untie: str | Sequence[str]) -> tuple[str, ...]:
@@ -110,8 +145,9 @@ class ModelConfig:
   norm: str = "rms"
   norm_placement: str = "pre"
   qk_norm: bool = False
-  qk_norm_kind: str = "rms"  # "rms" (Qwen3-style) | "layer" (LayerNorm with bias, Chameleon)
-  norm_eps: float = 1e-6
+  # qk_norm=True alone is Qwen3's RMSNorm over each head; "layer" is Chameleon's LayerNorm with bias (7B preset).
+  qk_norm_kind: str = "rms"
+  norm_eps: float = 1e-5  # LLaMA / Chameleon
   rope_theta: float = 10_000.0
   max_seq_len: int = 2048
   tie_embeddings: bool = False
@@ -125,7 +161,9 @@ class ModelConfig:
   moe: MoeConfig = MoeConfig()
   mamba: MambaConfig = MambaConfig()
   mod: ModConfig = ModConfig()
-  causal: bool = False  # generation: aux routers instead of batch-level routing (MoE "ec", MoD)
+  # Route per token with the auxiliary routers instead of over the batch (MoE "ec", MoD): decoding and
+  # aux-router evaluation set it (`moma.models.generate`); it has nothing to do with causal attention.
+  aux_routing: bool = False
   patch_dim: int = 0  # Transfusion: P floats per image patch (0: no patch projection, discrete images)
   patch_proj: str = "linear"  # moma.layers.patches.KINDS
   diffusion: DiffusionConfig = DiffusionConfig()  # used when patch_dim > 0
@@ -246,13 +284,12 @@ def _check_moe(cfg: ModelConfig) -> None:
                                           or any(not 0 < f <= 1 for f in moe.token_fractions)):
     raise ValueError(f"config.model.moe.token_fractions={moe.token_fractions} needs {groups} values in (0, 1] "
                      f"(one per expert group of layout {moe.layout!r}), or None for equal shares")
-  if moe.routing_rows < 0:
-    raise ValueError(f"config.model.moe.routing_rows={moe.routing_rows} must be >= 0 (0: each device's rows)")
+  _check_routing_rows("moe", moe.routing_rows)
   if moe.routing == "topk" and not 1 <= moe.top_k <= min(layout.sizes):
     raise ValueError(f"config.model.moe.top_k={moe.top_k} must be in [1, {min(layout.sizes)}], the "
                      f"smallest expert group of layout {moe.layout!r}")
-  if cfg.causal and moe.routing == "ec" and not moe.aux_router:
-    raise ValueError("causal=True with config.model.moe.routing='ec' needs config.model.moe.aux_router=True")
+  if moe.routing == "ec":  # token choice routes per token already
+    _check_aux_routing(cfg, "moe")
 
 
 def _check_mod(cfg: ModelConfig) -> None:
@@ -263,10 +300,21 @@ def _check_mod(cfg: ModelConfig) -> None:
     raise ValueError(f"config.model.mod.every={mod.every} must divide num_layers={cfg.num_layers}")
   if mod.selection not in ("batch", "sequence"):
     raise ValueError(f"config.model.mod.selection={mod.selection!r}: expected 'batch' or 'sequence'")
-  if mod.routing_rows < 0:
-    raise ValueError(f"config.model.mod.routing_rows={mod.routing_rows} must be >= 0 (0: each device's rows)")
-  if cfg.causal and not mod.aux_router:
-    raise ValueError("causal=True with config.model.mod.enabled needs config.model.mod.aux_router=True")
+  _check_routing_rows("mod", mod.routing_rows)
+  _check_aux_routing(cfg, "mod")
+
+
+def _check_aux_routing(cfg: ModelConfig, field: str) -> None:
+  if cfg.aux_routing and not getattr(cfg, field).aux_router:
+    raise ValueError(f"config.model.aux_routing=True (decoding, or evaluation with aux routers) routes "
+                     f"config.model.{field} per token: it needs config.model.{field}.aux_router=True, trained by "
+                     "the aux_routers stage (configs/moma.py)")
+
+
+def _check_routing_rows(field: str, routing_rows: int) -> None:
+  if routing_rows < 0:
+    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} must be >= 0 (1: each batch row on "
+                     "its own; 0: each device's rows)")
 
 
 def _check_mamba(mamba: MambaConfig) -> None:

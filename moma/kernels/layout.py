@@ -26,14 +26,15 @@ def tile(dim: int, preferred: int, minimum: int = 8) -> int:
   return t
 
 
-def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-  """Zero-pad `axis` up to a multiple of `multiple` (a no-op, and no copy, when it already is one)."""
+def pad_axis(x: jax.Array, axis: int, multiple: int, fill=0) -> jax.Array:
+  """Pad `axis` at its end with `fill` up to a multiple of `multiple` (a no-op, and no copy, when it
+  already is one): whole tiles for the gmm kernels, whole blocks for attention, whole chunks for the scan."""
   extra = -x.shape[axis] % multiple
   if not extra:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
-  return jnp.pad(x, widths)
+  return jnp.pad(x, widths, constant_values=fill)
 
 
 def varying_zeros(shape, dtype, *operands):

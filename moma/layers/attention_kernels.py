@@ -18,13 +18,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moma.kernels import layout
+
 
 def _padded(q_BLHK, k_BLGK, v_BLGK, segment_BL, multiple):
   """Pad L to `multiple` (segment -1) and repeat kv heads to H; returns the inputs and a crop."""
   length, heads = q_BLHK.shape[1], q_BLHK.shape[2]
-  padded = -(-length // multiple) * multiple
-  pad = lambda x, fill: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2),
-                                constant_values=fill)
+  pad = lambda x, fill: layout.pad_axis(x, 1, multiple, fill)
   rep = lambda x: jnp.repeat(x, heads // x.shape[2], axis=2)
   return (pad(q_BLHK, 0), pad(rep(k_BLGK), 0), pad(rep(v_BLGK), 0),
           pad(segment_BL.astype(jnp.int32), -1), lambda out: out[:, :length])

@@ -22,6 +22,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from moma.kernels import layout
+
 
 def allowed(query_pos, key_pos, query_segment, key_segment, query_image=None, key_image=None):
   """The one mask rule, broadcast [..., queries, keys]: causal inside a document, both ways inside one
@@ -49,9 +51,7 @@ def blockwise_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array,
   """
   length = q_BLHK.shape[1]
   block = min(block, -(-length // 8) * 8)
-  padded = -(-length // block) * block
-  pad = lambda x, fill: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2),
-                                constant_values=fill)
+  pad = lambda x, fill: layout.pad_axis(x, 1, block, fill)
   has_images = image_block_BL is not None
   image_BL = image_block_BL if has_images else jnp.zeros_like(segment_BL)
   # Padded positions get segment -1: they see only each other, so no softmax row is empty.

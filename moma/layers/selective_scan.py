@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma.kernels import layout
+
 IMPLS = ("auto", "sequential", "chunked", "associative")
 
 
@@ -112,7 +114,7 @@ def _sequential(dt, u, A, B, C, keep, h0):
   def to_chunks(t, fill=0):  # [b, L, ...] → [num_chunks, chunk, b, ...]; padding: Δ = 0 and keep leave h
     if t is None:
       return None
-    t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
+    t = layout.pad_axis(t, 1, chunk, fill)
     return jnp.moveaxis(t, 1, 0).reshape(-1, chunk, *t.shape[:1], *t.shape[2:])
 
   y, h_last = _sequential_chunks(*map(to_chunks, (dt, u)), A.T, *map(to_chunks, (B, C)),
@@ -220,7 +222,7 @@ def _chunked(dt, u, A, B, C, keep, h0, *, chunk_size):
     keep = jnp.ones((b, length), bool)
 
   def to_chunks(t, fill=0.0):  # [b, L, ...] → [num_chunks, b, chunk, ...]
-    t = jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2), constant_values=fill)
+    t = layout.pad_axis(t, 1, chunk, fill)
     t = t.reshape(b, -1, chunk, *t.shape[2:])
     return jnp.moveaxis(t, 1, 0)
 

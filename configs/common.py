@@ -13,7 +13,7 @@ import ml_collections
 SIZES = {
     "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_ff=192, seq_len=256, batch_size=4,
                  steps=200, lr=3e-3, warmup_steps=20),
-    # CPU studies (issue 16): 2,500 steps × 16 × 256 = 10.2M tokens, est. ~20 min on 2 idle cores
+    # CPU studies (docs/studies.md): 2,500 steps × 16 × 256 = 10.2M tokens, est. ~20 min on 2 idle cores
     # (3.2k tokens/s measured for MoT with the cores shared at load ~12; see BENCHMARKS.md).
     "small": dict(d_model=96, num_layers=4, num_heads=4, d_ff=288, seq_len=256, batch_size=16,
                   steps=2500, lr=2e-3, warmup_steps=100),
@@ -95,7 +95,7 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
       log_every={"tiny": 10, "small": 50}.get(size, 100),
       eval_every={"tiny": 100, "small": 500}.get(size, 1000), eval_steps={"tiny": 4, "small": 8}.get(size, 50),
-      stage="main",  # "main": train everything; issue 5 adds "aux_routers".
+      stage="main",  # "main": train everything; "aux_routers": only MoMa's auxiliary routers (steps.STAGES)
       progress_bar=True,
       nan_policy="stop",  # non-finite loss or grad norm: "stop" (keep the good checkpoints) or "skip" the update
       prefetch=2,  # host batches prepared ahead in a background thread (0: inline)

@@ -50,7 +50,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not key.startswith(MUST_MATCH) or key.startswith(MAY_DIFFER):
       continue
     if old.get(key, "<absent>") != new.get(key, "<absent>"):
-      diffs.append(f"{key}: workdir has {old.get(key, '<absent>')!r}, config has "
+      diffs.append(f"config.{key}: workdir has {old.get(key, '<absent>')!r}, config has "
                    f"{new.get(key, '<absent>')!r}")
   if diffs:
     raise ValueError(f"workdir {workdir} holds a run of an incompatible config ({'; '.join(diffs)}); use "

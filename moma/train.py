@@ -24,8 +24,10 @@ from moma import data
 from moma import faults
 from moma import flops
 from moma import loop
+from moma import sharding
 from moma import steps
 from moma import validation
+from moma.models import model_config
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -62,6 +64,17 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if config.train.batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide evenly over "
                      f"{jax.process_count()} processes")
+  # Batch-level routing groups (model_config.routing_group): per-device routing (0) is recorded as the rows
+  # it stands for on this mesh, so a resume on a mesh that would change them is refused (check_compatible).
+  # One row (the default) divides every device's rows; AGD tasks keep what they are given (their own batches).
+  used = {"moe": (config.model.get("ffn") == "moe", model_config.MoeConfig),
+          "mod": ((config.model.get("mod") or {}).get("enabled"), model_config.ModConfig)}
+  shards = functools.cache(lambda: sharding.batch_shards(*steps.make_mesh(config)))
+  for field, (on, kind) in used.items():
+    rows = (config.model.get(field) or {}).get("routing_rows", kind.routing_rows)
+    if on and rows != 1 and "agd" not in config:
+      per_device = config.train.batch_size // shards()
+      config.model[field].routing_rows = model_config.routing_group(field, rows, per_device)
   return config
 
 

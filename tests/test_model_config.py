@@ -65,3 +65,30 @@ def test_routing_rows_must_divide_each_devices_rows():
   assert model_config.routing_group("mod", 0, 6) == 6  # 0: each device's rows
   with pytest.raises(ValueError, match=r"config.model.mod.routing_rows=4 does not divide the 6 batch rows"):
     model_config.routing_group("mod", 4, 6)
+
+
+def test_per_device_routing_is_recorded_and_a_resume_that_changes_it_is_refused(data_cache_dir, tmp_path):
+  """routing_rows=0 (each device's rows) is resolved to the rows it stands for on the run's mesh, written
+  to config.json; resuming on a mesh with other rows per device is refused, naming the field."""
+  from configs import moma as moma_configs  # pylint: disable=g-import-not-at-top
+  from moma import checkpoint, train  # pylint: disable=g-import-not-at-top
+
+  def config(mesh, moe_rows=0, mod_rows=0):
+    c = moma_configs.get_config("experts=4t4i,mod=true")
+    c.data.cache_dir = data_cache_dir
+    c.train.batch_size, c.mesh.shape = 8, mesh
+    c.model.moe.routing_rows, c.model.mod.routing_rows = moe_rows, mod_rows
+    return c
+
+  first = train.resolve_config(config((2,)))
+  assert (first.model.moe.routing_rows, first.model.mod.routing_rows) == (4, 4)
+  checkpoint.write_config(first, str(tmp_path))
+  checkpoint.check_compatible(train.resolve_config(config((2,))), str(tmp_path))  # same mesh: resumes
+  with pytest.raises(ValueError, match=r"config\.model\.moe\.routing_rows: workdir has 4, config has 2"):
+    checkpoint.check_compatible(train.resolve_config(config((4,))), str(tmp_path))
+  assert train.resolve_config(config((8,), 1, 1)).model.moe.routing_rows == 1  # the default: any mesh
+  # A group that does not divide each device's rows is refused before the run writes anything.
+  workdir = tmp_path / "new"
+  with pytest.raises(ValueError, match=r"config.model.mod.routing_rows=3 does not divide the 4 batch rows"):
+    train.train_and_evaluate(config((2,), 1, 3), str(workdir))
+  assert not workdir.exists()

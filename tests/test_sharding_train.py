@@ -37,8 +37,6 @@ KEYS = ("loss", "grad_norm", "loss/text", "loss/image", "loss/audio", "eval/loss
 def make_config(kind, mesh, steps, cache_dir):
   module, args = CONFIGS[kind]
   config = module.get_config(",".join(filter(None, ("size=tiny", args))))
-  if config.model.get("moe"):  # batch-level routing over one row: the same choice on every mesh
-    config.model.moe["routing_rows"] = config.model.mod["routing_rows"] = 1
   config.data.cache_dir = cache_dir
   config.mesh.shape, config.mesh.axes, config.mesh.rules = MESHES[mesh]
   # batch 8: divisible by the 8 batch shards. Eval only at step STEPS, where the one-device run has it to

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from moma import cli
 from moma import data
 from moma import diffusion
 from moma import sample
@@ -152,9 +152,7 @@ _NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 100, "Validation images to 
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches for the diffusion losses.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(_):
   out = evaluate(flags.FLAGS.workdir, per_digit=_PER_DIGIT.value, num_captions=_NUM_CAPTIONS.value,
                  eval_batches=_EVAL_BATCHES.value, num_steps=flags.FLAGS.steps,
                  cfg_scale=flags.FLAGS.cfg_scale, seed=flags.FLAGS.seed)
@@ -163,4 +161,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

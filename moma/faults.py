@@ -6,7 +6,7 @@ process 0, DIR/lock.<i> for the others), so they share a workdir while a second 
 `Preemption` turns SIGTERM / SIGINT into a request that the trainer honours at the next step boundary
 (checkpoint, flush, exit); a second signal exits at once.
 `first_nonfinite` finds the step and metric where a run diverged. The exceptions below are what the CLI
-turns into one line and an exit code (moma/main.py).
+turns into one line and an exit code (`moma.cli.report`).
 """
 
 from __future__ import annotations

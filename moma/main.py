@@ -2,19 +2,17 @@
 
 Running the same command again resumes from the latest readable checkpoint in the workdir.
 
-Console: quiet by default (the trainer's own lines; library INFO chatter such as TFDS's and orbax's is
-off). absl's `--verbosity=0` shows INFO logs and the traceback behind an error, `--verbosity=1` DEBUG.
-Exit codes: 0 done (or stopped by SIGTERM after saving), 130 stopped by SIGINT after saving, 1 the run
-cannot start or go on (a one-line reason on stderr), 3 diverged (non-finite loss or gradient norm).
+Console (moma/cli.py): quiet by default (the trainer's own lines and warnings; library logs such as TFDS's
+and orbax's are off). absl's `--verbosity=0` shows INFO logs and the traceback behind an error,
+`--verbosity=1` DEBUG. Exit codes: 0 done (or stopped by SIGTERM after saving), 130 stopped by SIGINT after saving, 1 the
+run cannot start or go on, or a flag or config file is wrong (a one-line reason on stderr), 3 diverged
+(non-finite loss or gradient norm).
 """
 
-import os
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from moma import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file with optional argument, e.g. configs/mot.py:size=tiny.",
@@ -23,20 +21,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= logging.INFO
-  if not verbose:  # Library INFO chatter (TFDS "Load dataset info", orbax phases) stays off.
-    logging.set_verbosity(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def main(_):
   from moma import sharding  # pylint: disable=g-import-not-at-top (after flag parsing: jax is heavy)
 
   sharding.maybe_initialize_distributed(_CONFIG.value)  # Multi-host runs: before any other jax call.
   from moma import train  # pylint: disable=g-import-not-at-top
 
-  sys.exit(train.run(_CONFIG.value, _WORKDIR.value, tracebacks=verbose))
+  return train.run(_CONFIG.value, _WORKDIR.value, tracebacks=cli.verbose())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

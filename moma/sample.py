@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from moma import checkpoint
+from moma import cli
 from moma import data
 from moma import steps
 from moma import transfusion_sample
@@ -110,9 +110,7 @@ def ascii_image(image: np.ndarray, colour: bool = False) -> str:
   return "\n".join("".join(_ASCII_RAMP[v] * 2 for v in row) for row in levels)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(_):
   documents = sample(_WORKDIR.value, _PROMPT.value, _THEN.value, _NUM_TOKENS.value, _NUM_SAMPLES.value,
                      _TEMPERATURE.value, _SEED.value, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
                      eta=_ETA.value)
@@ -130,4 +128,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

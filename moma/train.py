@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-import traceback
 from typing import Callable
 
 import jax
@@ -19,6 +17,7 @@ import ml_collections
 
 from moma import agd
 from moma import checkpoint
+from moma import cli
 from moma import console
 from moma import data
 from moma import faults
@@ -141,16 +140,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def run(config, workdir: str, *, tracebacks: bool = False) -> int:
   """Trains `config` in `workdir`; returns the exit code. User errors (bad config, data, workdir) and
-  faults (lock held, divergence, a signal) are one line on stderr, with the traceback if `tracebacks`."""
-  try:
-    train_and_evaluate(config, workdir)
-    return 0
-  except faults.Interrupted as e:
-    sys.stderr.write(f"{e}\n")
-    return e.exit_code
-  except (faults.RunError, ValueError) as e:
-    if tracebacks:
-      traceback.print_exc()
-    message = " ".join(str(e).split())
-    sys.stderr.write(f"error: {message}\n")
-    return getattr(e, "exit_code", 1)
+  faults (lock held, divergence, a signal) are one line on stderr (`cli.report`), with the traceback if
+  `tracebacks`."""
+  return cli.report(lambda: train_and_evaluate(config, workdir), tracebacks=tracebacks)

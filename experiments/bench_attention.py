@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_layers
+from moma import cli
 from moma import flops
 from moma.layers import attention
 from moma.models.model_config import ModelConfig
@@ -119,7 +120,7 @@ def mod(repeats, result):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--parts", default="memory,time,crossover,mod")
   parser.add_argument("--lengths", default="2048,4096")
   parser.add_argument("--repeats", type=int, default=3)
@@ -140,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -25,10 +25,10 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from moma import cli
 from moma import data
 
 BASELINE = "61e99a0"  # the last commit whose packer never cut a document across rows
@@ -103,4 +103,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

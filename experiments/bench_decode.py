@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma import cli
 from moma.models import decoder
 from moma.models import generate
 from moma.models.model_config import MAMBA_PROJECTIONS
@@ -70,7 +71,7 @@ def recompute_fn(model, prompt_len, new_tokens):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--batch", type=int, default=4)
@@ -103,4 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -18,12 +18,12 @@ JSON object with every ratio.
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma import cli
 from moma import kernels
 
 _GRID = flags.DEFINE_enum("grid", "issue", ["issue", "quick"], "Problem sizes to run.")
@@ -116,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma import cli
 from moma import dispatch
 from moma import flops
 from moma.models import blocks
@@ -186,7 +187,7 @@ def compile_seconds(cfg, batch):
 
 def shape_parser(doc: str) -> argparse.ArgumentParser:
   """The model and batch shape flags every layer benchmark takes (a realistic small layer by default)."""
-  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser = cli.ArgumentParser(description=doc.splitlines()[0])
   for name, default in dict(d_model=256, d_ff=1024, num_heads=4, vocab_size=512, batch_size=8,
                             seq_len=512, num_layers=2, repeats=7).items():
     parser.add_argument(f"--{name}", type=int, default=default)
@@ -224,4 +225,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

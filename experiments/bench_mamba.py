@@ -14,7 +14,6 @@
 The last line of stdout is a JSON object with every number.
 """
 
-import argparse
 import functools
 import json
 import time
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moma import cli
 from moma import dispatch
 from moma import flops
 from moma.layers import mamba
@@ -154,7 +154,7 @@ def bench_models(batch, length, d_model, num_layers, num_modalities, reps):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="512,2048,8192")
   parser.add_argument("--scan_batch", type=int, default=1)
   parser.add_argument("--d_inner", type=int, default=128)
@@ -190,4 +190,4 @@ def main():
   print(json.dumps(result))
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

@@ -14,13 +14,14 @@ d_inner = 2 d_model at the preset's seq_len. The last stdout line is a JSON obje
 
 import json
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import common
 from experiments.bench_mamba import interleaved_medians, temp_bytes
+from moma import cli
 from moma.layers import mamba
 
 SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M", "1.4B"], "presets (configs/common.py SIZES)")
@@ -81,4 +82,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,7 +5,6 @@
 Prints one row per variant (ms per fwd+bwd step, ratio to dense) and a JSON object as the last line.
 """
 
-import argparse
 import json
 import time
 
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moma import cli
 from moma import dispatch
 from moma.layers import mod
 from moma.layers import moe
@@ -73,7 +73,7 @@ def time_round_robin(steps, repeats):
 
 
 def main():
-  p = argparse.ArgumentParser()
+  p = cli.ArgumentParser()
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--length", type=int, default=256)
   p.add_argument("--d_model", type=int, default=256)
@@ -103,4 +103,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

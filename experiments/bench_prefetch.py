@@ -12,11 +12,11 @@ import json
 import statistics
 import tempfile
 
-from absl import app
 from absl import flags
 import jax
 
 from configs import mot
+from moma import cli
 from moma import train
 
 _D_MODEL = flags.DEFINE_list("d_model", ["64", "256"], "Model widths (64 is the tiny preset).")
@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,11 +11,12 @@ written as `x * w` (the baseline, patched in), timed in interleaved rounds. The 
 import json
 from unittest import mock
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 from experiments.bench_mamba import interleaved_medians
+from moma import cli
 from moma.layers import mamba, norms
 
 SHAPES = flags.DEFINE_list("shapes", ["1x1024x1536", "8x1024x768", "16x256x96"], "B x L x D")
@@ -57,4 +58,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

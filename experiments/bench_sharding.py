@@ -19,13 +19,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 
-from absl import app, flags
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
 from configs import dense, moma, mot
 from experiments.bench_mamba import interleaved_medians
+from moma import cli
 from moma import loop, sharding, steps
 from moma.models import decoder
 
@@ -104,4 +105,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_layers
+from moma import cli
 from moma import flops
 from moma.models import decoder
 from moma.models.model_config import MAMBA_PROJECTIONS, UNTIE_COMPONENTS
@@ -73,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_argparse(main)

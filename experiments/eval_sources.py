@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from moma import checkpoint
+from moma import cli
 from moma import data
 from moma import steps
 from moma import studies
@@ -125,7 +126,7 @@ def paired_differences(baselines: dict[int, dict], variants: dict[int, dict]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("runs", nargs="+", help="run directories or seeded run directories")
   parser.add_argument("--baseline", help="run directory (or seeded) the others are compared with, by seed")
   parser.add_argument("--eval_steps", type=int, help="validation batches (default: the run's train.eval_steps)")
@@ -161,4 +162,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_argparse(main)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 from typing import Sequence
 
+from moma import cli
 from moma import studies
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("baseline", help="run directory of the dense baseline")
   parser.add_argument("variants", nargs="+", help="run directories of the variants")
   parser.add_argument("--smooth", type=int, default=5,
@@ -61,4 +61,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_argparse(main)

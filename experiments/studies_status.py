@@ -18,13 +18,13 @@ import importlib
 import json
 import os
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
 
 from configs import sweeps
 from experiments import sweep
+from moma import cli
 from moma import studies
 
 # The issue-16 studies at the CPU preset (RESULTS.md).
@@ -92,7 +92,7 @@ def status(root: str | pathlib.Path, spec: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("specs", nargs="*", default=list(STUDIES), help="sweeps as experiments/sweep.py takes them")
   parser.add_argument("--root", required=True, help="the --root the studies run under")
   args = parser.parse_args(argv)
@@ -113,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_argparse(main)

@@ -26,6 +26,7 @@ import sys
 from typing import Any, Sequence
 
 from configs import sweeps
+from moma import cli
 from moma import studies
 
 
@@ -105,7 +106,7 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("sweep", help=f"NAME[:k=v,...], NAME one of {', '.join(sweeps.known())}")
   parser.add_argument("--root", required=True, help="folder that holds the sweep's run directories")
   parser.add_argument("--print-commands", action="store_true", help="print one command per run, run none")
@@ -153,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_argparse(main)

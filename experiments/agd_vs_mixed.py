@@ -75,7 +75,7 @@ def run_arm(config, plan, workdir):
     tokens = sum(plan.tasks[plan.task_at(s)].tokens for s in range(last, row["step"]))
     train_s, last = train_s + tokens / row["tokens_per_s"], row["step"]  # the loop's step time
     for name, (_, _, batch, _) in TASKS.items():  # a row is one round: B_t examples of each task, either arm
-      curves[name].append((len(curves[name]) * batch + batch, row[f"task/{name}/loss"]))
+      curves[name].append(((len(curves[name]) + 1) * batch, row[f"task/{name}/loss"]))
   return curves, dict(compilations=final["compilations"], train_s=train_s, wall_s=wall_s)
 
 

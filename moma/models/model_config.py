@@ -40,7 +40,7 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-  """config.model.moe (ffn="moe"): the fields of `moma.layers.moe.MoE`."""
+  """config.model.moe (ffn="moe"): the routed experts of `moma.layers.moe.MoE`, which takes this config."""
 
   layout: str = "4t4i"
   routing: str = "ec"
@@ -63,7 +63,7 @@ class MoeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModConfig:
-  """config.model.mod: Mixture-of-Depths every `every` layers (`moma.layers.mod.MixtureOfDepths`)."""
+  """config.model.mod: Mixture-of-Depths every `every` layers (`moma.layers.mod.MixtureOfDepths` takes it)."""
 
   enabled: bool = False
   capacity: float = 0.25
@@ -81,7 +81,7 @@ class ModConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MambaConfig:
-  """config.model.mamba (block="mamba"): the Mamba-1 paper's d_state 16, expand 2, conv 4."""
+  """config.model.mamba (block="mamba"): the Mamba-1 paper's d_state 16, expand 2, conv 4 (`MambaBlock`)."""
 
   d_state: int = 16
   d_conv: int = 4

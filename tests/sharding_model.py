@@ -1,4 +1,5 @@
-"""Sharding test helpers (sharded setup / train / compare) and a tiny Linen LM: untied (per-modality) GroupedDense attention + FFN, plain layers.
+"""Sharding test helpers (a compiled sharded train step) and a tiny Linen LM: untied (per-modality)
+GroupedDense attention + FFN, plain layers.
 
 Every weight carries logical axis names, so the mesh rules decide all of its sharding; activations are
 constrained at layer boundaries with `moma.sharding.constrain`.
@@ -79,7 +80,7 @@ def lm_loss(logits, batch):
 
 
 def make_train_fns(model, loss=lm_loss, lr=0.3):
-  """(init_state(key, batch) → boxed {"params", "opt"}, train_step(state, batch) → state, loss, grads)."""
+  """(init_state(key, batch) → boxed {"params", "opt"}, train_step(state, batch) → state, loss)."""
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr, momentum=0.9))
 
   def init_state(key, batch):
@@ -92,7 +93,7 @@ def make_train_fns(model, loss=lm_loss, lr=0.3):
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
     updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss, grads
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
 
   return init_state, train_step
 
@@ -111,30 +112,6 @@ def setup(model, host_batch, shape, axes, rules=(), loss=lm_loss):
   abstract = sharding.abstract_sharded(init_state, mesh, rules, jax.random.key(0), batch)
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
   with sharding.activate(mesh, rules):
-    step = jax.jit(train_step, out_shardings=(state_sh, None, state_sh["params"]))
+    step = jax.jit(train_step, out_shardings=(state_sh, None))
     step = step.lower(abstract, batch).compile()
   return mesh, rules, init_state, step, batch
-
-
-def train(step, state, batch, steps):
-  """Losses and per-step gradients (on the host) of `steps` steps, and the final state."""
-  losses, grads = [], []
-  for _ in range(steps):
-    state, loss, g = step(state, batch)
-    losses.append(float(loss))
-    grads.append(jax.device_get(g))
-  return losses, grads, state
-
-
-def run(model, host_batch, shape, axes, rules=(), steps=3, loss=lm_loss):
-  """`train` from the same sharded init (key 0) on the given mesh."""
-  mesh, rules, init_state, step, batch = setup(model, host_batch, shape, axes, rules, loss)
-  state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
-  return train(step, state, batch, steps)
-
-
-def assert_runs_equal(run, ref, rtol=1e-5):
-  """Same losses (relative rtol) and gradients (relative rtol, atol scaled to each leaf's magnitude)."""
-  np.testing.assert_allclose(run[0], ref[0], rtol=rtol)
-  for g, r in zip(run[1], ref[1]):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max()), g, r)

@@ -1,6 +1,5 @@
-"""The decoder (dense and MoT) trains, and decodes, identically on 8-device meshes and on one device."""
-
-import functools
+"""The decoder on 8-device meshes: cached decoding gives one device's tokens, and every parameter it can have
+carries logical axes. Training on a mesh is tests/test_sharding_train.py's (the one mesh-equivalence module)."""
 
 import flax.linen as nn
 import jax
@@ -28,32 +27,6 @@ def make_batch(b=8, l=8, seed=0):
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment": segment, "position": position,
           "modality": rng.integers(0, len(MODALITIES), (b, l), dtype=np.int32),
           "loss_mask": (rng.random((b, l)) > 0.2).astype(np.float32)}
-
-
-def loss(logits, batch):
-  return decoder.loss_fn(logits, batch, MODALITIES)[0]
-
-
-@functools.cache
-def run(kind, shape, axes, rules=()):
-  model = decoder.as_model(dict(TINY, untie=UNTIE[kind]))
-  return lib.run(model, make_batch(), shape, axes, rules, steps=2, loss=loss)
-
-
-@pytest.mark.parametrize("kind,shape,axes,rules", [
-    pytest.param("dense", (2, 2, 2), ("data", "fsdp", "tensor"), (), marks=pytest.mark.slow),
-    ("mot", (2, 2, 2), ("data", "fsdp", "tensor"), ()),
-    # 3 modalities do not divide an expert axis of 4: keep per-modality weights whole (rule override).
-    ("mot", (2, 4), ("data", "expert"), (("modality", None),)),
-])
-def test_decoder_on_mesh_matches_single_device(kind, shape, axes, rules):
-  result = run(kind, shape, axes, rules)
-  lib.assert_runs_equal(result, run(kind, (1,), ("data",)))
-  params = result[2]["params"]
-  if kind == "mot" and "tensor" in axes:
-    # scanned layers: leading layer axis unsharded, then (modality, embed, mlp) per the rules.
-    assert params["layers"]["ffn"]["wo"]["kernel"].sharding.spec == P(None, None, "tensor", "fsdp")
-  assert params["embed"]["embedding"].sharding.spec == (P("tensor", "fsdp") if "tensor" in axes else P(None, None))
 
 
 def test_cached_generation_on_mesh_matches_single_device():

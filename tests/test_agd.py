@@ -1,5 +1,7 @@
 """AGD: objectives' losses, the schedule, config errors, one compiled step per task, a short run, resume."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -172,34 +174,10 @@ def test_resuming_with_other_tasks_or_schedule_is_refused(data_cache_dir, tmp_pa
 # --- compiled steps and the shared state ------------------------------------------------------------
 
 
-def test_one_trace_per_task_and_one_shared_state(data_cache_dir):
-  config = train.resolve_config(small_config(data_cache_dir))
-  tasks = {t.name: t for t in agd.tasks_from_config(config) if t.name in ("image_gen", "digits8")}
-  sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
-  first = sources["digits8"].batch(0, 0)
-  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.objective_model(config, "classification"), b)))(
-      first)
-  structure = jax.tree.structure(state)
-  assert set(state.params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
-                               "classifier_bias"}
-  cache = loop.StepCache(lambda task: agd.task_step(config, task))
-  before = jax.tree.map(np.asarray, state.params)
-  for step, name in enumerate(["image_gen", "digits8", "image_gen", "image_gen", "digits8"]):
-    state, out = cache(tasks[name], state, sources[name].batch(0, step))
-    assert np.isfinite(out["loss"])
-    assert jax.tree.structure(state) == structure  # one params + optimizer state tree for all tasks
-  assert dict(cache.traces) == {"image_gen": 1, "digits8": 1}
-  assert int(state.step) == 5
-  # Both objectives moved the shared backbone; the classifier moved.
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.tree.map(np.asarray,
-                                                                                  state.params))
-  assert changed["classifier"] and changed["backbone"]["embed"]["embedding"]
-
-
-def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
-  """Issue 8: AGD with MoMa layers (config.model.ffn="moe"): per-modality experts, their sown aux losses
-  (token choice sows them; expert choice has none) and routing metrics, shared by a decoder objective
-  and an encoder one."""
+def test_one_trace_per_task_one_shared_state_and_experts_train_under_both(data_cache_dir):
+  """AGD with MoMa layers (config.model.ffn="moe") under a decoder objective and an encoder one: each task's
+  step is traced once, both update one params + optimizer state tree, and both move the shared backbone:
+  every expert weight and router, with their sown aux losses (token choice sows them) and routing metrics."""
   config = small_config(data_cache_dir, untie="none")
   config.model.ffn = "moe"
   config.model.moe = dict(layout="2t2i1a", routing="topk", top_k=1)
@@ -208,17 +186,22 @@ def test_moma_experts_train_under_a_decoder_and_an_encoder_task(data_cache_dir):
   sources = agd._data_sources(config, list(tasks.values()), "train")  # pylint: disable=protected-access
   state = jax.jit(lambda b: nn.unbox(steps.create_state(config, agd.objective_model(config, "classification"), b)))(
       sources["digits8"].batch(0, 0))
-  experts = lambda s: jax.tree.map(np.asarray, s.params["backbone"]["layers"]["ffn"])
-  before = experts(state)
+  structure = jax.tree.structure(state)
+  assert set(state.params) == {"backbone", "contrastive_proj", "logit_scale", "classifier",
+                               "classifier_bias"}
+  before = jax.tree.map(np.asarray, state.params)
   cache = loop.StepCache(lambda task: agd.task_step(config, task))
   losses = {name: [] for name in tasks}
-  for step, name in enumerate(["image_gen", "digits8"] * 3):
+  for step, name in enumerate(["image_gen", "digits8", "image_gen", "image_gen", "digits8", "image_gen"]):
     state, out = cache(tasks[name], state, sources[name].batch(0, step))
     assert np.isfinite(out["loss"]) and out["aux_loss"] > 0 and "routing/router_entropy" in out, (name, out)
+    assert jax.tree.structure(state) == structure  # one params + optimizer state tree for all tasks
     losses[name].append(float(out["loss"]))
   assert dict(cache.traces) == {"image_gen": 1, "digits8": 1}
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, experts(state))
-  assert all(jax.tree.leaves(changed)), changed  # every expert weight and router moved
+  assert int(state.step) == 6
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.tree.map(np.asarray, state.params))
+  assert changed["classifier"] and changed["backbone"]["embed"]["embedding"]
+  assert all(jax.tree.leaves(changed["backbone"]["layers"]["ffn"])), changed  # every expert and router
   assert losses["image_gen"][-1] < losses["image_gen"][0], losses
 
 
@@ -247,17 +230,34 @@ def test_every_objectives_loss_falls_and_each_task_compiles_once(short_run):
     assert np.isfinite(rows[-1][key]), key
 
 
+def resume_config(data_cache_dir, steps):
+  c = small_config(data_cache_dir, schedule="sample")
+  c.agd.tasks = {k: v for k, v in c.agd.tasks.items() if k in ("image_gen", "digits8")}
+  c.train.update(steps=steps, log_every=2, min_lr_ratio=1.0)  # lr independent of train.steps
+  c.checkpoint.every_steps = 4
+  return c
+
+
+def test_a_resumed_plan_draws_the_same_tasks_and_batches(data_cache_dir):
+  """What a run resumed at step 4 trains next (a fresh `agd.plan`, as a new process builds it) is what the
+  uninterrupted run trains: the same task and host batch at every step. The slow twin trains both runs
+  through the trainer: test_resume_continues_the_same_schedule_and_batches."""
+  config = train.resolve_config(resume_config(data_cache_dir, 8))
+  straight, resumed = agd.plan(config), agd.plan(config)
+  drawn = [(straight.task_at(i), straight.tasks[straight.task_at(i)].batch_at(i)) for i in range(8)]
+  assert len({t for t, _ in drawn}) == 2  # both tasks come up
+  for i in range(4, 8):
+    task = resumed.task_at(i)
+    assert task == drawn[i][0]
+    jax.tree.map(np.testing.assert_array_equal, resumed.tasks[task].batch_at(i), drawn[i][1])
+
+
+@pytest.mark.slow  # three AGD runs, each tracing two task steps: ~2 minutes on 2 idle cores
 def test_resume_continues_the_same_schedule_and_batches(data_cache_dir, tmp_path):
   """4 steps, then 4 more from the checkpoint == 8 steps straight (same metrics, same state)."""
   from moma import metrics
 
-  def config(steps):
-    c = small_config(data_cache_dir, schedule="sample")
-    c.agd.tasks = {k: v for k, v in c.agd.tasks.items() if k in ("image_gen", "digits8")}
-    c.train.update(steps=steps, log_every=2, min_lr_ratio=1.0)  # lr independent of train.steps
-    c.checkpoint.every_steps = 4
-    return c
-
+  config = functools.partial(resume_config, data_cache_dir)
   train.train_and_evaluate(config(8), str(tmp_path / "straight"))
   train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
   final = train.train_and_evaluate(config(8), str(tmp_path / "resumed"))

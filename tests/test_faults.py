@@ -1,17 +1,21 @@
 """Faults a run survives: divergence, signals, a second trainer, kill -9, damaged workdirs.
 
 Signals, the lock, divergence and kill -9 go through the CLI in a subprocess (marked slow: each start
-compiles); the rest run in-process.
+compiles); the rest run in-process, skipping a non-finite step on `steps.train_step` and `loop` directly.
 """
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -19,7 +23,9 @@ import pytest
 from moma import faults
 from moma import loop
 from moma import metrics
+from moma import steps
 from moma import train
+from moma.models import decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -110,6 +116,39 @@ def test_divergence_stops_without_saving_and_keeps_the_good_checkpoint(tiny_conf
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(str(tmp_path), 2)))
 
 
+def test_a_nonfinite_step_keeps_the_state_when_skipping(tiny_config):
+  """`steps.train_step(skip_nonfinite=True)` on a 1-layer dense model: a step whose loss is NaN keeps the
+  params and optimizer state, advances the step and reports skipped=1; a finite step updates. The loop
+  then logs the skipped count and means over the kept steps only. The slow twin trains through the
+  trainer: test_nan_policy_skip_drops_the_bad_updates_and_goes_on."""
+  tiny_config.model.update(d_model=16, num_layers=1, num_heads=2, d_ff=32, untie=())
+  tiny_config.train.warmup_steps = 0  # the first kept update has a non-zero lr
+  config = train.resolve_config(tiny_config)
+  model = steps.build_model(config)
+  batch = {k: v[:2, :32] for k, v in train.host_batches(config, "train")(0).items()}
+
+  def loss_fn(logits, batch, modalities):  # NaN where the batch says so
+    loss, per_modality = decoder.loss_fn(logits, batch, modalities)
+    return jnp.where(batch["poison"], jnp.nan, loss), per_modality
+
+  step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=loss_fn, seed=0, skip_nonfinite=True,
+                                   modalities=tuple(config.model.modalities)))
+  state = jax.jit(lambda b: nn.unbox(steps.create_state(config, model, b)))(batch)
+  kept, out = step(state, dict(batch, poison=True))
+  assert float(out["skipped"]) == 1 and int(kept.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, (kept.params, kept.opt_state), (state.params, state.opt_state))
+  moved, out = step(kept, dict(batch, poison=False))
+  assert float(out["skipped"]) == 0 and np.isfinite(out["loss"]) and int(moved.step) == 2
+  assert not np.array_equal(moved.params["embed"]["embedding"], state.params["embed"]["embedding"])
+  # The loop's row: the count of skipped steps, and the plan's means over the others.
+  plan = mock.Mock(summarise=lambda window, step: {"loss": np.mean([o["loss"] for _, o in window])})
+  window = [("main", {"loss": 1.0, "skipped": 0.0}), ("main", {"loss": np.nan, "skipped": 1.0}),
+            ("main", {"loss": 3.0, "skipped": 0.0})]
+  summarise = loop._summarise  # pylint: disable=protected-access
+  assert summarise(plan, window, 3, skip=True) == {"loss": 2.0, "skipped_steps": 1.0}
+
+
+@pytest.mark.slow  # its own compilation of the skipping step
 def test_nan_policy_skip_drops_the_bad_updates_and_goes_on(tiny_config, tmp_path):
   config = _diverging(tiny_config)
   config.train.nan_policy = "skip"

@@ -74,8 +74,12 @@ def test_4t4i_at_capacity_one_costs_the_dense_model():
   assert params["active"] == 3 * 32 * 128 + 32 * 8 and params["total"] == 8 * 3 * 32 * 128 + 32 * 8
 
 
-@pytest.mark.parametrize("kw", [dict(ffn="moe"), dict(ffn="moe", moe=dict(routing="topk")),
-                                dict(mod=dict(enabled=True)), dict(ffn="moe", mod=dict(enabled=True))])
+# MoE (expert choice) and MoD together check both kinds of router in one compilation: the default twin of
+# each alone (slow).
+@pytest.mark.parametrize("kw", [pytest.param(dict(ffn="moe"), marks=pytest.mark.slow),
+                                dict(ffn="moe", moe=dict(routing="topk")),
+                                pytest.param(dict(mod=dict(enabled=True)), marks=pytest.mark.slow),
+                                dict(ffn="moe", mod=dict(enabled=True))])
 def test_gradients_reach_the_routers_through_the_decoder(kw):
   model = decoder.as_model(dict(BASE, **kw))
   batch = make_batch()

@@ -50,7 +50,7 @@ def _train_step_flops(ffn):
   cfg = dict(BASE, d_model=32, d_ff=128, num_layers=1, vocab_size=64, ffn=ffn)
   model = decoder.as_model(cfg)
   batch = make_batch(4, 64)
-  params = init(model, batch)["params"]
+  params = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]  # shapes are all the compile needs
 
   def loss(p):
     return decoder.loss_fn(apply(model, {"params": p}, batch), batch, MODS)[0]
@@ -116,10 +116,11 @@ def test_upcycled_model_first_forward_equals_the_1t1i_model():
   moe = lambda layout, k: dict(BASE, ffn="moe", moe=dict(layout=layout, routing="topk", top_k=k, dropless=True))
   src_model, dst_model = decoder.as_model(moe("1t1i", 1)), decoder.as_model(moe("4t4i", 4))
   src = init(src_model, batch)["params"]
-  fresh = init(dst_model, batch)["params"]
+  fresh = jax.eval_shape(dst_model.init, jax.random.key(0), batch)["params"]  # all but the router come from src
   from moma import upcycle  # pylint: disable=g-import-not-at-top
   up = nn.meta.unbox(upcycle.upcycle(src, fresh, layout="4t4i", modalities=MODS))
-  up["layers"]["ffn"]["router"] = jnp.zeros_like(up["layers"]["ffn"]["router"])
+  router = up["layers"]["ffn"]["router"]
+  up["layers"]["ffn"]["router"] = jnp.zeros(router.shape, router.dtype)
   forward = lambda model, params: jax.jit(functools.partial(apply, model))({"params": params}, batch)
   np.testing.assert_allclose(forward(dst_model, up), forward(src_model, src), rtol=1e-5, atol=1e-5)
   # A MoT source: its untied FFN has the experts' kernel layout, one group per modality.

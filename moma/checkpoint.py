@@ -15,6 +15,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moma.models import model_config
+
 # Fields that must match between the config that made a workdir and the one resuming it (prefixes):
 # model shape/architecture, data (mixture, tokenisation, vocabulary), batch shape and seed (data order),
 # training stage and initialisation, and an AGD run's tasks and schedule. Everything else (train.steps,
@@ -43,8 +45,11 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  old = flatten(_load_json(path))
-  new = flatten(config)
+  # A model field that a config.json (or a config) lacks stands at its ModelConfig default: it is what
+  # the run was built with, so a field added to the model since does not lock older runs out.
+  defaults = flatten({"model": model_config.defaults(model_config.ModelConfig)})
+  old = {**defaults, **flatten(_load_json(path))}
+  new = {**defaults, **flatten(config)}
   diffs = []
   for key in sorted(set(old) | set(new)):
     if not key.startswith(MUST_MATCH) or key.startswith(MAY_DIFFER):

@@ -115,6 +115,21 @@ def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
   assert "model.untie" in str(e.value) and "train.steps" not in str(e.value)
 
 
+def test_model_fields_an_older_config_lacks_stand_at_their_defaults(tiny_config, tmp_path):
+  """A config.json written before a model field existed resumes when the field keeps its default."""
+  config = train.resolve_config(tiny_config)
+  checkpoint.write_config(config, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  del saved["model"]["aux_routing"], saved["model"]["norm_eps"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  checkpoint.check_compatible(config, str(tmp_path))
+  config.model.norm_eps = 1e-6
+  with pytest.raises(ValueError, match=r"model\.norm_eps: workdir has 1e-05, config has 1e-06"):
+    checkpoint.check_compatible(config, str(tmp_path))
+
+
 def test_harmless_changes_are_allowed(tiny_config, tmp_path):
   checkpoint.write_config(train.resolve_config(tiny_config), str(tmp_path))
   later = train.resolve_config(tiny_config)

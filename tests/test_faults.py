@@ -100,30 +100,39 @@ def test_first_nonfinite_names_step_and_metric():
 # --- in-process runs ----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def small_config(tiny_config):
+  """The tiny preset with a 1-layer dense model: what these runs check does not depend on the model, and it
+  compiles in a fraction of MoT's time."""
+  tiny_config.model.update(d_model=16, num_layers=1, num_heads=2, d_ff=32, untie=())
+  return tiny_config
+
+
 def _diverging(config):
-  config.train.update(steps=5, lr=1e6, warmup_steps=0, log_every=1, eval_every=0)
+  """Warmup from lr 0 leaves step 1's update at zero, step 2's is huge: step 3 is the first non-finite one,
+  whatever the model."""
+  config.train.update(steps=5, lr=1e6, warmup_steps=2, log_every=1, eval_every=0)
   config.checkpoint.update(every_steps=2, async_save=False)
   return config
 
 
-def test_divergence_stops_without_saving_and_keeps_the_good_checkpoint(tiny_config, tmp_path):
+def test_divergence_stops_without_saving_and_keeps_the_good_checkpoint(small_config, tmp_path):
   with pytest.raises(faults.Diverged, match=r"diverged: (loss|grad_norm)=nan at step 3; .* the last good "
                                             r"checkpoint \(step 2\) is kept; .*--config.train.lr=") as e:
-    train.train_and_evaluate(_diverging(tiny_config), str(tmp_path))
+    train.train_and_evaluate(_diverging(small_config), str(tmp_path))
   assert e.value.exit_code == 3
   assert os.listdir(tmp_path / "checkpoints") == ["2"]
   assert [r["step"] for r in _strict_rows(str(tmp_path))] == [1, 2]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(str(tmp_path), 2)))
 
 
-def test_a_nonfinite_step_keeps_the_state_when_skipping(tiny_config):
+def test_a_nonfinite_step_keeps_the_state_when_skipping(small_config):
   """`steps.train_step(skip_nonfinite=True)` on a 1-layer dense model: a step whose loss is NaN keeps the
   params and optimizer state, advances the step and reports skipped=1; a finite step updates. The loop
   then logs the skipped count and means over the kept steps only. The slow twin trains through the
   trainer: test_nan_policy_skip_drops_the_bad_updates_and_goes_on."""
-  tiny_config.model.update(d_model=16, num_layers=1, num_heads=2, d_ff=32, untie=())
-  tiny_config.train.warmup_steps = 0  # the first kept update has a non-zero lr
-  config = train.resolve_config(tiny_config)
+  small_config.train.warmup_steps = 0  # the first kept update has a non-zero lr
+  config = train.resolve_config(small_config)
   model = steps.build_model(config)
   batch = {k: v[:2, :32] for k, v in train.host_batches(config, "train")(0).items()}
 
@@ -149,8 +158,8 @@ def test_a_nonfinite_step_keeps_the_state_when_skipping(tiny_config):
 
 
 @pytest.mark.slow  # its own compilation of the skipping step
-def test_nan_policy_skip_drops_the_bad_updates_and_goes_on(tiny_config, tmp_path):
-  config = _diverging(tiny_config)
+def test_nan_policy_skip_drops_the_bad_updates_and_goes_on(small_config, tmp_path):
+  config = _diverging(small_config)
   config.train.nan_policy = "skip"
   final = train.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 5
@@ -162,12 +171,12 @@ def test_nan_policy_skip_drops_the_bad_updates_and_goes_on(tiny_config, tmp_path
     np.testing.assert_array_equal(a, b)
 
 
-def test_damaged_workdir_resumes_from_the_previous_checkpoint(tiny_config, tmp_path, caplog):
+def test_damaged_workdir_resumes_from_the_previous_checkpoint(small_config, tmp_path, caplog):
   """Latest checkpoint truncated and a torn last metrics line: warnings, then the same run as straight."""
-  tiny_config.train.update(steps=4, log_every=1, eval_every=0)
-  tiny_config.checkpoint.update(every_steps=2, async_save=False)
+  small_config.train.update(steps=4, log_every=1, eval_every=0)
+  small_config.checkpoint.update(every_steps=2, async_save=False)
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config, workdir)
+  train.train_and_evaluate(small_config, workdir)
   straight = metrics.read(workdir)
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "4", "default")):
     for name in files:
@@ -175,7 +184,7 @@ def test_damaged_workdir_resumes_from_the_previous_checkpoint(tiny_config, tmp_p
         f.truncate(7)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write('{"step": 5, "lo')
-  final = train.train_and_evaluate(tiny_config, workdir)
+  final = train.train_and_evaluate(small_config, workdir)
   assert final["step"] == 4
   assert "checkpoint step 4 is unreadable" in caplog.text and "torn last line" in caplog.text
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]

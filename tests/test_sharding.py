@@ -4,6 +4,7 @@ tests/test_sharding_train.py's (the one mesh-equivalence module)."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -43,6 +44,16 @@ def test_parameter_shardings_follow_rules():
   *_, state, _ = sharded(*MESHES["data_expert"])
   assert state["params"]["up"].sharding.spec == P("expert", None, None)  # expert-parallel groups
   assert state["params"]["embedding"].sharding.spec == P(None, None)
+
+
+def test_sharded_init_gives_the_one_device_values():
+  """Each device creates only its shards of the init, and together they are one device's init (the trainer's
+  runs on a mesh start from it: tests/test_sharding_train.py's slow twin trains from it on every mesh)."""
+  mesh, rules, init_state, _, batch = sharded(*MESHES["data_fsdp_tensor"])
+  state, _ = sharding.init_sharded(init_state, mesh, rules, jax.random.key(0), batch)
+  assert state["params"]["up"].sharding.spec == P(None, "fsdp", "tensor")
+  one = jax.jit(lambda key, b: nn.unbox(init_state(key, b)))(jax.random.key(0), make_batch())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(one))
 
 
 def test_train_state_from_boxed_params_shards_params_and_moments():

@@ -3,6 +3,7 @@
 Eight host CPU devices so the sharding tests can build meshes: set before jax is imported.
 """
 
+import fcntl
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -43,8 +44,16 @@ def tiny_run(tmp_path_factory, data_cache_dir):
   config = mot.get_config("size=tiny")
   config.data.cache_dir = data_cache_dir
   config.train.update(steps=2, eval_every=2, eval_steps=2, progress_bar=False)
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  train.train_and_evaluate(config, str(workdir))
+  # Shared by this run's xdist workers: the first one trains it (under a file lock), the others wait for it.
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  workdir = (tmp_path_factory.getbasetemp().parent / f"tiny_run_{run_id}" if run_id
+             else tmp_path_factory.mktemp("tiny_run"))
+  workdir.mkdir(exist_ok=True)
+  with open(f"{workdir}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "done").exists():
+      train.train_and_evaluate(config, str(workdir))
+      (workdir / "done").touch()
   return str(workdir)
 
 

@@ -169,8 +169,10 @@ def restore_params(workdir: str, field: str):
   with ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
-    # The whole state is read (this orbax has no placeholder restore), only the params are returned.
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree))
+    # The whole state is read (this orbax has no placeholder restore), only the params are returned. Onto
+    # one device, whatever mesh saved it: a run trained on 8 devices samples on a laptop.
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), dict(tree))
     return ckptr.restore(path, target)["params"]
 
 

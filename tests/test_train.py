@@ -193,3 +193,16 @@ def test_dense_train_step_traces(data_cache_dir):
   new_state, out = jax.eval_shape(step, state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert {"loss", "loss/text", "aux_loss", "grad_norm"} <= set(out)
+
+
+def test_params_saved_on_a_mesh_restore_onto_one_device(tiny_config, tmp_path):
+  """What sampling and init.params_from read: a checkpoint from 8 devices restores whole on one."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "fsdp"))
+  kernel = jax.device_put(np.arange(32.0).reshape(4, 8), spread)
+  tiny_config.checkpoint.async_save = False
+  with checkpoint.manager(str(tmp_path), tiny_config) as mngr:
+    checkpoint.save(mngr, 1, {"params": {"kernel": kernel}, "step": 1}, {"rows": []})
+  restored = checkpoint.restore_params(str(tmp_path), "--workdir")["kernel"]
+  assert restored.sharding.device_set == {jax.devices()[0]}
+  np.testing.assert_array_equal(restored, np.arange(32.0).reshape(4, 8))

@@ -4,6 +4,7 @@ carries logical axes. Training on a mesh is tests/test_sharding_train.py's (the 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +46,35 @@ def test_cached_generation_on_mesh_matches_single_device():
   single = jax.device_get(variables)
   want, _ = generate.generate(model, single, host, 6, modality_table=table)
   np.testing.assert_array_equal(jax.device_get(tokens), want)
+
+
+@pytest.mark.parametrize("routing_rows", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_routing_groups_make_the_mesh_invisible(routing_rows):
+  """MoMa expert choice with Mixture-of-Depths on a (2, 4) data/expert mesh (one row per device): with the
+  default routing group, one row, loss and gradients are one device's; routing among each device's rows
+  (routing_rows=0: one row here, all 8 on one device) changes the model. The trainer's twin, every routed
+  model on every mesh, is test_sharding_train's slow test_all_steps_match_single_device."""
+  routed = dict(routing_rows=routing_rows)
+  model = decoder.as_model(dict(TINY, ffn="moe", moe=dict(layout="2t1i1a", **routed),
+                                mod=dict(enabled=True, capacity=0.5, **routed)))
+  host = make_batch()
+
+  def loss_and_grad_norm(params, batch):
+    loss, grads = jax.value_and_grad(lambda p: decoder.loss_fn(
+        model.apply({"params": p}, batch), batch, MODALITIES)[0])(params)
+    return loss, optax.global_norm(grads)
+
+  cfg = lib.mesh_config((2, 4), ("data", "expert"), (("modality", None),))
+  mesh, rules = sharding.mesh_from_config(cfg, jax.devices()[:8]), sharding.rules_from_config(cfg)
+  batch = sharding.shard_batch(host, mesh, rules)
+  variables, _ = sharding.init_sharded(model.init, mesh, rules, jax.random.key(0), batch)
+  with sharding.activate(mesh, rules):
+    on_mesh = jax.jit(loss_and_grad_norm)(variables["params"], batch)
+  alone = jax.jit(loss_and_grad_norm)(jax.device_get(variables["params"]), host)
+  if routing_rows:
+    np.testing.assert_allclose(jax.device_get(on_mesh), alone, rtol=1e-5)
+  else:
+    assert not np.allclose(jax.device_get(on_mesh), alone, rtol=1e-3)
 
 
 # Together these create every kind of parameter the decoder, its Transfusion patch layers and the AGD

@@ -1,7 +1,6 @@
 """Mamba / Mixture-of-Mamba decoder: recurrent decoding equals the full forward, MoM with equal copies is
 Mamba, causality and packing, FLOPs against XLA, generate, training through the trainer, clear errors."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +13,12 @@ from moma import train
 from moma.models import decoder
 from moma.models import generate
 from moma.models.model_config import MAMBA_PROJECTIONS as PROJECTIONS
-from tests.test_decoder import make_batch, tie_copies
+from tests.test_decoder import make_batch, random_variables, tie_copies
 from tests.test_flops import xla_train_flops_per_token
 
 BASE = dict(modalities=("text", "image", "audio"), vocab_size=48, d_model=16, num_layers=2, d_ff=0,
             block="mamba", mamba=dict(d_state=4), max_seq_len=16)
 L = 12
-
-
-def random_variables(model, batch, seed=3):
-  """Parameters drawn on the host, N(0, 0.3²) (only shapes are traced; no init to compile). Nothing is
-  ones, zeros or equal across modalities, so such inits cannot hide bugs."""
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), batch))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def single_document(batch):

@@ -62,7 +62,7 @@ def test_routing_groups_make_the_mesh_invisible(routing_rows):
   def loss_and_grad_norm(params, batch):
     loss, grads = jax.value_and_grad(lambda p: decoder.loss_fn(
         model.apply({"params": p}, batch), batch, MODALITIES)[0])(params)
-    return loss, optax.tree.norm(grads)
+    return loss, optax.tree_utils.tree_norm(grads)
 
   cfg = lib.mesh_config((2, 4), ("data", "expert"), (("modality", None),))
   mesh, rules = sharding.mesh_from_config(cfg, jax.devices()[:8]), sharding.rules_from_config(cfg)

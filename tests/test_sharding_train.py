@@ -23,7 +23,7 @@ from configs import dense, mamba, moma, mom, mot
 from moma import checkpoint, metrics, sharding, steps, train
 
 STEPS = 4  # the slow runs' length; the default suite's runs take 2 steps
-# vocab_size comes from the data (537, odd): keep `vocab` whole where a tensor axis would split it; MoT's
+# (2,2,2) keeps `vocab` whole by a rule override (the sharding test checks that rules apply); MoT's
 # 3 modalities do not divide an expert axis of 4: per-modality weights stay whole and `expert` is a data axis.
 MESHES = {
     "1": ((1,), ("data",), ()),

@@ -54,13 +54,35 @@ def randomize(variables, seed=3):
                                    for p, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("untie,impl", [((), "sequential"), (ALL, "chunked")])
-def test_prefill_then_steps_equals_full_forward(data, untie, impl):
+class Compiled:
+  """One block with perturbed variables and its jitted forward and prefill / decode step, shared by the tests
+  that use the same block."""
+
+  def __init__(self, data, **kw):
+    x, modality = data
+    self.m = block(**kw)
+    self.v = randomize(init(self.m, x, modality))
+    self.apply, self.step = apply(self.m), apply(self.m, return_cache=True)
+
+
+@pytest.fixture(scope="module")
+def mamba_block(data):
+  return Compiled(data, scan_impl="sequential")
+
+
+@pytest.fixture(scope="module")
+def mom_block(data):
+  # chunks of 5: the prefill test's prompt is one whole chunk, the packing test's second document starts mid-chunk
+  return Compiled(data, untie=ALL, scan_impl="chunked", chunk_size=5)
+
+
+@pytest.mark.parametrize("which", ["mamba_block", "mom_block"])
+def test_prefill_then_steps_equals_full_forward(data, which, request):
   x, modality = data
-  m = block(untie=untie, scan_impl=impl, chunk_size=5)
-  v = randomize(init(m, x, modality))
-  full = apply(m)(v, x, modality)
-  split, step = 5, apply(m, return_cache=True)
+  c = request.getfixturevalue(which)
+  v, step = c.v, c.step
+  full = c.apply(v, x, modality)
+  split = 5
   y, cache = step(v, x[:, :split], modality[:, :split])
   assert cache.conv_BKD.shape == (2, 3, 2 * D_MODEL)
   assert cache.ssm_BDN.shape == (2, 2 * D_MODEL, 4) and cache.ssm_BDN.dtype == jnp.float32
@@ -73,52 +95,46 @@ def test_prefill_then_steps_equals_full_forward(data, untie, impl):
   # the cache matters: the empty state continues like a fresh forward, not like the prompt
   empty = mamba.MambaCache.zeros(2, 2 * D_MODEL, 4)
   y_fresh, _ = step(v, x[:, -1:], modality[:, -1:], cache=empty)
-  np.testing.assert_allclose(y_fresh, apply(m)(v, x[:, -1:], modality[:, -1:]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_fresh, c.apply(v, x[:, -1:], modality[:, -1:]), rtol=1e-5, atol=1e-5)
   assert not np.allclose(y_fresh, full[:, -1:], atol=1e-3)
 
 
-def test_mom_with_equal_weights_per_modality_is_mamba(data):
+def test_mom_with_equal_weights_per_modality_is_mamba(data, mamba_block, mom_block):
   x, modality = data
-  dense = block()
-  v = randomize(init(dense, x, modality))
-  y_dense = apply(dense)(v, x, modality)
-  mom = block(untie=ALL)
-  shapes = nn.meta.unbox(jax.eval_shape(mom.init, jax.random.key(0), x, dispatch.partition(modality, G)))
-  tiled = jax.tree.map(lambda p, s: jnp.broadcast_to(p, s.shape), v, shapes)
-  y_mom = apply(mom)(tiled, x, modality)
-  np.testing.assert_allclose(y_mom, y_dense, rtol=1e-5, atol=1e-5)
+  y_dense = mamba_block.apply(mamba_block.v, x, modality)
+  tiled = jax.tree.map(lambda p, q: jnp.broadcast_to(p, q.shape), mamba_block.v, mom_block.v)
+  np.testing.assert_allclose(mom_block.apply(tiled, x, modality), y_dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("untie", [(), ALL])
-def test_causal(data, untie):
+@pytest.mark.parametrize("which", ["mamba_block", "mom_block"])
+def test_causal(data, which, request):
   x, modality = data
-  m = block(untie=untie)
-  v = randomize(init(m, x, modality))
-  t, f = 6, apply(m)
-  y = f(v, x, modality)
-  y2 = f(v, x.at[:, t].add(1.0), modality)
+  c = request.getfixturevalue(which)
+  t = 6
+  y = c.apply(c.v, x, modality)
+  y2 = c.apply(c.v, x.at[:, t].add(1.0), modality)
   np.testing.assert_allclose(y2[:, :t], y[:, :t], rtol=1e-6, atol=1e-6)
   assert np.abs(y2[:, t:] - y[:, t:]).max(axis=-1).min() > 1e-6
 
 
-def test_packed_documents_do_not_leak(data):
+def test_packed_documents_do_not_leak(data, mom_block):
   # conv and scan restart at document starts (every scan impl's reset is checked in test_selective_scan)
   x, modality = data
-  m = block(untie=ALL, scan_impl="chunked", chunk_size=4)
-  v = randomize(init(m, x, modality))
-  cut = 5  # documents [0, 5) and [5, 12) in row 0; row 1 holds one document
+  v, f, prefill = mom_block.v, mom_block.apply, mom_block.step
+  cut = L // 2  # documents [0, 6) and [6, 12) in row 0; row 1 holds one document
   segment = jnp.array([[1] * cut + [2] * (L - cut), [1] * L])
-  f, prefill = apply(m), apply(m, return_cache=True)
   packed = f(v, x, modality, segment_BL=segment)
-  alone = lambda sl: f(v, x[:1, sl], modality[:1, sl])
-  np.testing.assert_allclose(packed[0, :cut], alone(slice(0, cut))[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(packed[0, cut:], alone(slice(cut, L))[0], rtol=1e-5, atol=1e-5)
+  # both documents of row 0, each alone in a row of its own (one compilation for both)
+  docs = lambda a: jnp.concatenate([a[:1, :cut], a[:1, cut:]])
+  alone = f(v, docs(x), docs(modality))
+  np.testing.assert_allclose(packed[0, :cut], alone[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[0, cut:], alone[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(packed[1], f(v, x, modality)[1], rtol=1e-5, atol=1e-5)
   # prefill over a packed prompt continues its last document only
   _, cache = prefill(v, x, modality, segment_BL=segment)
-  _, cache_alone = prefill(v, x[:1, cut:], modality[:1, cut:])
+  _, cache_alone = prefill(v, docs(x), docs(modality))
   for a, b in ((cache.conv_BKD, cache_alone.conv_BKD), (cache.ssm_BDN, cache_alone.ssm_BDN)):
-    np.testing.assert_allclose(a[:1], b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[:1], b[1:], rtol=1e-5, atol=1e-5)
 
 
 PARAMS_OF = {"in_proj": {"in_proj/kernel"}, "x_proj": {"x_proj/kernel"},

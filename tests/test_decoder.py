@@ -27,10 +27,10 @@ def make_batch(seed=0, b=2, l=12, num_modalities=3, vocab=48):
               loss_mask=jnp.asarray(rng.random((b, l)) > 0.2, jnp.float32))
 
 
-def random_variables(model, batch, seed=3):
-  """Parameters drawn on the host, N(0, 0.3²) (only shapes are traced; no init to compile). Nothing is
-  ones, zeros or equal across modalities, so such inits cannot hide bugs."""
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), batch))
+def random_variables(model, *args, seed=3, **kwargs):
+  """Variables of `model.init(key, *args, **kwargs)` drawn on the host, N(0, 0.3²) (only shapes are traced;
+  no init to compile). Nothing is ones, zeros or equal across modalities, so such inits cannot hide bugs."""
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 

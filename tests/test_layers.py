@@ -11,6 +11,7 @@ from moma.layers.attention import Attention, attention_mask
 from moma.layers.ffn import SwiGLU
 from moma.layers.norms import Norm
 from moma.layers.rope import apply_rope
+from tests.test_decoder import random_variables
 
 B, L, D, G = 2, 10, 16, 3
 
@@ -22,18 +23,11 @@ def inputs():
   return x, modality, dispatch.partition(modality, G)
 
 
-def unboxed_init(module, *args, **kwargs):
-  """Parameters drawn on the host, N(0, 0.3²), so norm scales/biases are not 1/0 (only shapes are traced)."""
-  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(2), *args, **kwargs))
-  rng = np.random.default_rng(3)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
-
-
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_untied_norm_uses_each_tokens_modality_scale(inputs, kind):
   x, modality, _ = inputs
   norm = Norm(kind, num_groups=G)
-  params = unboxed_init(norm, x, modality)["params"]
+  params = random_variables(norm, x, modality)["params"]
   y = norm.apply({"params": params}, x, modality)
   xc = x - x.mean(-1, keepdims=True) if kind == "layer" else x
   ref = xc / jnp.sqrt(jnp.mean(xc**2, -1, keepdims=True) + 1e-6) * params["scale"][modality]
@@ -80,7 +74,7 @@ def test_untied_attention_matches_per_token_reference(inputs, kv_heads, qk_norm)
   attn = Attention(4, kv_heads, 4, num_modalities=G, untie=("qkv", "o", "qk_norm"), qk_norm=bool(qk_norm),
                    qk_norm_kind=qk_norm or "rms", norm_eps=1e-5 if qk_norm == "layer" else 1e-6)
   kw = dict(modality=modality, segment=segment, position=position)
-  params = unboxed_init(attn, x, plan, **kw)["params"]
+  params = random_variables(attn, x, plan, **kw)["params"]
   y = jax.jit(attn.apply)({"params": params}, x, plan, **kw)
   ref = reference_attention(params, x, modality, segment, position, 4, kv_heads, qk_norm)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
@@ -89,7 +83,7 @@ def test_untied_attention_matches_per_token_reference(inputs, kv_heads, qk_norm)
 def test_untied_swiglu_matches_per_token_reference(inputs):
   x, modality, plan = inputs
   ffn = SwiGLU(24, num_modalities=G, untie=("ffn",))
-  params = unboxed_init(ffn, x, plan)["params"]
+  params = random_variables(ffn, x, plan)["params"]
   y = jax.jit(ffn.apply)({"params": params}, x, plan)
   gate_up = jnp.einsum("bld,bldcf->blcf", x, params["wi"]["kernel"][modality])
   ref = jnp.einsum("blf,blfd->bld", nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :],

@@ -30,11 +30,11 @@ def setup():
            "label": np.array([3, 7], np.int32)}
   model = encoder.Model(decoder.as_model(MODEL), "contrastive", num_classes=10, embed_dim=8)
   params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-  return model, params, batch
+  return model, params, batch, jax.jit(model.apply)
 
 
 def test_the_backbone_subtree_is_the_decoders_own_tree(setup):
-  _, params, _ = setup
+  _, params, _, _ = setup
   dec = decoder.as_model(MODEL)
   dec_params = jax.eval_shape(dec.init, jax.random.key(0), _seq([[1, 2]], 0))["params"]
   assert jax.tree.structure(params["backbone"]) == jax.tree.structure(dec_params)
@@ -48,7 +48,7 @@ def test_the_backbone_subtree_is_the_decoders_own_tree(setup):
 
 
 def test_encoder_attention_is_bidirectional_and_pooling_ignores_padding(setup):
-  model, params, batch = setup
+  model, params, batch, apply = setup
   hidden = jax.jit(lambda p, b: model.apply({"params": p}, b["image"], True, method=_hidden))
 
   changed_last = jax.tree.map(np.copy, batch)
@@ -58,7 +58,6 @@ def test_encoder_attention_is_bidirectional_and_pooling_ignores_padding(setup):
 
   padded = jax.tree.map(np.copy, batch)
   padded["image"]["tokens"][1, 5:] = 30  # padding positions of row 1 (segment 0)
-  apply = jax.jit(model.apply)
   out, out_padded = apply({"params": params}, batch), apply({"params": params}, padded)
   np.testing.assert_allclose(out["image"], out_padded["image"], rtol=1e-5, atol=1e-6)
 
@@ -68,8 +67,7 @@ def _hidden(module, seq, deterministic):
 
 
 def test_heads_shapes_and_temperature(setup):
-  model, params, batch = setup
-  apply = jax.jit(model.apply)
+  _, params, batch, apply = setup
   out = apply({"params": params}, batch)
   assert out["image"].shape == out["text"].shape == (2, 8)
   np.testing.assert_allclose(out["logit_scale"], np.log(1 / 0.07), rtol=1e-6)

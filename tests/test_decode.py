@@ -1,6 +1,8 @@
 """Cached decoding of the transformer decoders (dense, MoT, MoMa, MoD): a decode step equals the full
 forward, generation is the full forward's argmax, padding and earlier documents stay invisible, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +21,17 @@ MOD = dict(MOT, num_layers=2, mod=dict(enabled=True, every=2, capacity=0.5, aux_
 MODELS = {"dense": TRANSFORMER, "mot": MOT, "moma_ec": MOMA, "mot_mod": MOD}
 
 
+@functools.cache
+def compiled_model(name):
+  """MODELS[name] compiled once for the module's tests; `full`: its jitted aux-routed full forward."""
+  m = Compiled(**MODELS[name])
+  m.full = jax.jit(generate._aux_routed(m.model).apply)
+  return m
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def compiled(request):
-  return Compiled(**MODELS[request.param])
+  return compiled_model(request.param)
 
 
 @pytest.mark.parametrize("split,chunk", [(8, 1), (3, 1), (4, 2)])
@@ -33,7 +43,7 @@ def test_prefill_then_decode_steps_equal_full_forward(compiled, split, chunk):
   if split < 6:  # keep the decoded tokens in the prompt's document
     batch = dict(batch, segment=jnp.ones_like(batch["segment"]),
                  position=jnp.broadcast_to(jnp.arange(L), batch["tokens"].shape))
-  full = jax.jit(generate._aux_routed(m.model).apply)(m.variables, batch)
+  full = m.full(m.variables, batch)
   decoded, cache = decode_in_steps(m, batch, split, chunk)
   np.testing.assert_allclose(decoded, full, rtol=2e-5, atol=2e-5)
   lengths = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if path[-1].key == "length"]
@@ -50,7 +60,7 @@ def test_bfloat16_cache_decodes_like_the_full_forward():
 
 def test_decoded_tokens_never_see_earlier_documents_or_padding():
   """A prompt whose first document (or left padding) changes decodes to the same logits."""
-  m = Compiled(**MOT)
+  m = compiled_model("mot")
   batch = make_batch(seed=2, l=L)
   other_first_doc = dict(batch, tokens=batch["tokens"].at[:, :6].set(7),
                          modality=batch["modality"].at[:, :6].set(2))
@@ -64,7 +74,7 @@ def test_decoded_tokens_never_see_earlier_documents_or_padding():
 
 @pytest.mark.parametrize("name", ["mot", "moma_ec"])
 def test_greedy_generate_is_argmax_of_the_full_forward(name):
-  m, prompt_len, new = Compiled(**MODELS[name]), 8, 4
+  m, prompt_len, new = compiled_model(name), 8, 4
   prompt = {k: v[:, :prompt_len] for k, v in make_batch(seed=5, l=L).items()}
   table = jnp.arange(48, dtype=jnp.int32) % 3  # token id → modality
   tokens, modality = generate.generate(m.model, m.variables, prompt, new, modality_table=table)
@@ -73,12 +83,12 @@ def test_greedy_generate_is_argmax_of_the_full_forward(name):
   whole = dict(tokens=extend("tokens", tokens), modality=extend("modality", modality),
                segment=extend("segment", jnp.full((2, new), 2, jnp.int32)),
                position=extend("position", prompt["position"][:, -1:] + 1 + jnp.arange(new)))
-  full = generate._aux_routed(m.model).apply(m.variables, whole)
+  full = m.full(m.variables, whole)
   np.testing.assert_array_equal(tokens, jnp.argmax(full[:, prompt_len - 1:-1], -1))
 
 
 def test_prompt_longer_than_the_cache_is_refused():
-  m = Compiled(**TRANSFORMER)
+  m = compiled_model("dense")
   with pytest.raises(ValueError, match="prompt length 20 exceeds max_len 16"):
     generate.prefill(m.model, m.variables, make_batch(seed=3, l=20))
   with pytest.raises(ValueError, match="exceeds max_len 16"):

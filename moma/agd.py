@@ -273,7 +273,8 @@ def plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
   # Opened on the first evaluation only: a run without eval never touches the validation split.
   eval_sources = functools.cache(lambda: _data_sources(config, tasks, "validation"))
   loop_tasks = [loop.Task(t.name, task_step(config, t), functools.partial(sources[t.name].batch, tcfg.seed),
-                          _task_tokens(sources[t.name]), _flops_per_token(config, sources[t.name]))
+                          _task_tokens(sources[t.name]), _flops_per_token(config, sources[t.name]),
+                          t.batch_size, f"agd.tasks.{t.name}.batch_size")
                 for t in tasks]
   names = [t.name for t in tasks]
   share = np.array([t.weight * lt.tokens for t, lt in zip(tasks, loop_tasks)])
@@ -334,7 +335,8 @@ def mixed_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
   parts = agd_plan.tasks
   tokens = sum(t.tokens for t in parts)
   mixed = loop.Task("mixed", step_fn, lambda step: {t.name: t.batch_at(step) for t in parts}, tokens,
-                    sum(t.tokens * t.flops_per_token for t in parts) / tokens)
+                    sum(t.tokens * t.flops_per_token for t in parts) / tokens,
+                    sum(t.batch_size for t in parts), "agd.tasks.*.batch_size")
 
   def summarise(window, step):
     del step

@@ -1,19 +1,25 @@
 """Run directory bookkeeping: config.json, the compatibility check on resume, and orbax checkpoints.
 
-Checkpoints live under DIR/checkpoints as orbax steps (async, keep-N, written atomically by orbax: a
-step directory only appears once complete). The data order is a pure function of the step, so the
-train state (step, params, optimizer state) is all a resume needs.
+Checkpoints live under DIR/checkpoints as orbax steps (async, written atomically by orbax: a step
+directory only appears once complete). The data order is a pure function of the step, so the train state
+(step, params, optimizer state) is all a resume needs. Rotation keeps the newest `checkpoint.max_to_keep`
+steps and, whatever their age, the good one with the best validation loss and the newest good one (orbax
+preservation policies over the metrics each save records: a run that dies slowly keeps a model from
+before it began to die).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 
 from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from moma.models import model_config
 
@@ -83,21 +89,40 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _eval_loss(metrics) -> float:
+  return metrics.get("eval_loss", math.inf)
+
+
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """orbax CheckpointManager over DIR/checkpoints keeping `checkpoint.max_to_keep` steps."""
+  """orbax CheckpointManager over DIR/checkpoints (made by the first save, not before: a refused start
+  writes nothing). Keeps the newest `checkpoint.max_to_keep` steps, the best-validation good step and
+  the newest good step (`save`'s metrics)."""
+  keep = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(config.checkpoint.max_to_keep),
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m["good_step"], n=1,
+                                keep_checkpoints_without_metrics=False),
+      checkpoint_managers.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,
+                                keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoint.max_to_keep,
       save_interval_steps=1,  # The trainer decides when to save (every_steps and the last step).
+      preservation_policy=keep,
+      best_fn=_eval_loss, best_mode="min",  # Also makes orbax record each step's metrics on disk.
       enable_async_checkpointing=config.checkpoint.async_save,
-      create=True)
+      create=False)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                item_names=("default", "window"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, window: dict) -> None:
-  """Saves `state` (item "default") and the trainer's unlogged window (item "window", JSON) as one step."""
+def save(mngr: ocp.CheckpointManager, step: int, state, window: dict, *, good: bool,
+         eval_loss: float | None = None) -> None:
+  """Saves `state` (item "default") and the trainer's unlogged window (item "window", JSON) as one step.
+  `good`: saved while the loss was calm (no spike in progress); `eval_loss`: validated at this step.
+  Only a good step's validation loss competes for best."""
+  metrics = {"good_step": step if good else -1}
+  if good and eval_loss is not None:
+    metrics["eval_loss"] = eval_loss
   mngr.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
-                                          window=ocp.args.JsonSave(window)))
+                                          window=ocp.args.JsonSave(window)), metrics=metrics)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
@@ -122,7 +147,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
       unreadable.append(step)
       first_error = first_error or e
       continue
-    _move_aside(mngr, unreadable)
+    set_aside(mngr, unreadable, "unreadable_checkpoints")
     return restored["default"], step, restored["window"] if has_window else None
   if first_error is not None:
     raise ValueError(f"no checkpoint under {mngr.directory} is readable (latest: step {unreadable[0]}: "
@@ -131,16 +156,23 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   return None, 0, None
 
 
-def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int], folder: str) -> str:
+  """Moves checkpoint `steps` to DIR/`folder`/STEP (replacing an older copy of the same step), out of the
+  manager's sight; returns that folder."""
+  aside = os.path.join(os.path.dirname(str(mngr.directory)), folder)
   if not steps:
-    return
-  aside = os.path.join(os.path.dirname(str(mngr.directory)), "unreadable_checkpoints")
+    return aside
+  mngr.wait_until_finished()
   if jax.process_index() == 0:
     os.makedirs(aside, exist_ok=True)
     for step in steps:
-      os.replace(os.path.join(str(mngr.directory), str(step)), os.path.join(aside, str(step)))
-  logging.warning("moved unreadable checkpoint steps %s to %s", steps, aside)
+      target = os.path.join(aside, str(step))
+      if os.path.isdir(target):
+        shutil.rmtree(target)
+      os.replace(os.path.join(str(mngr.directory), str(step)), target)
+  logging.warning("moved checkpoint steps %s to %s", steps, aside)
   mngr.reload()
+  return aside
 
 
 def read_config(workdir: str, field: str) -> dict:

@@ -5,8 +5,9 @@ kill -9 leaves no stale lock); the processes of one multi-host trainer each hold
 process 0, DIR/lock.<i> for the others), so they share a workdir while a second trainer is refused.
 `Preemption` turns SIGTERM / SIGINT into a request that the trainer honours at the next step boundary
 (checkpoint, flush, exit); a second signal exits at once.
-`first_nonfinite` finds the step and metric where a run diverged. The exceptions below are what the CLI
-turns into one line and an exit code (`moma.cli.report`).
+`first_nonfinite` finds the step and metric where a run diverged, `LossSpikes` a loss that jumps far above
+its recent level and stays there. The exceptions below are what the CLI turns into one line and an exit
+code (`moma.cli.report`).
 """
 
 from __future__ import annotations
@@ -37,24 +38,37 @@ class Diverged(RunError):
 
 
 class Interrupted(RunError):
-  """Raised after the state at `step` was checkpointed because `signum` asked the run to stop."""
+  """`signum` asked the run to stop. After the state at `step` was checkpointed: exit 0 for SIGTERM (a
+  preempted job that saved), 130 for SIGINT. Before the start was accepted (`step` None, nothing
+  written): 128 + the signal number."""
 
-  def __init__(self, signum: int, step: int, checkpoint_dir: str):
+  def __init__(self, signum: int, step: int | None = None, checkpoint_dir: str = ""):
     self.signum, self.step = signum, step
-    self.exit_code = 130 if signum == signal.SIGINT else 0
-    super().__init__(f"{signal.Signals(signum).name}: saved step {step} to {checkpoint_dir}; run the same "
-                     "command again to resume")
+    name = signal.Signals(signum).name
+    if step is None:
+      self.exit_code = 128 + signum
+      super().__init__(f"{name} before training started: nothing was written; run the same command again "
+                       "to start")
+    else:
+      self.exit_code = 130 if signum == signal.SIGINT else 0
+      super().__init__(f"{name}: saved step {step} to {checkpoint_dir}; run the same command again to resume")
 
 
 class WorkdirLock:
   """An exclusive lock on DIR/lock (process 0; DIR/lock.<i> for process i) naming its holder (pid, host,
-  start time); removed on release."""
+  start time); removed on release, with the directories it had to create when they are still empty (a
+  refused start leaves no trace)."""
 
   def __init__(self, workdir: str, process_index: int = 0):
     self.path = os.path.join(workdir, LOCK_FILE + (f".{process_index}" if process_index else ""))
     self._fd = None
+    self._created: list[str] = []  # deepest first
 
   def __enter__(self) -> "WorkdirLock":
+    directory = os.path.abspath(os.path.dirname(self.path) or ".")
+    while not os.path.exists(directory):
+      self._created.append(directory)
+      directory = os.path.dirname(directory)
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,6 +95,11 @@ class WorkdirLock:
       os.unlink(self.path)
       os.close(self._fd)  # Closing releases the flock.
       self._fd = None
+    for directory in self._created:
+      try:
+        os.rmdir(directory)  # Only if empty: the run wrote something there.
+      except OSError:
+        break
 
 
 def _read_holder(fd: int) -> str:
@@ -112,9 +131,14 @@ class Preemption:
       sys.stderr.flush()
       os._exit(128 + signum)
     self.signum = signum
-    sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving and exiting "
-                     "(send it again to exit at once).\n")
+    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping at the next step boundary (saving there) or "
+                     "before training starts (send it again to exit at once).\n")
     sys.stderr.flush()
+
+  def check(self) -> None:
+    """Raises `Interrupted` (nothing written) if a signal came: called between start-up phases."""
+    if self.signum is not None:
+      raise Interrupted(self.signum)
 
   def __enter__(self) -> "Preemption":
     if threading.current_thread() is threading.main_thread():
@@ -154,10 +178,50 @@ def first_nonfinite(rows: list[dict], first_step: int, keys=("loss", "grad_norm"
   return None
 
 
-def diverged(step: int, metric: str, value: float, lr: float, last_saved: int | None) -> Diverged:
-  resume = (f"the last good checkpoint (step {last_saved}) is kept; resume from it with a lower "
-            f"learning rate, e.g. --config.train.lr={lr / 3:.3g}" if last_saved else
-            f"no checkpoint was saved; start again with a lower learning rate, e.g. "
-            f"--config.train.lr={lr / 3:.3g}")
-  return Diverged(f"diverged: {metric}={value} at step {step}; nothing from that step on was saved, "
-                  f"{resume} (or --config.train.nan_policy=skip to drop non-finite updates)")
+class LossSpikes:
+  """Per task, a loss above `factor` × its recent level is a spike; `steps` spikes in a row are a
+  divergence. The level is the 10th percentile of the last `HISTORY` calm steps' losses: low enough that a
+  curve still falling fast does not hide a jump, and above a single lucky batch. The early steps (fewer
+  than `MIN_HISTORY` calm ones) set the level and are never spikes. `state()` is JSON, saved with each
+  checkpoint, so a resumed run keeps its level. `factor` 0 turns detection off."""
+
+  HISTORY, MIN_HISTORY = 100, 10
+
+  def __init__(self, factor: float, steps: int, state: dict | None = None):
+    self.factor, self.steps = factor, steps
+    state = state or {}
+    self._history = {task: list(h) for task, h in state.get("history", {}).items()}
+    self._spikes = {task: tuple(s) for task, s in state.get("spikes", {}).items()}  # task → (first, count)
+
+  def observe(self, task: str, step: int, loss: float) -> tuple[int, float] | None:
+    """(first spike step, recent level) when `loss` at `step` completes a divergence, else None."""
+    history = self._history.setdefault(task, [])
+    level = sorted(history)[len(history) // 10] if len(history) >= self.MIN_HISTORY else 0.0
+    if self.factor and level > 0 and loss > self.factor * level:
+      first, count = self._spikes.get(task, (step, 0))
+      self._spikes[task] = (first, count + 1)
+      return (first, level) if count + 1 >= self.steps else None
+    self._spikes.pop(task, None)
+    history.append(loss)
+    del history[:-self.HISTORY]
+    return None
+
+  def calm(self) -> bool:
+    """No task is in a spike: a checkpoint saved now is good."""
+    return not self._spikes
+
+  def state(self) -> dict:
+    return {"history": self._history, "spikes": {t: list(s) for t, s in self._spikes.items()}}
+
+
+def diverged(what: str, *, lr: float, last_good: int | None, set_aside: str = "") -> Diverged:
+  """The exit-3 error of a run that diverged: `what` happened, from which step on nothing good was saved.
+  `set_aside` names where the checkpoints saved after `last_good` went (they hold the diverging model)."""
+  lower = f"a lower learning rate, e.g. --config.train.lr={min(lr / 3, 1e-3):.3g}"
+  if last_good:
+    resume = (f"the last good checkpoint is step {last_good}"
+              + (f" (the later ones moved to {set_aside})" if set_aside else "")
+              + f"; resume from it with {lower}")
+  else:
+    resume = f"no good checkpoint was saved; start again with {lower}"
+  return Diverged(f"diverged: {what}; {resume}")

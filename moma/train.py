@@ -8,6 +8,7 @@ are built from live in moma/steps.py. The run directory is described in docs/des
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable
@@ -108,7 +109,7 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
   step_fn = functools.partial(steps.train_step, seed=tcfg.seed, stage=tcfg.stage,
                               skip_nonfinite=tcfg.nan_policy == "skip", **statics)
   flops_per_token = flops.per_token(config.model, tcfg.seq_len)["total"]
-  task = loop.Task("lm", step_fn, batch_at, tcfg.batch_size * tcfg.seq_len, flops_per_token)
+  task = loop.Task("lm", step_fn, batch_at, tcfg.batch_size * tcfg.seq_len, flops_per_token, tcfg.batch_size)
   eval_fn = jax.jit(functools.partial(steps.eval_step, **statics))
   eval_at = functools.cache(lambda: host_batches(config, "validation"))  # Opened at the first eval.
 
@@ -127,19 +128,44 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
       describe=console.describe(config, abstract.params, flops_per_token))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest readable checkpoint); returns the last
-  metrics. Everything is validated before the first write: a failed start leaves `workdir` as it was."""
-  config = resolve_config(config)
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError naming `--workdir` unless it can hold a run: non-empty (an unset shell variable
+  must not train into the current directory), a directory or nothing yet, under a directory, with
+  `checkpoints` a directory or nothing yet."""
+  if not workdir or not workdir.strip():
+    raise ValueError("--workdir is empty; name the run directory (new, or of a run to resume), e.g. "
+                     "--workdir=runs/mot_tiny")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} is a file; name a directory (new or of a run to resume)")
-  checkpoint.check_compatible(config, workdir)
-  plan = agd.plan(config) if "agd" in config else lm_plan(config)
-  return loop.run(config, workdir, plan)
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"--workdir={workdir} is under {parent}, which is a file; name a directory path")
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.exists(ckpts) and not os.path.isdir(ckpts):
+    raise ValueError(f"--workdir={workdir}: {ckpts} is a file, where the run keeps its checkpoints; move it "
+                     "away or use another --workdir")
 
 
-def run(config, workdir: str, *, tracebacks: bool = False) -> int:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop: faults.Preemption | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest readable checkpoint); returns the last
+  metrics. Everything is validated before the first write: a failed start leaves `workdir` as it was.
+  `stop` holds a stop signal received since the program began (`moma.main` installs it first of all);
+  without it, signals are caught from here on."""
+  with contextlib.nullcontext(stop) if stop else faults.Preemption() as stop:
+    stop.check()
+    check_workdir(workdir)
+    config = resolve_config(config)
+    checkpoint.check_compatible(config, workdir)
+    stop.check()
+    plan = agd.plan(config) if "agd" in config else lm_plan(config)
+    return loop.run(config, workdir, plan, stop)
+
+
+def run(config, workdir: str, *, tracebacks: bool = False, stop: faults.Preemption | None = None) -> int:
   """Trains `config` in `workdir`; returns the exit code. User errors (bad config, data, workdir) and
   faults (lock held, divergence, a signal) are one line on stderr (`cli.report`), with the traceback if
   `tracebacks`."""
-  return cli.report(lambda: train_and_evaluate(config, workdir), tracebacks=tracebacks)
+  return cli.report(lambda: train_and_evaluate(config, workdir, stop), tracebacks=tracebacks)

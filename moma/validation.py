@@ -68,6 +68,11 @@ def check_fields(config) -> None:
   _number(config, "train.grad_clip", 0, math.inf, 1.0, open_low=True, open_high=True)
   _choice(config, "train.schedule", SCHEDULES, "cosine")
   _choice(config, "train.nan_policy", faults.NAN_POLICIES, "stop")
+  _int(config, "train.max_skipped_steps", 1, 10)
+  if config.train.loss_spike_factor != 0:
+    _number(config, "train.loss_spike_factor", 1, math.inf, "2 (or 0: no loss-spike detection)",
+            open_low=True, open_high=True)
+  _int(config, "train.loss_spike_steps", 1, 10)
   _int(config, "train.prefetch", 0, 2)
   _number(config, "train.peak_flops", 0, math.inf, "2e11 (FLOP/s per device; 0: the device's data sheet)",
           open_high=True)

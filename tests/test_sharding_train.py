@@ -68,9 +68,9 @@ def run(data_cache_dir, tmp_path_factory):
             shutil.rmtree(later)
       specs, save = {}, checkpoint.save
 
-      def recording_save(mngr, step, state, *rest):  # The state the trainer trained, as it saves it.
+      def recording_save(mngr, step, state, *rest, **kw):  # The state the trainer trained, as it saves it.
         specs[step] = jax.tree.map(lambda a: a.sharding.spec, state)
-        save(mngr, step, state, *rest)
+        save(mngr, step, state, *rest, **kw)
 
       with mock.patch.object(checkpoint, "save", recording_save):
         train.train_and_evaluate(make_config(kind, mesh, steps, data_cache_dir),

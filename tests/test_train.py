@@ -202,7 +202,7 @@ def test_params_saved_on_a_mesh_restore_onto_one_device(tiny_config, tmp_path):
   kernel = jax.device_put(np.arange(32.0).reshape(4, 8), spread)
   tiny_config.checkpoint.async_save = False
   with checkpoint.manager(str(tmp_path), tiny_config) as mngr:
-    checkpoint.save(mngr, 1, {"params": {"kernel": kernel}, "step": 1}, {"rows": []})
+    checkpoint.save(mngr, 1, {"params": {"kernel": kernel}, "step": 1}, {"rows": []}, good=True)
   restored = checkpoint.restore_params(str(tmp_path), "--workdir")["kernel"]
   assert restored.sharding.device_set == {jax.devices()[0]}
   np.testing.assert_array_equal(restored, np.arange(32.0).reshape(4, 8))

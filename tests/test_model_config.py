@@ -49,6 +49,28 @@ def test_unknown_or_bad_fields_are_named(model, match):
     ModelConfig.from_config(model)
 
 
+@pytest.mark.parametrize("model,match", [
+    (dict(MOD, d_ff=0), r"config.model.d_ff=0 must be an integer >= 1 \(d_ff=0, no FFN, is for block='mamba'"),
+    (dict(MODEL, d_ff=0), r"config.model.d_ff=0 must be an integer >= 1"),  # routed experts need a width
+    (dict(MOD, d_model=0), r"config.model.d_model=0 must be an integer >= 1; set e.g. --config.model.d_model=256"),
+    (dict(MOD, num_heads=0), r"config.model.num_heads=0 must be an integer >= 1"),
+    (dict(MOD, num_kv_heads=-1), r"config.model.num_kv_heads=-1 must be an integer >= 0"),
+    (dict(MOD, head_dim=-4), r"config.model.head_dim=-4 must be an integer >= 0"),
+    (dict(MOD, max_seq_len=0), r"config.model.max_seq_len=0"),
+    (dict(MOD, num_layers=1.5), r"config.model.num_layers=1.5 must be an integer"),
+    (dict(MOD, moe=dict(top_k=0)), r"config.model.moe.top_k=0"),  # checked though ffn is dense
+    (dict(MOD, mamba=dict(expand=0)), r"config.model.mamba.expand=0"),
+    (dict(MOD, diffusion=dict(timesteps=0)), r"config.model.diffusion.timesteps=0"),
+])
+def test_every_size_field_is_at_least_one(model, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig.from_config(model)
+
+
+def test_a_mamba_block_may_have_no_ffn():
+  assert ModelConfig.from_config(dict(MOD, block="mamba", d_ff=0, mod=dict(enabled=False))).d_ff == 0
+
+
 def test_equal_models_share_one_compiled_generate():
   """The compile cache keys on the model (its frozen config), not on the object's identity."""
   a, b = decoder.as_model(MODEL), decoder.as_model(ml_collections.ConfigDict(MODEL))

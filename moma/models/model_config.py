@@ -226,14 +226,43 @@ def _nested(field: str, kind: type, given: Any) -> Any:
   return kind(**given)
 
 
+# The size fields of config.model and its sections, each with its least value: 1, or 0 where 0 stands for
+# a default worked out at construction (or, for a Mamba block's d_ff, no FFN sublayer).
+_SIZES = {
+    "": dict(d_model=1, num_layers=1, num_heads=1, num_kv_heads=0, head_dim=0, d_ff=1, max_seq_len=1,
+             attention_block=1, patch_dim=0),
+    "moe": dict(top_k=1, routing_rows=0),
+    "mod": dict(every=1, routing_rows=0),
+    "mamba": dict(d_state=1, d_conv=1, expand=1, dt_rank=0, chunk_size=1),
+    "diffusion": dict(timesteps=1, noise_limit=1),
+}
+
+
+def _check_sizes(cfg: ModelConfig) -> None:
+  """Every size field (`_SIZES`) is an integer at or above its least value, whether or not the model
+  uses its section: a d_ff=0 that silently drops the FFN is refused as much as a d_model=0."""
+  for section, least in _SIZES.items():
+    given = getattr(cfg, section) if section else cfg
+    for field, low in least.items():
+      path = ".".join(p for p in (section, field) if p)
+      if field == "d_ff" and cfg.block == "mamba" and cfg.ffn == "dense":
+        low = 0  # a Mamba block without an FFN
+      value = getattr(given, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        why = " (d_ff=0, no FFN, is for block='mamba' with ffn='dense')" if field == "d_ff" else ""
+        raise ValueError(f"config.model.{path}={value!r} must be an integer >= {low}{why}; set e.g. "
+                         f"--config.model.{path}={defaults(type(given))[field]}")
+
+
 def _check(cfg: ModelConfig) -> None:
   """Raises ValueError naming the config.model field for settings the decoder cannot build."""
   if cfg.vocab_size <= 0:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size}: must be > 0 (the trainer fills 0 from "
                      "moma.data.vocab_size(config.data))")
+  _check_sizes(cfg)
   if not cfg.modalities:
     raise ValueError("config.model.modalities is empty: name at least one modality")
-  if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
+  if not cfg.head_dim and cfg.d_model % cfg.num_heads:
     raise ValueError(f"config.model.num_heads={cfg.num_heads} must divide d_model={cfg.d_model} "
                      "(or set config.model.head_dim)")
   kv_heads = cfg.num_kv_heads or cfg.num_heads
@@ -264,9 +293,8 @@ def _check(cfg: ModelConfig) -> None:
     _check_mod(cfg)
   if cfg.block == "mamba":
     _check_mamba(cfg.mamba)
-  if cfg.patch_dim < 0 or cfg.patch_proj not in patches.KINDS:
-    raise ValueError(f"config.model.patch_dim={cfg.patch_dim} must be >= 0 and config.model.patch_proj="
-                     f"{cfg.patch_proj!r} one of {patches.KINDS}")
+  if cfg.patch_proj not in patches.KINDS:
+    raise ValueError(f"config.model.patch_proj={cfg.patch_proj!r}: expected one of {patches.KINDS}")
   if cfg.patch_dim:
     diffusion.check(cfg.diffusion)
 
@@ -284,7 +312,6 @@ def _check_moe(cfg: ModelConfig) -> None:
                                           or any(not 0 < f <= 1 for f in moe.token_fractions)):
     raise ValueError(f"config.model.moe.token_fractions={moe.token_fractions} needs {groups} values in (0, 1] "
                      f"(one per expert group of layout {moe.layout!r}), or None for equal shares")
-  _check_routing_rows("moe", moe.routing_rows)
   if moe.routing == "topk" and not 1 <= moe.top_k <= min(layout.sizes):
     raise ValueError(f"config.model.moe.top_k={moe.top_k} must be in [1, {min(layout.sizes)}], the "
                      f"smallest expert group of layout {moe.layout!r}")
@@ -296,11 +323,10 @@ def _check_mod(cfg: ModelConfig) -> None:
   mod = cfg.mod
   if not 0 < mod.capacity <= 1:
     raise ValueError(f"config.model.mod.capacity={mod.capacity} must be in (0, 1]")
-  if mod.every < 1 or cfg.num_layers % mod.every:
+  if cfg.num_layers % mod.every:
     raise ValueError(f"config.model.mod.every={mod.every} must divide num_layers={cfg.num_layers}")
   if mod.selection not in ("batch", "sequence"):
     raise ValueError(f"config.model.mod.selection={mod.selection!r}: expected 'batch' or 'sequence'")
-  _check_routing_rows("mod", mod.routing_rows)
   _check_aux_routing(cfg, "mod")
 
 
@@ -311,18 +337,7 @@ def _check_aux_routing(cfg: ModelConfig, field: str) -> None:
                      "the aux_routers stage (configs/moma.py)")
 
 
-def _check_routing_rows(field: str, routing_rows: int) -> None:
-  if routing_rows < 0:
-    raise ValueError(f"config.model.{field}.routing_rows={routing_rows} must be >= 0 (1: each batch row on "
-                     "its own; 0: each device's rows)")
-
-
 def _check_mamba(mamba: MambaConfig) -> None:
-  for field in ("d_state", "d_conv", "expand", "chunk_size"):
-    if getattr(mamba, field) <= 0:
-      raise ValueError(f"config.model.mamba.{field}={getattr(mamba, field)} must be > 0")
-  if mamba.dt_rank < 0:
-    raise ValueError(f"config.model.mamba.dt_rank={mamba.dt_rank} must be >= 0 (0: ceil(d_model / 16))")
   if mamba.scan_impl not in selective_scan.IMPLS:
     raise ValueError(f"config.model.mamba.scan_impl={mamba.scan_impl!r}: expected one of "
                      f"{selective_scan.IMPLS}")

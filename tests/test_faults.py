@@ -357,6 +357,21 @@ def test_a_signal_saves_the_current_step_and_exits_cleanly(signum, exit_code, tm
   assert not os.path.exists(tmp_path / "lock")
 
 
+@pytest.mark.parametrize("signum,delay", [(signal.SIGINT, 0.5), (signal.SIGINT, 1.0), (signal.SIGINT, 2.0),
+                                          (signal.SIGTERM, 1.0)])
+def test_a_signal_during_start_up_stops_it_and_nothing_is_written(signum, delay, tmp_path, data_cache_dir):
+  """Ctrl-C (or SIGTERM) while python imports, parses the config, builds the model or compiles: the stop
+  is honoured before anything is written (exit 128 + N), never swallowed. (Training starts after ~10 s
+  here, so each delay lands in start-up.)"""
+  proc = _start(tmp_path / "run", data_cache_dir)
+  time.sleep(delay)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, err
+  assert "Traceback" not in err and "before training started: nothing was written" in err.splitlines()[-1]
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_second_signal_exits_at_once():
   """The first SIGTERM only asks; the second (Linux merges a signal sent while one is pending, so it
   comes after the first was handled) exits at once with 128 + 15, whatever the process was doing."""
@@ -410,6 +425,35 @@ def test_cli_divergence_and_lock(tmp_path, data_cache_dir):
     proc = _start(tmp_path, data_cache_dir, "--config.train.steps=5")
     _, err = proc.communicate(timeout=300)
   assert proc.returncode == 1 and f"in use by another trainer (pid {os.getpid()}" in err, err
+
+
+@pytest.mark.slow
+def test_diverging_runs_exit_exactly_3(tmp_path, data_cache_dir):
+  """30 diverging runs in a row all exit 3 with the error line last: none aborts at teardown (exit 134,
+  the prefetch thread inside XLA at interpreter shutdown, as before the prefetcher was joined)."""
+  codes = []
+  for i in range(30):
+    proc = _start(tmp_path / str(i), data_cache_dir, "--config.train.steps=6", "--config.train.lr=1e6",
+                  "--config.train.warmup_steps=0", "--config.train.log_every=1", "--config.model.num_layers=1",
+                  "--config.checkpoint.every_steps=2")
+    _, err = proc.communicate(timeout=300)
+    codes.append(proc.returncode)
+    assert err.strip().splitlines()[-1].startswith("error: diverged: "), err
+  assert codes == [3] * 30
+
+
+@pytest.mark.slow
+def test_the_slow_death_of_issue_29_through_the_cli(tmp_path, data_cache_dir):
+  """The issue's own reproduction (MoT tiny, 30 steps, then lr=1e2 saving every 2 steps, keeping 2): exit 3,
+  step 30 named and kept, nothing later left in checkpoints/."""
+  proc = _start(tmp_path, data_cache_dir, "--config.train.steps=30", "--config.checkpoint.every_steps=5",
+                "--config.checkpoint.max_to_keep=2", "--config.train.eval_every=10")
+  assert proc.wait(timeout=300) == 0
+  proc = _start(tmp_path, data_cache_dir, "--config.train.steps=120", "--config.checkpoint.every_steps=2",
+                "--config.checkpoint.max_to_keep=2", "--config.train.eval_every=10", "--config.train.lr=1e2")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 3 and "the last good checkpoint is step 30" in err.splitlines()[-1], err
+  assert os.listdir(tmp_path / "checkpoints") == ["30"]
 
 
 @pytest.mark.slow

@@ -147,9 +147,10 @@ def evaluate(workdir: str, *, per_digit: int = 10, num_captions: int = 100, eval
 
 
 # --workdir, --steps, --cfg_scale and --seed are moma.sample's flags (same meaning, defined once).
-_PER_DIGIT = flags.DEFINE_integer("per_digit", 10, "Images generated per digit.")
-_NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 100, "Validation images to caption.")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches for the diffusion losses.")
+_PER_DIGIT = flags.DEFINE_integer("per_digit", 10, "Images generated per digit.", lower_bound=1)
+_NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 100, "Validation images to caption.", lower_bound=1)
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches for the diffusion losses.",
+                                     lower_bound=1)
 
 
 def main(_):

@@ -36,17 +36,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a trained deco
 _PROMPT = flags.DEFINE_string("prompt", "", "Text that starts the document.")
 _THEN = flags.DEFINE_enum("then", "text", list(MARKERS), "What follows the prompt: more text, or an image "
                           "or audio part (the prompt is then its caption).")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 80, "Tokens to generate per sample.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples (decoded together as one batch).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 80, "Tokens to generate per sample.", lower_bound=1)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Samples (decoded together as one batch).",
+                                     lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEPS = flags.DEFINE_integer("steps", 250, "Transfusion runs, --then=image: denoising steps (DDIM / DDPM "
-                              "for objective ddpm, Euler for flow).")
+                              "for objective ddpm, Euler for flow).", lower_bound=1)
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.0, "Transfusion runs: classifier-free guidance scale "
                                 "(1: the caption-conditioned prediction alone).")
 _COLOUR = flags.DEFINE_enum("colour", "auto", ["auto", "always", "never"], "Print RGB images (scenes of "
                              "shapes) as coloured blocks: auto = when stdout is a terminal.")
-_ETA = flags.DEFINE_float("eta", 0.0, "Transfusion runs, objective ddpm: 0 = DDIM, 1 = DDPM ancestral.")
+_ETA = flags.DEFINE_float("eta", 0.0, "Transfusion runs, objective ddpm: 0 = DDIM, 1 = DDPM ancestral.",
+                         lower_bound=0, upper_bound=1)
 
 
 def load(workdir: str):
@@ -81,6 +83,11 @@ def sample(workdir: str, prompt: str = "", then: str = "text", num_tokens: int =
     image_BLP = transfusion_sample.generate_patches(config, model, variables, [prompt] * num_samples,
                                                     seed=seed, **image_flags)
     batch = transfusion_sample.with_image(config, batch, image_BLP)
+  prompt_len, max_len = batch["tokens"].shape[1], config.model.max_seq_len
+  if prompt_len + num_tokens > max_len:
+    raise ValueError(f"--num_tokens={num_tokens}: the prompt's {prompt_len} tokens and {num_tokens} more exceed "
+                     f"the run's config.model.max_seq_len={max_len}; set --num_tokens <= "
+                     f"{max(max_len - prompt_len, 0)} or shorten --prompt")
   table = jnp.asarray(data.vocabulary(config.data).modality_table())
   rng = None if temperature == 0 else jax.random.key(seed)
   tokens_BT, _ = generate.generate(model, variables, batch, num_tokens, rng=rng,

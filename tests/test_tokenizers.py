@@ -28,6 +28,15 @@ def sp_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sp_identity_path(tmp_path_factory):
+  """A SentencePiece model trained to keep text as it is (no normaliser, whitespace kept)."""
+  pytest.importorskip("sentencepiece")
+  return tokenizer_fixtures.train_sentencepiece(
+      tokenizer_fixtures.embedded_prose(400), str(tmp_path_factory.mktemp("identity")),
+      normalization_rule_name="identity", remove_extra_whitespaces=False)
+
+
+@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   pytest.importorskip("tokenizers")
   directory = tmp_path_factory.mktemp("hf")
@@ -45,12 +54,14 @@ def spec_of(request):
   return spec
 
 
-@pytest.fixture(params=["sentencepiece", "hf"])
+@pytest.fixture(params=["sentencepiece", "sentencepiece_identity", "hf"])
 def trained(request, spec_of):
   """(spec, normalise): the decoded text of encode(x) is normalise(x)."""
   if request.param == "sentencepiece":
     # SentencePiece's default normaliser (nmt_nfkc): NFKC, whitespace runs to one space, trimmed.
     return spec_of("sentencepiece"), lambda text: " ".join(unicodedata.normalize("NFKC", text).split())
+  if request.param == "sentencepiece_identity":  # exact, as docs/data.md says
+    return f"sentencepiece:{request.getfixturevalue('sp_identity_path')}", lambda text: text
   return spec_of("hf"), lambda text: text  # byte-level BPE: exact
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from moma.data import corpus
 from moma.data import melodies
 from moma.data import scenes
 
@@ -69,6 +70,7 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
   config.text_max_bytes = 254  # text documents and captions are cut to this (documents fit seq 256)
   config.audio_max_samples = 128  # audio is cut to this many samples
   config.vocab_size = 0  # 0: exactly the ids needed; larger pads (e.g. to a multiple of 128)
+  config.corpus = ""  # a records corpus directory (moma.data.convert): trains on it instead of the mixture
   config.captions = ml_collections.ConfigDict(dict(
       image=("a handwritten {name}.", "the digit {name}, written by hand.", "an image of a {name}.",
              "{name}"),
@@ -101,25 +103,27 @@ def validate(config) -> None:
     raise ValueError(f"data.image_form={config.image_form!r}: use 'discrete' or 'patches'.")
   if config.patch_size < 1 or config.text_max_bytes < 1 or config.audio_max_samples < 1:
     raise ValueError("data.patch_size, data.text_max_bytes and data.audio_max_samples must be >= 1.")
-  if not config.mixture:
+  mixture = corpus.entries(config)
+  if not mixture:
     raise ValueError("data.mixture is empty: add at least one entry (see moma.data.mixture_entry).")
-  used = {entry.dataset for entry in config.mixture.values()}
+  used = {entry.dataset for entry in mixture.values()}
   for dataset, module, field in (("moma_shapes", scenes, "shapes"), ("moma_melodies", melodies, "melodies")):
     if dataset in used:
       if field not in config:
         raise ValueError(f"data.{field} is missing but data.mixture uses {dataset}; copy it from "
                          "moma.data.default_config().")
       module.validate(config[field], f"data.{field}")
-  for name, entry in config.mixture.items():
-    if entry.template not in TEMPLATES:
-      raise ValueError(f"data.mixture.{name}.template={entry.template!r} is unknown; "
-                       f"choose one of {sorted(TEMPLATES)}.")
-    missing = set(required_modalities(entry.template)) - set(modalities)
-    if missing:
-      raise ValueError(f"data.mixture.{name}.template={entry.template!r} needs modalities "
-                       f"{sorted(missing)} missing from data.modalities={modalities}.")
+  for name, entry in mixture.items():
+    if entry.template != corpus.TEMPLATE:  # a corpus's layout is checked as the vocabulary is built
+      if entry.template not in TEMPLATES:
+        raise ValueError(f"data.mixture.{name}.template={entry.template!r} is unknown; "
+                         f"choose one of {sorted(TEMPLATES)}.")
+      missing = set(required_modalities(entry.template)) - set(modalities)
+      if missing:
+        raise ValueError(f"data.mixture.{name}.template={entry.template!r} needs modalities "
+                         f"{sorted(missing)} missing from data.modalities={modalities}.")
     if not entry.weight >= 0:
       raise ValueError(f"data.mixture.{name}.weight={entry.weight} must be >= 0: set "
                        f"--config.data.mixture.{name}.weight to 0 (off) or a positive weight.")
-  if sum(entry.weight for entry in config.mixture.values()) <= 0:
+  if sum(entry.weight for entry in mixture.values()) <= 0:
     raise ValueError("data.mixture weights are all zero: give at least one entry a positive weight.")

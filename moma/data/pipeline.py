@@ -11,12 +11,14 @@ a row's end (the tail continues in the next row as a new segment); images and au
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import zlib
 from typing import Iterator
 
 import numpy as np
 
 from moma.data import config as config_lib
+from moma.data import corpus as corpus_lib
 from moma.data import sources as sources_lib
 from moma.data import vocab as vocab_lib
 
@@ -38,7 +40,7 @@ class Packer:
     self.modality_table = self.vocab.modality_table()
     self.split, self.seq_len = split, seq_len
     self.process_index, self.process_count = process_index, process_count
-    entries = [(name, entry) for name, entry in config.mixture.items() if entry.weight > 0]
+    entries = [(name, entry) for name, entry in corpus_lib.entries(config).items() if entry.weight > 0]
     self.sources = [sources_lib.open_source(name, entry, config, split) for name, entry in entries]
     weights = np.array([entry.weight for _, entry in entries], np.float64)
     self.cum_weights = np.cumsum(weights / weights.sum())
@@ -50,12 +52,14 @@ class Packer:
                          f"examples, too few for process_count={process_count}.")
       self.shares.append(share)
     longest = max(self.sources, key=lambda s: s.max_len)
+    if seq_len < longest.max_len and longest.parts == sources_lib.CORPUS_PARTS:
+      raise ValueError(longest.examples.too_long(seq_len))
     if seq_len < longest.max_len:
       raise ValueError(f"seq_len={seq_len} is shorter than the longest document of "
                        f"data.mixture.{longest.name} ({longest.max_len} tokens); raise seq_len or lower "
                        "data.text_max_bytes / data.audio_max_samples.")
     self.patch_dim = self._patch_dim()
-    self.any_text = any(source.parts == ("text",) for source in self.sources)
+    self.any_text = any(sources_lib.has_text_documents(source) for source in self.sources)
     self._split_id = zlib.crc32(split.encode())
     self._settings = sources_lib.render_settings(config)
     self._tokens_per_document = float(seq_len)  # updated by every batch; sizes the render blocks
@@ -69,7 +73,13 @@ class Packer:
       raise ValueError(f"data.mixture image entries have different channel counts ({channels}); patches "
                        "need one patch size P for the whole batch.")
     self.sources = [dataclasses.replace(s, patch_channels=most) for s in self.sources]
-    return self.config.patch_size ** 2 * most
+    patch_dim = self.config.patch_size ** 2 * most
+    latent = {s.name: s.latent_dim for s in self.sources if s.latent_dim}  # corpora agree (corpus.layout)
+    if latent and channels and patch_dim not in latent.values():
+      raise ValueError(f"data.mixture.{next(iter(channels))}: its patches are {patch_dim} wide "
+                       f"(data.patch_size² × channels), the latent images of corpus entry "
+                       f"data.mixture.{next(iter(latent))} {next(iter(latent.values()))}; a batch has one width P")
+    return next(iter(latent.values())) if latent else patch_dim
 
   def _draw(self, rng: np.random.Generator, first_block: int):
     """Endless (tokens, images, splittable, source index) documents drawn i.i.d. from the mixture,
@@ -89,10 +99,18 @@ class Packer:
       for e in np.unique(entries).tolist():
         at = np.flatnonzero(entries == e)
         source = self.sources[e]
-        docs = sources_lib.render_block(source, indices[at], variants[at], self.vocab, self._settings)
-        for j, (tokens, images) in zip(at.tolist(), docs):
-          drawn[j] = (tokens, images, source.parts == ("text",), e)
+        docs = sources_lib.documents_block(source, indices[at], variants[at], self.vocab, self._settings)
+        for j, (tokens, images, splittable) in zip(at.tolist(), docs):
+          drawn[j] = (tokens, images, splittable, e)
       yield from drawn
+
+  def _rng(self, seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, self._split_id, self.process_index, step])
+
+  def draw_documents(self, seed: int, count: int, step: int = 0) -> list:
+    """The first `count` documents [(tokens, images, splittable, source index)] of the stream that batch
+    (seed, step) packs from (`moma.data.convert --from_mixture` writes them as a corpus)."""
+    return list(itertools.islice(self._draw(self._rng(seed, step), count), count))
 
   def _rows(self, seed: int, step: int, batch_size: int):
     """Per row, its segments [(tokens, images, source index)] in order: the batch as one stream of documents.
@@ -104,7 +122,7 @@ class Packer:
     next row and drawing goes on, so the mixture (in its own proportions) fills the row; without text
     a row ends at its first deferral. Items still queued after the last row are dropped.
     """
-    rng = np.random.default_rng([seed, self._split_id, self.process_index, step])
+    rng = self._rng(seed, step)
     # The documents the batch will take (from the previous batches' mean length) in one block.
     documents = self._draw(rng, int(batch_size * self.seq_len / self._tokens_per_document))
     taken = 0

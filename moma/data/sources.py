@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from moma.data import builders
 from moma.data import config as config_lib
+from moma.data import corpus as corpus_lib
 from moma.data import melodies
 from moma.data import scenes
 from moma.data import shapes
@@ -41,6 +42,10 @@ class Source:
   codes_feature: str = ""  # feature holding an image's discrete codes ("": quantised intensities)
   image_tokens: int = 0  # positions of one image between BOI and EOI
   patch_channels: int = 0  # patches form: grey images are repeated to this many channels (0: as is)
+  latent_dim: int = 0  # a corpus's latent image width P (0: none)
+
+
+CORPUS_PARTS = (corpus_lib.TEMPLATE,)  # a corpus source's parts: its documents come whole from records
 
 
 def _field(name: str) -> str:
@@ -99,7 +104,23 @@ def _roles(name: str, entry, features) -> dict[str, str]:
   return roles
 
 
+def _corpus_source(name: str, entry, config, split: str) -> Source:
+  """A records corpus: its documents are read whole; `max_len` bounds those that may not be cut."""
+  examples = corpus_lib.open_split(entry.dataset, split, corpus_lib.field_of(name, config))
+  return Source(name, CORPUS_PARTS, examples, {}, None, (), None, examples.longest_media_document,
+                latent_dim=examples.layout.latent_dim)
+
+
+def has_text_documents(source: Source) -> bool:
+  """Whether the source yields text-only documents (which the packer may cut across rows)."""
+  if source.parts == CORPUS_PARTS:
+    return source.examples.text_only_documents > 0
+  return source.parts == ("text",)
+
+
 def open_source(name: str, entry, config, split: str) -> Source:
+  if entry.template == corpus_lib.TEMPLATE:
+    return _corpus_source(name, entry, config, split)
   examples, features = _open(name, entry, config, split)
   roles = _roles(name, entry, features)
   parts = config_lib.TEMPLATES[entry.template]
@@ -283,6 +304,16 @@ def render_block(source: Source, indices, variants, vocab: vocab_lib.Vocab, conf
   tokens = np.concatenate([piece for doc in pieces for piece in doc + [_EOS]])  # one copy for the block
   bounds = list(itertools.accumulate((length + 1 for length in lengths), initial=0))
   return [(tokens[a:b], image) for a, b, image in zip(bounds[:-1], bounds[1:], images)]
+
+
+def documents_block(source: Source, indices, variants, vocab: vocab_lib.Vocab, config) -> list:
+  """[(int32 tokens, latent images, whether the packer may cut it)] of examples `indices`: a corpus's
+  records as written, else `render_block`'s documents (cut only when the template is text alone)."""
+  if source.parts == CORPUS_PARTS:
+    return source.examples.documents(indices)
+  splittable = source.parts == ("text",)
+  return [(tokens, images, splittable) for tokens, images in render_block(source, indices, variants, vocab,
+                                                                          config)]
 
 
 def render(source: Source, index: int, variant: int, vocab: vocab_lib.Vocab, config):

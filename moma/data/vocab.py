@@ -29,10 +29,13 @@ class Vocab:
   image_codes: int  # 0 in the patches form (images enter as continuous patches)
   audio_codes: int  # 0 when "audio" is not a modality
   size: int
+  text_ids: int = NUM_BYTES  # the text tokenizer's ids (UTF-8 bytes; a corpus's manifest may say more)
+  text_tokenizer: str = "bytes"  # its spec (moma.data.tokenizers) and the fingerprint the data was made with
+  text_fingerprint: str = "bytes"
 
   @property
   def image_offset(self) -> int:
-    return TEXT_OFFSET + NUM_BYTES
+    return TEXT_OFFSET + self.text_ids
 
   @property
   def audio_offset(self) -> int:
@@ -54,15 +57,28 @@ class Vocab:
       table[self.audio_offset:self.used] = self.modalities.index("audio")
     return table
 
+  def tokenizer(self):
+    """The text tokenizer (`moma.data.tokenizers`); refuses a file whose fingerprint is not the data's."""
+    from moma.data import tokenizers  # pylint: disable=g-import-not-at-top
+    tokenizer = tokenizers.load(self.text_tokenizer)
+    if tokenizer.fingerprint != self.text_fingerprint:
+      raise ValueError(f"text tokenizer {self.text_tokenizer!r} has fingerprint {tokenizer.fingerprint}, not "
+                       f"{self.text_fingerprint} as when the data was tokenized: the file changed; restore it")
+    return tokenizer
+
   def encode_text(self, text: str | bytes) -> np.ndarray:
+    if self.text_tokenizer != "bytes":
+      return self.tokenizer().encode(text) + TEXT_OFFSET
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, np.uint8).astype(np.int32) + TEXT_OFFSET
 
   def decode_text(self, tokens) -> str:
-    """Text bytes among `tokens` as a string; every other id (specials, codes, padding) is skipped."""
+    """Text among `tokens` as a string; every other id (specials, codes, padding) is skipped."""
     tokens = np.asarray(tokens).reshape(-1)
-    data = tokens[(tokens >= TEXT_OFFSET) & (tokens < TEXT_OFFSET + NUM_BYTES)] - TEXT_OFFSET
-    return data.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    ids = tokens[(tokens >= TEXT_OFFSET) & (tokens < TEXT_OFFSET + self.text_ids)] - TEXT_OFFSET
+    if self.text_tokenizer != "bytes":
+      return self.tokenizer().decode(ids)
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
   def encode_image(self, image: np.ndarray) -> np.ndarray:
     """uint8 image [H, W] or [H, W, C] → int32 tokens [H*W*C] (row-major, channels last)."""
@@ -128,9 +144,19 @@ def unpatch(patches: np.ndarray, shape) -> np.ndarray:
   return pixels.reshape(shape)
 
 
-def vocabulary(data_config) -> Vocab:
-  """The vocabulary a data config implies; raises ValueError naming the field on a range overflow."""
+def vocabulary(data_config, with_corpus: bool = True) -> Vocab:
+  """The vocabulary a data config implies: a records corpus's manifest when the config trains on one
+  (`moma.data.corpus`), else bytes and the configured code ranges; raises ValueError naming the field on
+  a range overflow."""
   modalities = tuple(data_config.modalities)
+  if with_corpus:
+    from moma.data import corpus  # pylint: disable=g-import-not-at-top  (corpus builds on this module)
+    layout = corpus.layout(data_config)
+    if layout is not None:
+      if data_config.vocab_size and data_config.vocab_size < layout.used:
+        raise ValueError(f"data.vocab_size={data_config.vocab_size} is smaller than the {layout.used} ids of "
+                         f"the corpus's layout ({layout.describe()}); set it to 0 (exact) or >= {layout.used}.")
+      return layout.vocab(modalities, data_config.vocab_size)
   if data_config.image_form == "discrete" and not 2 <= data_config.image_levels <= 256:
     raise ValueError(f"data.image_levels={data_config.image_levels} overflows the image code range; "
                      "use 2..256 levels per pixel.")
@@ -151,3 +177,15 @@ def vocabulary(data_config) -> Vocab:
 def vocab_size(data_config) -> int:
   """Size of the shared vocabulary (the model's `vocab_size` when that is 0)."""
   return vocabulary(data_config).size
+
+
+def check_model_vocab(data_config, model_vocab_size: int) -> None:
+  """Raises ValueError (naming config.model.vocab_size) unless the model embeds every id the data uses."""
+  vocab = vocabulary(data_config)
+  if model_vocab_size < vocab.used:
+    from moma.data import corpus  # pylint: disable=g-import-not-at-top
+    layout = corpus.layout(data_config)
+    of = (f"corpus {corpus.manifest_path(data_config)} ({layout.describe()})" if layout else
+          "the data's vocabulary")
+    raise ValueError(f"config.model.vocab_size={model_vocab_size} is smaller than the {vocab.used} ids of {of}; "
+                     f"set it to 0 (from the data) or >= {vocab.used}")

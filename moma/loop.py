@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import queue
 import threading
@@ -194,14 +195,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, plan: RunPlan,
 def _compile_every_task(plan: RunPlan, steps: StepCache, state, step_range: range) -> None:
   """Compiles the step of each task `step_range` trains (on its first batch there) and refuses a task
   whose step does not fit its device (`memory.check_fits`)."""
-  shards = sharding.batch_shards(plan.mesh, plan.rules) * jax.process_count()
+  multiple = math.lcm(sharding.batch_shards(plan.mesh, plan.rules), jax.process_count())
   device = plan.mesh.devices.flat[0]
   for i in step_range:
     task = plan.tasks[plan.task_at(i)]
     if not steps.compiled(task):
       batch = shard_batch(task.batch_at(i), plan.mesh, plan.rules)
       memory.check_fits(steps.compile(task, state, batch), state, batch_size=task.batch_size,
-                        field=task.batch_field, multiple=shards, device=device)
+                        field=task.batch_field, multiple=multiple, device=device)
     if all(steps.compiled(t) for t in plan.tasks):
       return
 

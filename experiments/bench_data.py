@@ -15,10 +15,21 @@ Rates are 1 / the fastest of `steps` interleaved batches (robust to other jobs o
 Also the first build of the embedded datasets. Last line: JSON.
 
   python -m experiments.bench_data [--batch_size=32] [--steps=40]
+
+With --corpus=DIR[,DIR...] it measures the records-corpus loader instead (`moma.data.corpus`; make one with
+experiments/make_corpus.py): per corpus and for 1 and 8 simulated processes, process 0's packer at seq 4,096
+in a fresh spawned process (one core): tokens/s per process over --steps batches of --batch_size rows, the
+time to the first batch (manifest read, shards opened) and host memory (peak RSS, and RSS growth after the
+first batch), so two corpus sizes show whether memory grows with the corpus.
+
+  python -m experiments.bench_data --corpus=/tmp/corpus_1b,/tmp/corpus_100m --batch_size=8 --steps=100
 """
 
 import importlib.util
 import json
+import multiprocessing
+import os
+import resource
 import pathlib
 import subprocess
 import sys
@@ -34,6 +45,9 @@ from moma import data
 BASELINE = "61e99a0"  # the last commit whose packer never cut a document across rows
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Batches timed per setting.")
+_CORPUS = flags.DEFINE_list("corpus", [], "Records corpora to benchmark the corpus loader on (instead of the "
+                            "mixture packers).")
+CORPUS_SEQ, CORPUS_PROCESSES = 4096, (1, 8)
 
 
 def baseline_module(tmp: str, name: str, alias: str = ""):
@@ -62,7 +76,55 @@ def shares(packer, steps, batch_size, names):
               modality_share={n: round(float(c), 4) for n, c in zip(names, counts / counts.sum())})
 
 
+def _rss_mib() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def corpus_loader(directory: str, process_count: int, batch_size: int, steps: int) -> dict:
+  """Process 0 of `process_count` on the corpus in `directory`: first batch time, tokens/s, memory."""
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+  config = data.default_config()
+  config.corpus = directory
+  before = _rss_mib()
+  start = time.perf_counter()
+  packer = data.Packer(config, split="train", seq_len=CORPUS_SEQ, process_index=0, process_count=process_count)
+  batch = packer.batch(0, 0, batch_size)
+  first_batch_s = time.perf_counter() - start
+  after_first = _rss_mib()
+  start = time.perf_counter()
+  for step in range(1, steps + 1):
+    batch = packer.batch(0, step, batch_size)
+  seconds = time.perf_counter() - start
+  return dict(corpus=directory, processes=process_count, tokens_per_s=steps * batch_size * CORPUS_SEQ / seconds,
+              first_batch_s=first_batch_s, loss_share=float(batch["loss_mask"].mean()),
+              rss_before_mib=before, rss_after_first_batch_mib=after_first, rss_end_mib=_rss_mib(),
+              peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_corpora(directories: list[str]) -> None:
+  results = []
+  context = multiprocessing.get_context("spawn")  # a fresh process per setting: clean memory figures
+  for directory in directories:
+    with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+      train = json.load(f)["splits"]["train"]
+    for processes in CORPUS_PROCESSES:
+      with context.Pool(1) as pool:
+        row = pool.apply(corpus_loader, (directory, processes, _BATCH.value, _STEPS.value))
+      row.update(corpus_tokens=train["tokens"], corpus_shards=len(train["shards"]))
+      results.append(row)
+      print(f"{directory} ({row['corpus_tokens'] / 1e9:.2f}B tokens, {row['corpus_shards']} shards) "
+            f"{processes} process(es): {row['tokens_per_s'] / 1e6:.2f}M tokens/s per process, first batch "
+            f"{row['first_batch_s'] * 1e3:.0f} ms, RSS {row['rss_before_mib']:.0f} -> "
+            f"{row['rss_after_first_batch_mib']:.0f} -> {row['rss_end_mib']:.0f} MiB (peak "
+            f"{row['peak_rss_mib']:.0f})")
+  print(json.dumps(dict(seq_len=CORPUS_SEQ, batch_size=_BATCH.value, steps=_STEPS.value, results=results)))
+
+
 def main(_):
+  if _CORPUS.value:
+    bench_corpora(_CORPUS.value)
+    return
   results = {}
   with tempfile.TemporaryDirectory() as cache_dir:
     start = time.perf_counter()

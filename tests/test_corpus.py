@@ -123,6 +123,28 @@ def test_from_mixture_corpus_holds_the_mixtures_documents_and_packs_like_it(tmp_
   assert data.Packer(data_config, split="validation", seq_len=256).batch(0, 0, 2)["tokens"].any()
 
 
+def test_from_transfusion_mixture_latents_are_its_patches(tmp_path, data_cache_dir):
+  """A Transfusion mixture's images become latent images of the mixture's patch width, equal to its
+  patches, and the corpus packer gives the batch the same width."""
+  from configs import transfusion
+  config = transfusion.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  convert.from_mixture(config, str(tmp_path), documents=60, shards=1, validation_fraction=0, workers=1)
+  manifest = json.loads((tmp_path / corpus.MANIFEST).read_text())
+  patch_dim = data.Packer(config.data, split="train", seq_len=config.train.seq_len).patch_dim
+  assert manifest["image"]["latent_dim"] == patch_dim and manifest["image"]["codebook_size"] == 0
+  want = convert.mixture_documents(config.data, "train", config.train.seq_len, 60)
+  got = corpus.open_split(str(tmp_path), "train", "data.corpus").documents(range(60))
+  assert any(images for _, images, _ in want)
+  for (want_tokens, want_images, _), (tokens, images, _) in zip(want, got):
+    np.testing.assert_array_equal(tokens, want_tokens)
+    assert [start for start, _ in images] == [start for start, _ in want_images]
+    for (_, patches), (_, want_patches) in zip(images, want_images):
+      np.testing.assert_array_equal(patches, want_patches)
+  assert data.Packer(corpus_config(str(tmp_path), ("text", "image"), image_form="patches"), split="train",
+                     seq_len=config.train.seq_len).patch_dim == patch_dim
+
+
 def test_latent_images_fill_the_patches_of_the_batch(tmp_path):
   latents = np.linspace(-1, 1, 4 * 12, dtype=np.float32).reshape(4, 12)
   (tmp_path / "in").mkdir()
@@ -259,6 +281,44 @@ def test_the_trainer_takes_its_vocabulary_and_batches_from_the_corpus(tmp_path, 
   assert batch["tokens"].shape == (config.train.batch_size, config.train.seq_len)
 
 
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_a_tokenizer_corpus_trains_tiny_mot_and_samples_decode_with_its_tokenizer(tmp_path, tiny_config, kind):
+  prose = tokenizer_fixtures.embedded_prose(1000)
+  path = (tokenizer_fixtures.train_sentencepiece if kind == "sentencepiece" else tokenizer_fixtures.train_hf_bpe)(
+      prose[:400], str(tmp_path))
+  directory = jsonl_corpus(tmp_path, [[{"text": text}] for text in prose], text_tokenizer=f"{kind}:{path}",
+                           image_codebook=0, audio_codebook=0, validation_fraction=0.05)
+  tiny_config.data.corpus = directory
+  tiny_config.train.update(steps=60, log_every=10, eval_every=0)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  curve = losses(str(tmp_path / "run"))
+  assert curve[-1] < curve[0] - 1.0, curve
+  from moma import sample
+  documents = sample.sample(str(tmp_path / "run"), prompt="The list", num_tokens=20, num_samples=1, temperature=0)
+  text = documents[0][0][1]
+  tokenizer = tokenizers.load(f"{kind}:{path}")
+  assert text.startswith("The list") and text == tokenizer.decode(tokenizer.encode(text))
+
+
+@pytest.mark.slow
+def test_a_latent_image_corpus_trains_the_transfusion_mot(tmp_path, data_cache_dir):
+  from configs import transfusion
+  config = transfusion.get_config("size=tiny")
+  config.data.cache_dir = data_cache_dir
+  config.train.update(steps=40, log_every=10, eval_every=0, progress_bar=False)
+  convert.from_mixture(config, str(tmp_path / "corpus"), documents=4000, shards=2, validation_fraction=0.05)
+  config.data.corpus = str(tmp_path / "corpus")
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  curve = losses(str(tmp_path / "run"))
+  assert metrics["loss/image_diffusion"] > 0 and curve[-1] < curve[0], curve
+
+
 @pytest.mark.slow
 def test_corpus_from_mixture_trains_like_the_mixture(tmp_path, tiny_config):
   """The tiny MoT, 60 steps, on the mixture and on a corpus of 20,000 of its documents: both losses fall
@@ -270,4 +330,6 @@ def test_corpus_from_mixture_trains_like_the_mixture(tmp_path, tiny_config):
                        validation_fraction=0.05)
   tiny_config.data.corpus = str(tmp_path / "corpus")
   on_corpus = train.train_and_evaluate(tiny_config, str(tmp_path / "corpus_run"))
+  print(f"\nmixture: train loss {mixture['loss']:.4f}, eval {mixture['eval/loss']:.4f}; corpus: train loss "
+        f"{on_corpus['loss']:.4f}, eval {on_corpus['eval/loss']:.4f}")
   assert abs(on_corpus["loss"] - mixture["loss"]) < 0.3, (on_corpus, mixture)

@@ -20,7 +20,6 @@ shards. Bad input is one line naming the file, line and field; no manifest is wr
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import glob
@@ -30,7 +29,6 @@ import os
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
-import tqdm
 
 from moma import cli
 from moma.data import corpus
@@ -190,25 +188,6 @@ def _hold_out(items: list, validation_fraction: float) -> dict:
               validation=[x for x, h in zip(items, held_out) if h])
 
 
-def write(output: str, shards: dict, write_shard, layout: corpus.Layout, made_by: dict, workers: int = 0) -> str:
-  """Writes each split's shards (`shards`: split → per shard, what `write_shard(path, it, layout)` writes)
-  in parallel processes, then the manifest; returns its path."""
-  os.makedirs(output, exist_ok=True)
-  manifest = os.path.join(output, corpus.MANIFEST)
-  if os.path.exists(manifest):
-    os.remove(manifest)  # the old corpus is gone from here on; a new one appears only when complete
-  results = {}
-  with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-    futures = {pool.submit(write_shard, os.path.join(output, corpus.shard_name(split, i, len(runs))), run,
-                           layout): (split, i)
-               for split, runs in shards.items() for i, run in enumerate(runs)}
-    for future in tqdm.tqdm(concurrent.futures.as_completed(futures), total=len(futures), unit="shard",
-                            desc=f"writing {output}", disable=None):
-      results[futures[future]] = future.result()
-  splits = {split: [results[split, i] for i in range(len(runs))] for split, runs in shards.items()}
-  return corpus.write_manifest(output, layout, splits, made_by)
-
-
 def from_jsonl(pattern: str, output: str, text_tokenizer: str, image_codebook: int, audio_codebook: int,
                latent_dim: int, latent_dtype: str, shards: int, validation_fraction: float,
                workers: int = 0) -> str:
@@ -225,7 +204,7 @@ def from_jsonl(pattern: str, output: str, text_tokenizer: str, image_codebook: i
   if not lines:
     raise ValueError(f"--input={pattern!r}: the files hold no document (every line is blank)")
   made_by = dict(input=pattern, files=len(files), validation_fraction=validation_fraction)
-  return write(output, _in_shards(_hold_out(lines, validation_fraction), shards),
+  return corpus.write(output, _in_shards(_hold_out(lines, validation_fraction), shards),
                functools.partial(_jsonl_shard, spec=spec), layout, made_by, workers)
 
 
@@ -250,7 +229,7 @@ def from_mixture(config, output: str, documents: int, shards: int, validation_fr
   if validation_fraction:
     splits["validation"] = mixture_documents(data_config, "validation", seq_len,
                                              max(1, round(documents * validation_fraction)))
-  return write(output, _in_shards(splits, shards), corpus.write_shard, layout,
+  return corpus.write(output, _in_shards(splits, shards), corpus.write_shard, layout,
                dict(from_mixture=True, documents=documents, seq_len=seq_len), workers)
 
 

@@ -17,13 +17,16 @@ corpus. The manifest is written last, by an atomic rename: a directory without o
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 from typing import Sequence
 
 import ml_collections
 import numpy as np
+import tqdm
 
 from moma.data import vocab as vocab_lib
 
@@ -378,3 +381,30 @@ def write_manifest(directory: str, layout: Layout, splits: dict, made_by: dict) 
 
 def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def write(output: str, shards: dict, write_shard, layout: Layout, made_by: dict, workers: int = 0) -> str:
+  """Writes each split's shards (`shards`: split → per shard, what `write_shard(path, it, layout)` writes)
+  in parallel processes, then the manifest; returns its path."""
+  os.makedirs(output, exist_ok=True)
+  manifest = os.path.join(output, MANIFEST)
+  if os.path.exists(manifest):
+    os.remove(manifest)  # the old corpus is gone from here on; a new one appears only when complete
+  tasks = {(split, i): (os.path.join(output, shard_name(split, i, len(runs))), run)
+           for split, runs in shards.items() for i, run in enumerate(runs)}
+  progress = tqdm.tqdm(total=len(tasks), unit="shard", desc=f"writing {output}", disable=None)
+  results = {}
+  if workers == 1:
+    for key, (path, run) in tasks.items():
+      results[key] = write_shard(path, run, layout)
+      progress.update()
+  else:  # spawned workers: forking a process that runs JAX's threads may deadlock
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
+      futures = {pool.submit(write_shard, path, run, layout): key for key, (path, run) in tasks.items()}
+      for future in concurrent.futures.as_completed(futures):
+        results[futures[future]] = future.result()
+        progress.update()
+  progress.close()
+  splits = {split: [results[split, i] for i in range(len(runs))] for split, runs in shards.items()}
+  return write_manifest(output, layout, splits, made_by)

@@ -19,7 +19,10 @@ def get_config(arg=None):
   args = common.parse_arg(arg, size="tiny", experts="4t4i", routing="ec", mod=False)
   modalities = common.MODALITIES if "a" in args.experts.replace("shared", "") else common.MODALITIES[:2]
   config = common.base_config(args.size, modalities)
-  layout = routing.parse_layout(args.experts, modalities)  # A bad layout fails here, naming moe.layout.
+  try:
+    layout = routing.parse_layout(args.experts, modalities)
+  except ValueError as e:
+    raise ValueError(f"config argument experts={args.experts!r}: {e}; e.g. experts=4t4i, 3t3i2a or 8shared") from None
   if args.routing not in ("ec", "topk"):
     raise ValueError(f"config argument routing={args.routing!r}: expected ec or topk")
   config.model.ffn = "moe"

@@ -172,9 +172,9 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
     return f"flag --{name}={value}: {_config_file_failure(e, value)}; {_config_file_fix(name)}"
   if isinstance(e, flags.IllegalFlagValueError) and e.__context__ is not None:
     # absl words it "flag --NAME=VALUE: REASON"; for a config file that raised, REASON is ml_collections'
-    # formatted traceback, whose innermost error says it in one line.
+    # formatted traceback, whose innermost error (short of one raised `from None`) says it in one line.
     inner = e
-    while inner.__context__ is not None:
+    while inner.__context__ is not None and not inner.__suppress_context__:
       inner = inner.__context__
     return f"{str(e).partition(': ')[0]}: {_plain_reason(str(inner))}"
   if isinstance(e, (KeyError, AttributeError)) and e.args:  # ml_collections: an override of no such field

@@ -88,7 +88,8 @@ def corpus_loader(directory: str, process_count: int, batch_size: int, steps: in
   config.corpus = directory
   before = _rss_mib()
   start = time.perf_counter()
-  packer = data.Packer(config, split="train", seq_len=CORPUS_SEQ, process_index=0, process_count=process_count)
+  packer = data.Packer(config, split="train", seq_len=CORPUS_SEQ, process_index=0,
+                       process_count=process_count)
   batch = packer.batch(0, 0, batch_size)
   first_batch_s = time.perf_counter() - start
   after_first = _rss_mib()
@@ -96,7 +97,8 @@ def corpus_loader(directory: str, process_count: int, batch_size: int, steps: in
   for step in range(1, steps + 1):
     batch = packer.batch(0, step, batch_size)
   seconds = time.perf_counter() - start
-  return dict(corpus=directory, processes=process_count, tokens_per_s=steps * batch_size * CORPUS_SEQ / seconds,
+  return dict(corpus=directory, processes=process_count,
+              tokens_per_s=steps * batch_size * CORPUS_SEQ / seconds,
               first_batch_s=first_batch_s, loss_share=float(batch["loss_mask"].mean()),
               rss_before_mib=before, rss_after_first_batch_mib=after_first, rss_end_mib=_rss_mib(),
               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

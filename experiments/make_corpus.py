@@ -60,7 +60,8 @@ def main(argv):
   per_shard = int(_TOKENS.value / _SHARDS.value)
   validation_shards = max(1, _SHARDS.value // 64)
   shards = {"train": [(_SEED.value, i, per_shard) for i in range(_SHARDS.value)],
-            "validation": [(_SEED.value, _SHARDS.value + i, per_shard // 100 + 1) for i in range(validation_shards)]}
+            "validation": [(_SEED.value, _SHARDS.value + i, per_shard // 100 + 1)
+                           for i in range(validation_shards)]}
   path = corpus.write(_OUTPUT.value, shards, write_shard, LAYOUT, dict(synthetic=True, seed=_SEED.value),
                        _WORKERS.value)
   print(f"{path}: {_TOKENS.value:.3g} tokens in {_SHARDS.value} shards, {time.perf_counter() - start:.0f} s")

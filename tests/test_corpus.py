@@ -157,7 +157,8 @@ def test_latent_images_fill_the_patches_of_the_batch(tmp_path):
   assert packer.patch_dim == 12
   batch = packer.batch(0, 0, 2)
   at = batch["tokens"] == data.IMG
-  assert at.any() and (batch["image_block"][at] > 0).all() and (batch["loss_mask"][:, :-1][at[:, 1:]] == 0).all()
+  assert at.any() and (batch["image_block"][at] > 0).all()
+  assert (batch["loss_mask"][:, :-1][at[:, 1:]] == 0).all()  # no cross-entropy on patch placeholders
   rows = batch["patches"][at]
   assert {tuple(r) for r in rows} <= {tuple(r) for r in latents}
   assert np.abs(batch["patches"][~at]).max() == 0
@@ -181,8 +182,8 @@ def test_a_tokenizer_corpus_holds_its_ids_and_decodes_with_it(tmp_path, kind):
 
 
 def test_a_tokenizer_file_that_does_not_exist_is_named(tmp_path):
-  with pytest.raises(ValueError, match=r"--text_tokenizer='sentencepiece:/nowhere/sp.model': /nowhere/sp.model "
-                     "does not exist"):
+  with pytest.raises(ValueError, match=r"--text_tokenizer='sentencepiece:/nowhere/sp.model': "
+                     "/nowhere/sp.model does not exist"):
     jsonl_corpus(tmp_path, [[{"text": "x"}]], text_tokenizer="sentencepiece:/nowhere/sp.model")
   assert not (tmp_path / "corpus" / corpus.MANIFEST).exists()
 
@@ -225,8 +226,8 @@ def test_missing_or_truncated_shard_is_named(small_corpus):
 def test_layout_disagreements_are_refused_naming_the_entry(small_corpus, tmp_path):
   mixed = data.default_config()
   mixed.mixture.mine = corpus.corpus_entry(small_corpus, weight=2.0)
-  with pytest.raises(ValueError, match=r"data.mixture.\w+: its layout .* disagrees with corpus .*manifest.json "
-                     r"\(text bytes \(256 ids\), image 16 codes, audio 8 codes\)"):
+  with pytest.raises(ValueError, match=r"data.mixture.\w+: its layout .* disagrees with corpus "
+                     r".*manifest.json \(text bytes \(256 ids\), image 16 codes, audio 8 codes\)"):
     data.vocabulary(mixed)
   with pytest.raises(ValueError, match=r"data.modalities=\('text', 'image'\) lacks \['audio'\]"):
     data.vocabulary(corpus_config(small_corpus, modalities=("text", "image")))
@@ -239,8 +240,8 @@ def test_layout_disagreements_are_refused_naming_the_entry(small_corpus, tmp_pat
 
 
 def test_a_document_that_may_not_be_cut_must_fit_seq_len(small_corpus):
-  with pytest.raises(ValueError, match=r"manifest.json: splits.train.longest_media_document=\d+ tokens is longer "
-                     "than train.seq_len=8"):
+  with pytest.raises(ValueError, match=r"manifest.json: splits.train.longest_media_document=\d+ tokens is "
+                     "longer than train.seq_len=8"):
     data.Packer(corpus_config(small_corpus), split="train", seq_len=8)
 
 
@@ -288,10 +289,11 @@ def losses(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
-def test_a_tokenizer_corpus_trains_tiny_mot_and_samples_decode_with_its_tokenizer(tmp_path, tiny_config, kind):
+def test_a_tokenizer_corpus_trains_tiny_mot_and_samples_decode_with_its_tokenizer(tmp_path, tiny_config,
+                                                                                  kind):
   prose = tokenizer_fixtures.embedded_prose(1000)
-  path = (tokenizer_fixtures.train_sentencepiece if kind == "sentencepiece" else tokenizer_fixtures.train_hf_bpe)(
-      prose[:400], str(tmp_path))
+  trainers = dict(sentencepiece=tokenizer_fixtures.train_sentencepiece, hf=tokenizer_fixtures.train_hf_bpe)
+  path = trainers[kind](prose[:400], str(tmp_path))
   directory = jsonl_corpus(tmp_path, [[{"text": text}] for text in prose], text_tokenizer=f"{kind}:{path}",
                            image_codebook=0, audio_codebook=0, validation_fraction=0.05)
   tiny_config.data.corpus = directory
@@ -300,7 +302,8 @@ def test_a_tokenizer_corpus_trains_tiny_mot_and_samples_decode_with_its_tokenize
   curve = losses(str(tmp_path / "run"))
   assert curve[-1] < curve[0] - 1.0, curve
   from moma import sample
-  documents = sample.sample(str(tmp_path / "run"), prompt="The list", num_tokens=20, num_samples=1, temperature=0)
+  documents = sample.sample(str(tmp_path / "run"), prompt="The list", num_tokens=20, num_samples=1,
+                            temperature=0)
   text = documents[0][0][1]
   tokenizer = tokenizers.load(f"{kind}:{path}")
   assert text.startswith("The list") and text == tokenizer.decode(tokenizer.encode(text))

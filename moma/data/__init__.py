@@ -2,8 +2,8 @@
 (`moma.data.shapes`, with exact evaluators) and captioned melodies (`moma.data.melodies`), one shared
 vocabulary, packing into full rows.
 
-Entry points: `default_config()`, `corpus_entry(DIR)` (a records corpus, `moma.data.corpus`), `vocab_size(config)`, `vocabulary(config)`, `batches(config, ...)`,
-and the decoders. See docs/data.md.
+Entry points: `default_config()`, `corpus_entry(DIR)` (a records corpus, `moma.data.corpus`),
+`vocab_size(config)`, `vocabulary(config)`, `batches(config, ...)`, and the decoders. See docs/data.md.
 """
 
 from moma.data.builders import EMBEDDED, prepare
@@ -16,6 +16,7 @@ from moma.data.vocab import (BOA, BOI, BOS, EOA, EOI, EOS, IMG, PAD, SPECIALS, T
 
 __all__ = [
     "BOA", "BOI", "BOS", "EMBEDDED", "EOA", "EOI", "EOS", "IMG", "PAD", "SPECIALS", "TEMPLATES",
-    "TEXT_OFFSET", "Packer", "Vocab", "batches", "check_model_vocab", "corpus_entry", "decode_audio", "decode_document", "decode_image",
-    "decode_scene", "decode_text", "default_config", "mixture_entry", "prepare", "validate", "vocab_size", "vocabulary",
+    "TEXT_OFFSET", "Packer", "Vocab", "batches", "check_model_vocab", "corpus_entry", "decode_audio",
+    "decode_document", "decode_image", "decode_scene", "decode_text", "default_config", "mixture_entry",
+    "prepare", "validate", "vocab_size", "vocabulary",
 ]

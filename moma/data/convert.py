@@ -46,15 +46,17 @@ _AUDIO_CODEBOOK = flags.DEFINE_integer("audio_codebook", 0, "Audio codebook size
                                        lower_bound=0)
 _LATENT_DIM = flags.DEFINE_integer("latent_dim", 0, "Width of latent image patch vectors (0: none).",
                                    lower_bound=0)
-_LATENT_DTYPE = flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "How latents are stored.")
+_LATENT_DTYPE = flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"],
+                                  "How latents are stored.")
 _SHARDS = flags.DEFINE_integer("shards", 8, "Train shards (validation: a share of them, at least 1).",
                                lower_bound=1)
 _VALIDATION_FRACTION = flags.DEFINE_float(
     "validation_fraction", 0.0, "Share of the documents held out as the validation split (0: none; "
     f"training then holds out every {corpus.HOLD_OUT}th train document).", lower_bound=0, upper_bound=0.5)
 _WORKERS = flags.DEFINE_integer("workers", 0, "Processes writing shards (0: one per CPU).", lower_bound=0)
-_FROM_MIXTURE = config_flags.DEFINE_config_file("from_mixture", None, "A config (configs/NAME.py[:arg]) whose "
-                                                "data mixture to write as a corpus, with --documents.")
+_FROM_MIXTURE = config_flags.DEFINE_config_file(
+    "from_mixture", None, "A config (configs/NAME.py[:arg]) whose data mixture to write as a corpus, with "
+    "--documents.")
 _DOCUMENTS = flags.DEFINE_integer("documents", 10000, "--from_mixture: train documents to write.",
                                   lower_bound=1)
 

@@ -210,7 +210,8 @@ def layout(config) -> Layout | None:
   if missing:
     raise ValueError(f"data.modalities={tuple(config.modalities)} lacks {sorted(missing)}, which corpus "
                      f"{entries(config)[name].dataset} holds; set --config.data.modalities (and "
-                     "config.model.modalities) to include them, e.g. configs/mot.py:modalities=text+image+audio")
+                     "config.model.modalities) to include them, e.g. "
+                     "configs/mot.py:modalities=text+image+audio")
   if this.latent_dim and config.image_form != "patches":
     raise ValueError(f"data.image_form={config.image_form!r}: corpus {entries(config)[name].dataset} holds "
                      "latent images; set --config.data.image_form=patches (Transfusion)")

@@ -78,7 +78,8 @@ class Packer:
     if latent and channels and patch_dim not in latent.values():
       raise ValueError(f"data.mixture.{next(iter(channels))}: its patches are {patch_dim} wide "
                        f"(data.patch_size² × channels), the latent images of corpus entry "
-                       f"data.mixture.{next(iter(latent))} {next(iter(latent.values()))}; a batch has one width P")
+                       f"data.mixture.{next(iter(latent))} {next(iter(latent.values()))}; a batch has one "
+                       "width P")
     return next(iter(latent.values())) if latent else patch_dim
 
   def _draw(self, rng: np.random.Generator, first_block: int):

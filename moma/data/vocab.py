@@ -62,8 +62,9 @@ class Vocab:
     from moma.data import tokenizers  # pylint: disable=g-import-not-at-top
     tokenizer = tokenizers.load(self.text_tokenizer)
     if tokenizer.fingerprint != self.text_fingerprint:
-      raise ValueError(f"text tokenizer {self.text_tokenizer!r} has fingerprint {tokenizer.fingerprint}, not "
-                       f"{self.text_fingerprint} as when the data was tokenized: the file changed; restore it")
+      raise ValueError(f"text tokenizer {self.text_tokenizer!r} has fingerprint {tokenizer.fingerprint}, "
+                       f"not {self.text_fingerprint} as when the data was tokenized: the file changed; "
+                       "restore it")
     return tokenizer
 
   def encode_text(self, text: str | bytes) -> np.ndarray:
@@ -154,8 +155,9 @@ def vocabulary(data_config, with_corpus: bool = True) -> Vocab:
     layout = corpus.layout(data_config)
     if layout is not None:
       if data_config.vocab_size and data_config.vocab_size < layout.used:
-        raise ValueError(f"data.vocab_size={data_config.vocab_size} is smaller than the {layout.used} ids of "
-                         f"the corpus's layout ({layout.describe()}); set it to 0 (exact) or >= {layout.used}.")
+        raise ValueError(f"data.vocab_size={data_config.vocab_size} is smaller than the {layout.used} ids "
+                         f"of the corpus's layout ({layout.describe()}); set it to 0 (exact) or >= "
+                         f"{layout.used}.")
       return layout.vocab(modalities, data_config.vocab_size)
   if data_config.image_form == "discrete" and not 2 <= data_config.image_levels <= 256:
     raise ValueError(f"data.image_levels={data_config.image_levels} overflows the image code range; "
@@ -187,5 +189,5 @@ def check_model_vocab(data_config, model_vocab_size: int) -> None:
     layout = corpus.layout(data_config)
     of = (f"corpus {corpus.manifest_path(data_config)} ({layout.describe()})" if layout else
           "the data's vocabulary")
-    raise ValueError(f"config.model.vocab_size={model_vocab_size} is smaller than the {vocab.used} ids of {of}; "
-                     f"set it to 0 (from the data) or >= {vocab.used}")
+    raise ValueError(f"config.model.vocab_size={model_vocab_size} is smaller than the {vocab.used} ids of "
+                     f"{of}; set it to 0 (from the data) or >= {vocab.used}")

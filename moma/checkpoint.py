@@ -10,6 +10,8 @@ before it began to die).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -21,6 +23,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from moma import data
+from moma import faults
 from moma.models import model_config
 
 # Fields that must match between the config that made a workdir and the one resuming it (prefixes):
@@ -51,10 +55,15 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  # A model field that a config.json (or a config) lacks stands at its ModelConfig default: it is what
-  # the run was built with, so a field added to the model since does not lock older runs out.
-  defaults = flatten({"model": model_config.defaults(model_config.ModelConfig)})
-  old = {**defaults, **flatten(_load_json(path))}
+  # A model or data field that a config.json (or a config) lacks stands at its default: it is what the run
+  # was built with, so a field added since does not lock older runs out. (Not mixture entries: an entry a
+  # run lacks is one it did not train on.)
+  saved = _load_json(path)
+  modalities = tuple(saved.get("data", {}).get("modalities", config.data.modalities))
+  data_defaults = {k: v for k, v in flatten({"data": data.default_config(modalities)}).items()
+                   if not k.startswith("data.mixture.")}
+  defaults = {**flatten({"model": model_config.defaults(model_config.ModelConfig)}), **data_defaults}
+  old = {**defaults, **flatten(saved)}
   new = {**defaults, **flatten(config)}
   diffs = []
   for key in sorted(set(old) | set(new)):
@@ -121,8 +130,29 @@ def save(mngr: ocp.CheckpointManager, step: int, state, window: dict, *, good: b
   metrics = {"good_step": step if good else -1}
   if good and eval_loss is not None:
     metrics["eval_loss"] = eval_loss
-  mngr.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
-                                          window=ocp.args.JsonSave(window)), metrics=metrics)
+  with _disk_full_named(mngr):
+    mngr.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
+                                            window=ocp.args.JsonSave(window)), metrics=metrics)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for a pending async save (its write errors surface here or at the next save)."""
+  with _disk_full_named(mngr):
+    mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _disk_full_named(mngr: ocp.CheckpointManager):
+  """A write that failed for lack of space (orbax and tensorstore word it inside their own errors) becomes
+  one line naming the checkpoint directory and the fix."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except (re-raised unless it is a full disk)
+    if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+      raise
+    raise faults.RunError(f"no space left on the device of {mngr.directory} while saving a checkpoint; free "
+                          "space there (the checkpoints saved before are kept) and run the same command "
+                          "again to resume") from e
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
@@ -133,7 +163,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   again). When none restores, the latest one's error is raised and nothing moves. `window` is what `save`
   stored with the state (None for checkpoints written before it existed).
   """
-  unreadable, first_error = [], None
+  unreadable = []  # (step, error), newest first
   for step in sorted(mngr.all_steps(), reverse=True):
     has_window = os.path.isdir(os.path.join(str(mngr.directory), str(step), "window"))
     args = dict(default=ocp.args.StandardRestore(abstract_state))
@@ -142,18 +172,23 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # pylint: disable=broad-except (orbax raises many kinds; an older step decides)
-      logging.warning("checkpoint step %d is unreadable (%s: %s); trying the previous one", step,
-                      type(e).__name__, (str(e).splitlines() or [""])[0][:200])
-      unreadable.append(step)
-      first_error = first_error or e
+      unreadable.append((step, e))
       continue
-    set_aside(mngr, unreadable, "unreadable_checkpoints")
+    for bad, e in unreadable:  # Warned only now: when none restores, the error below says it all.
+      logging.warning("checkpoint step %d is unreadable (%s); step %d restored instead", bad, _first_line(e),
+                      step)
+    set_aside(mngr, [bad for bad, _ in unreadable], "unreadable_checkpoints")
     return restored["default"], step, restored["window"] if has_window else None
-  if first_error is not None:
-    raise ValueError(f"no checkpoint under {mngr.directory} is readable (latest: step {unreadable[0]}: "
-                     f"{type(first_error).__name__}: {(str(first_error).splitlines() or [''])[0][:200]}); "
-                     "move the checkpoints directory away to start afresh") from first_error
+  if unreadable:
+    step, e = unreadable[0]
+    raise ValueError(f"no checkpoint under {mngr.directory} is readable (latest: step {step}: "
+                     f"{_first_line(e)}); if it holds another model's run, use another --workdir, else move "
+                     "the checkpoints directory away to start afresh") from e
   return None, 0, None
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def set_aside(mngr: ocp.CheckpointManager, steps: list[int], folder: str) -> str:

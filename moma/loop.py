@@ -170,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, plan: RunPlan,
     stack.enter_context(faults.WorkdirLock(workdir, jax.process_index()))
     mngr = checkpoint.manager(workdir, config)
     stack.callback(mngr.close)
-    stack.callback(mngr.wait_until_finished)  # Also on errors and signals: a pending async save finishes.
+    stack.callback(checkpoint.wait, mngr)  # Also on errors and signals: a pending async save finishes.
     state, state_sh, start, saved = plan.init(mngr)
     if start >= tcfg.steps:
       if jax.process_index() == 0:
@@ -365,7 +365,7 @@ class _Health:
   def diverged(self, what: str, mngr) -> faults.Diverged:
     """The exit-3 error; the checkpoints saved after the last good one (during a spike) are moved aside,
     so that running the same command again resumes from the good one."""
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     later = [s for s in mngr.all_steps() if self.last_good is None or s > self.last_good]
     aside = checkpoint.set_aside(mngr, later, "diverged_checkpoints") if later else ""
     return faults.diverged(what, lr=self._tcfg.lr, last_good=self.last_good, set_aside=aside)

@@ -105,7 +105,7 @@ def make_mesh(config: ml_collections.ConfigDict):
   process has (e.g. the default (1,) on an 8-GPU node) uses the first ones, with a warning."""
   devices = jax.devices()
   wanted = int(np.prod(config.mesh.shape))
-  if -1 not in tuple(config.mesh.shape) and wanted < len(devices) and jax.process_count() == 1:
+  if 0 < wanted < len(devices) and -1 not in tuple(config.mesh.shape) and jax.process_count() == 1:
     logging.warning("config.mesh.shape=%s uses %d of %d devices; put -1 on an axis to use them all",
                     tuple(config.mesh.shape), wanted, len(devices))
     devices = devices[:wanted]

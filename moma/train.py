@@ -35,9 +35,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   the stage / init validated."""
   config = ml_collections.ConfigDict(config.to_dict())
   validation.check_fields(config)
-  if config.model.vocab_size == 0:
-    with faults.damaged_data_cache(config.data.cache_dir):
+  with faults.damaged_data_cache(config.data.cache_dir):
+    if config.model.vocab_size == 0:
       config.model.vocab_size = data.vocab_size(config.data)
+    data.check_model_vocab(config.data, config.model.vocab_size)
   if tuple(config.data.modalities) != tuple(config.model.modalities):
     raise ValueError(f"config.data.modalities={tuple(config.data.modalities)} must equal "
                      f"config.model.modalities={tuple(config.model.modalities)} (batch ids index both); set "

@@ -1,5 +1,4 @@
-"""Checks of the train / checkpoint fields every config has (and model.num_layers, which the model does
-not check), before anything is compiled or written.
+"""Checks of the train / checkpoint fields every config has, before anything is compiled or written.
 
 Each failure is a ValueError of one line naming the field, what it must be, and the flag that fixes it.
 (Model, data and mesh fields are checked by their own modules; the trainer runs those checks too before
@@ -76,6 +75,5 @@ def check_fields(config) -> None:
   _int(config, "train.prefetch", 0, 2)
   _number(config, "train.peak_flops", 0, math.inf, "2e11 (FLOP/s per device; 0: the device's data sheet)",
           open_high=True)
-  _int(config, "model.num_layers", 1, 2)
   _int(config, "checkpoint.every_steps", 1, 100)
   _int(config, "checkpoint.max_to_keep", 1, 3)

@@ -49,6 +49,9 @@ def _override(config, assignment):
 CASES = [
     ("steps_zero", ["train.steps=0"], "config.train.steps=0 must be an integer >= 1", "run"),
     ("steps_negative", ["train.steps=-5"], "config.train.steps=-5", "run"),
+    ("max_skipped_steps_zero", ["train.max_skipped_steps=0"], "config.train.max_skipped_steps=0", "run"),
+    ("loss_spike_factor_below_one", ["train.loss_spike_factor=0.5"], "config.train.loss_spike_factor=0.5", "run"),
+    ("loss_spike_steps_zero", ["train.loss_spike_steps=0"], "config.train.loss_spike_steps=0", "run"),
     ("batch_size_zero", ["train.batch_size=0"], "config.train.batch_size=0", "new"),
     ("seq_len_zero", ["train.seq_len=0"], "config.train.seq_len=0", "new"),
     ("seed_negative", ["train.seed=-1"], "config.train.seed=-1", "new"),
@@ -262,6 +265,14 @@ CLI_MORE = [
     ("workdir_under_a_file", _main(TINY), "--workdir={tmp}/file/run", "under_file"),
     ("workdir_read_only", _main(TINY), "--workdir={workdir}", "read_only"),
     ("workdir_is_a_file", _main(TINY), "is a file; name a directory", "file"),
+    # An unset shell variable: nothing may be written to the current directory.
+    ("workdir_empty", ("moma.main", "--config={repo}/configs/mot.py:size=tiny", "--config.data.cache_dir={cache}",
+                       "--workdir="), "--workdir is empty; name the run directory", "new"),
+    ("checkpoints_is_a_file", _main(TINY), "{workdir}/checkpoints is a file", "checkpoints_file"),
+    ("batch_does_not_fit", _main(TINY, "--config.train.batch_size=100000"),
+     "config.train.batch_size=100000 does not fit: the compiled train step needs", "new"),
+    # config.json gone, checkpoints of another model: refused at restore, config.json not written.
+    ("foreign_checkpoints", _main(TINY, "--config.model.d_model=32"), "checkpoints is readable", "foreign"),
     ("config_json_torn", _main(TINY), "config.json is damaged", "torn"),
     ("workdir_locked", _main(TINY), "is in use by another trainer", "locked"),
     ("data_cache_damaged", _main(TINY), "config.data.cache_dir='{tmp}/cache'", "cache"),
@@ -312,7 +323,7 @@ DEFAULT_CLI = [c for c in ALL_CLI if c[0] in (
     "preset_experts_zero", "preset_routing", "preset_untie_component", "field_typo", "section_missing",
     "value_not_int", "value_not_bool", "verbosity", "unknown_flag", "no_workdir", "sample_num_tokens",
     "evaluate_per_digit", "d_ff_zero", "incompatible", "workdir_under_a_file", "workdir_read_only",
-    "workdir_locked", "sample_no_checkpoint")]
+    "workdir_locked", "sample_no_checkpoint", "workdir_empty", "checkpoints_is_a_file")]
 BAD_CONFIG_FILES = {
     "no_get_config.py": "x = 1\n",
     "raises.py": "def get_config(arg=None):\n  return 1 / 0\n",
@@ -325,9 +336,18 @@ def _workdir(kind, tmp_path, run_dir, request):
   """The case's workdir: "new" absent, "run" a run without checkpoints (`run_dir`), "trained" the session's
   trained run, "file" a file, "under_file" a path under it, "torn" a run whose config.json is torn,
   "locked" a run another trainer holds (this process, for the call), "read_only" a path under a directory
-  nobody may write, "cache" absent with a damaged data cache at tmp/cache."""
+  nobody may write, "cache" absent with a damaged data cache at tmp/cache, "checkpoints_file" a run whose
+  `checkpoints` is a file, "foreign" a copy of the trained run without its config.json."""
   (tmp_path / "file").write_text("not a directory")
-  if kind in ("run", "torn", "locked"):
+  if kind == "checkpoints_file":
+    with open(os.path.join(run_dir, "checkpoints"), "w") as f:
+      f.write("not a directory")
+  if kind == "foreign":
+    foreign = tmp_path / "foreign"
+    shutil.copytree(request.getfixturevalue("tiny_run"), foreign)
+    os.remove(foreign / "config.json")
+    return str(foreign)
+  if kind in ("run", "torn", "locked", "checkpoints_file"):
     if kind == "torn":
       with open(os.path.join(run_dir, "config.json"), "w") as f:
         f.write('{"model": {"d_model": 6')

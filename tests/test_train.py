@@ -174,9 +174,16 @@ def test_bad_stage_and_mismatched_modalities(tiny_config):
 
 
 def test_batches_are_validated_against_the_model(tiny_config, tmp_path):
-  tiny_config.model.vocab_size = 100  # Smaller than the data's vocabulary.
-  with pytest.raises(ValueError, match=r"batch\['tokens'\] holds .* config.model.vocab_size=100"):
+  """A model vocabulary smaller than the data's is refused from the vocabulary, before any batch; a batch
+  holding ids the model cannot embed is refused by the model's own check (what the prefetcher runs)."""
+  config = train.resolve_config(tiny_config)
+  batch = train.host_batches(config, "train")(0)
+  tiny_config.model.vocab_size = 100
+  with pytest.raises(ValueError, match=r"config.model.vocab_size=100 is smaller than the \d+ ids"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+  config.model.vocab_size = 100
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] holds .* config.model.vocab_size=100"):
+    steps.model_module(config).validate_batch(batch, model_config=config.model)
 
 
 def test_dense_train_step_traces(data_cache_dir):

@@ -13,6 +13,9 @@ Writes DIR/evaluation.json (and returns the same dict from `evaluate(workdir, ..
                         (the first digit name in the caption);
   classifier/accuracy   the classifier's own accuracy on the real validation digits (the ceiling).
 
+Captions are encoded, and generated captions decoded, with the run's own text tokenizer (its
+data.text_tokenizer) before `named_digit` reads them.
+
 The digit classifier is a one-hidden-layer MLP (scikit-learn, fixed seed) trained on the embedded digits'
 training split and cached next to the data (`data.cache_dir/moma_digits_classifier.npz`).
 """

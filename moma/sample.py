@@ -1,11 +1,13 @@
 """Sample from a trained run: `python -m moma.sample --workdir=runs/quickstart --prompt="a handwritten "`.
 
 Reads the run's config.json and latest checkpoint, encodes the prompt as the start of a document (BOS,
-text bytes, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
-decodes `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample, images
-as ASCII art (scenes of shapes as coloured blocks on a terminal, `--colour`). On a Transfusion run
-(data.image_form='patches') `--then=image` denoises the image instead (`--steps`, `--cfg_scale`, `--eta`;
-`moma.transfusion_sample`) and then decodes text after its EOI:
+its text ids, then BOI or BOA with `--then=image|audio` so the model continues with image or audio codes),
+generates `--num_tokens` with the KV / recurrent cache (`moma.models.generate`) and prints each sample,
+text decoded and images as ASCII art (scenes of shapes as coloured blocks on a terminal, `--colour`). On
+a Transfusion run (data.image_form='patches') `--then=image` denoises the image instead (`--steps`,
+`--cfg_scale`, `--eta`; `moma.transfusion_sample`) and then decodes text after its EOI. Text goes through
+the run's own tokenizer (its data.text_tokenizer, or its corpus's); a tokenizer file whose fingerprint is
+not the one the run recorded (data.text_tokenizer_fingerprint) is refused:
 
   python -m moma.sample --workdir=runs/quickstart --prompt="the digit seven, written by hand." --then=image
   python -m moma.sample --workdir=runs/quickstart --prompt="The " --num_samples=4 --temperature=0.8

@@ -67,7 +67,14 @@ def default_config(modalities=("text", "image", "audio")) -> ml_collections.Conf
   config.image_levels = 256
   config.patch_size = 2  # p×p pixel patches: P = p*p*channels floats (patches), one scene code (discrete)
   config.audio_levels = 64  # μ-law codes
-  config.text_max_bytes = 254  # text documents and captions are cut to this (documents fit seq 256)
+  # Text documents and captions are cut to this many UTF-8 bytes before they are encoded, and their tokens
+  # to this many after (documents fit seq 256); see docs/data.md "Text tokenizers".
+  config.text_max_bytes = 254
+  # bytes | sentencepiece:PATH | hf:PATH (moma.data.tokenizers): encodes the text and captions of the
+  # mixture's entries; a records corpus carries its own (it must agree). Its fingerprint is recorded
+  # when a run begins ("" for bytes), so a resume with another file is refused.
+  config.text_tokenizer = "bytes"
+  config.text_tokenizer_fingerprint = ""
   config.audio_max_samples = 128  # audio is cut to this many samples
   config.vocab_size = 0  # 0: exactly the ids needed; larger pads (e.g. to a multiple of 128)
   config.corpus = ""  # a records corpus directory (moma.data.convert): trains on it instead of the mixture

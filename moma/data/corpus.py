@@ -100,8 +100,9 @@ def layout_of_data_config(config) -> Layout:
   """The layout that the embedded mixture, TFDS and generated entries of a data config are rendered in."""
   vocab = vocab_lib.vocabulary(config, with_corpus=False)
   patches = "image" in config.modalities and config.image_form == "patches"
-  return Layout("bytes", "bytes", vocab_lib.NUM_BYTES, vocab.image_codes, vocab.audio_codes,
-                latent_dim=-1 if patches else 0)  # -1: latents, of the width the images' channels give
+  return Layout(vocab.text_tokenizer, vocab.text_fingerprint, vocab.text_ids, vocab.image_codes,
+                vocab.audio_codes, latent_dim=-1 if patches else 0)  # -1: latents, of the width the
+  # images' channels give
 
 
 def _fail(path: str, message: str):
@@ -177,7 +178,9 @@ def manifest_path(config) -> str:
 
 def layout(config) -> Layout | None:
   """The layout of the corpora in the data config's mixture (None: no corpus). Refuses corpora whose
-  layouts disagree with each other or with the mixture's other entries, naming the entry."""
+  layouts disagree with each other or with the mixture's other entries, naming the entry, and a
+  `data.text_tokenizer` other than bytes (the default, which a corpus's own tokenizer replaces) that is
+  not the corpus's."""
   found, others = None, []
   for name, entry in entries(config).items():
     if entry.weight <= 0:
@@ -195,17 +198,23 @@ def layout(config) -> Layout | None:
   if found is None:
     return None
   name, this = found
-  if others:
+  manifest = os.path.join(entries(config)[name].dataset, MANIFEST)
+  if others or config.get("text_tokenizer", "bytes") != "bytes":
     theirs = layout_of_data_config(config)
-    same = (theirs.text_fingerprint == this.text_fingerprint and
-            theirs.text_vocab_size == this.text_vocab_size and
-            theirs.audio_codebook == this.audio_codebook and theirs.image_codebook == this.image_codebook and
+    if (theirs.text_fingerprint, theirs.text_vocab_size) != (this.text_fingerprint, this.text_vocab_size):
+      who = f"data.mixture.{others[0]}: its text tokenizer" if others else "data.text_tokenizer"
+      raise ValueError(f"{who} {theirs.text_tokenizer!r} (fingerprint {theirs.text_fingerprint}, "
+                       f"{theirs.text_vocab_size} ids) is not the one corpus {manifest} was tokenized with, "
+                       f"{this.text_tokenizer!r} (fingerprint {this.text_fingerprint}, "
+                       f"{this.text_vocab_size} ids); a mixture shares one vocabulary: set "
+                       f"--config.data.text_tokenizer={this.text_tokenizer}"
+                       + (", or the entry's weight to 0" if others else ""))
+    same = (theirs.audio_codebook == this.audio_codebook and theirs.image_codebook == this.image_codebook and
             (theirs.latent_dim == 0) == (this.latent_dim == 0))
-    if not same:
-      raise ValueError(f"data.mixture.{others[0]}: its layout (bytes text, data.image_levels / "
-                       f"data.audio_levels / data.image_form) disagrees with corpus "
-                       f"{os.path.join(entries(config)[name].dataset, MANIFEST)} ({this.describe()}); a "
-                       "mixture shares one vocabulary: set its weight to 0 or convert the corpus to match")
+    if others and not same:
+      raise ValueError(f"data.mixture.{others[0]}: its layout (data.image_levels / data.audio_levels / "
+                       f"data.image_form) disagrees with corpus {manifest} ({this.describe()}); a mixture "
+                       "shares one vocabulary: set its weight to 0 or convert the corpus to match")
   missing = set(this.modalities) - set(config.modalities)
   if missing:
     raise ValueError(f"data.modalities={tuple(config.modalities)} lacks {sorted(missing)}, which corpus "

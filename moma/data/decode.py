@@ -10,7 +10,8 @@ from moma.data import vocab as vocab_lib
 
 
 def decode_text(tokens, data_config) -> str:
-  """The text bytes among `tokens` as a string (specials and media codes are skipped)."""
+  """The text among `tokens` as a string, decoded with the data's text tokenizer (data.text_tokenizer, or
+  a corpus's); specials and media codes are skipped."""
   return vocab_lib.vocabulary(data_config).decode_text(tokens)
 
 

@@ -43,6 +43,7 @@ class Source:
   image_tokens: int = 0  # positions of one image between BOI and EOI
   patch_channels: int = 0  # patches form: grey images are repeated to this many channels (0: as is)
   latent_dim: int = 0  # a corpus's latent image width P (0: none)
+  text_limits: tuple[int, ...] = ()  # per part: the most tokens of its text (`_text_limits`; media: 0)
 
 
 CORPUS_PARTS = (corpus_lib.TEMPLATE,)  # a corpus source's parts: its documents come whole from records
@@ -157,6 +158,7 @@ def open_source(name: str, entry, config, split: str) -> Source:
     p = config.patch_size
     tokens = (h // p) * (w // p) if config.image_form == "patches" else int(np.prod(image_shape))
     source = dataclasses.replace(source, image_tokens=tokens)
+  source = dataclasses.replace(source, text_limits=_text_limits(source, config))
   return dataclasses.replace(source, max_len=_max_len(source, config))
 
 
@@ -177,18 +179,33 @@ def _shapes_source(source: Source, config) -> Source:
   return dataclasses.replace(source, codes_feature="codes", image_tokens=(knobs.image_size // p) ** 2)
 
 
-def _max_len(source: Source, config) -> int:
-  length = 2  # BOS, EOS
+def _text_limits(source: Source, config) -> tuple[int, ...]:
+  """Per part, the most tokens its text may have (0 for image and audio parts): its longest text in
+  bytes (cut to data.text_max_bytes before encoding), plus one for a file tokenizer (SentencePiece's
+  word-start piece covers no byte; byte-level BPE makes at most one token per byte), within
+  data.text_max_bytes. Encoding cuts the tokens past it, so `_max_len` is a bound for every tokenizer;
+  for bytes the cut never bites."""
+  slack = 0 if config.get("text_tokenizer", "bytes") == "bytes" else 1
+  limits = []
   for part in source.parts:
     if part == "text" or (part == "caption" and "caption" in source.roles):
-      length += min(source.caption_bytes or config.text_max_bytes, config.text_max_bytes)
+      longest = source.caption_bytes or config.text_max_bytes
     elif part == "caption":
       names = source.label_names or ("0" * 20,)  # unnamed labels render as their integer
       longest = max(len(c.format(name=n).encode()) for c in source.captions for n in names)
-      length += min(longest, config.text_max_bytes)
-    elif part == "image":
-      length += 2 + source.image_tokens
     else:
+      limits.append(0)
+      continue
+    limits.append(min(longest + slack, config.text_max_bytes))
+  return tuple(limits)
+
+
+def _max_len(source: Source, config) -> int:
+  length = 2 + sum(source.text_limits)  # BOS, EOS, the text parts
+  for part in source.parts:
+    if part == "image":
+      length += 2 + source.image_tokens
+    elif part == "audio":
       length += 2 + config.audio_max_samples
   return length
 
@@ -250,12 +267,9 @@ def _media(source: Source, indices, columns: dict, part: str, vocab: vocab_lib.V
   return out
 
 
-def _encode_texts(values, vocab: vocab_lib.Vocab, max_bytes: int) -> list[np.ndarray]:
-  """Text tokens of each value (cut to `max_bytes`), encoded as one buffer."""
-  data = [_text(value, max_bytes) for value in values]
-  tokens = vocab.encode_text(b"".join(data))
-  bounds = list(itertools.accumulate((len(d) for d in data), initial=0))
-  return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+def _encode_texts(values, vocab: vocab_lib.Vocab, max_bytes: int, max_tokens: int) -> list[np.ndarray]:
+  """Text tokens of each value (cut to `max_bytes` bytes, then to `max_tokens` tokens), in one call."""
+  return [tokens[:max_tokens] for tokens in vocab.encode_texts([_text(value, max_bytes) for value in values])]
 
 
 def render_settings(config) -> types.SimpleNamespace:
@@ -283,7 +297,7 @@ def render_block(source: Source, indices, variants, vocab: vocab_lib.Vocab, conf
   columns = _columns(source, indices)
   pieces, images = [[_BOS] for _ in range(n)], [[] for _ in range(n)]
   lengths = [1] * n
-  for part in source.parts:
+  for part, max_tokens in zip(source.parts, source.text_limits, strict=True):
     if part in ("image", "audio"):
       for j, (media, patches) in enumerate(_media(source, indices, columns, part, vocab, config)):
         if patches is not None:
@@ -298,7 +312,7 @@ def render_block(source: Source, indices, variants, vocab: vocab_lib.Vocab, conf
         texts.append(source.captions[int(variant) % len(source.captions)].format(name=name))
     else:  # text, or a caption read from a text feature
       texts = columns[source.roles[part]]
-    for j, piece in enumerate(_encode_texts(texts, vocab, config.text_max_bytes)):
+    for j, piece in enumerate(_encode_texts(texts, vocab, config.text_max_bytes, max_tokens)):
       pieces[j].append(piece)
       lengths[j] += len(piece)
   tokens = np.concatenate([piece for doc in pieces for piece in doc + [_EOS]])  # one copy for the block

@@ -35,6 +35,10 @@ class TextTokenizer:
     except for the byte tokenizer, which keeps them)."""
     raise NotImplementedError
 
+  def encode_batch(self, texts) -> list[np.ndarray]:
+    """`[encode(text) for text in texts]`, in one call to the tokenizer library where it has one."""
+    return [self.encode(text) for text in texts]
+
   def decode(self, ids) -> str:
     """The text of `ids`; ValueError naming any id outside [0, vocab_size)."""
     ids = np.asarray(ids, np.int64).reshape(-1)
@@ -101,11 +105,14 @@ class _FileTokenizer(TextTokenizer):
     return type(self), (self.spec, self._data)
 
   def encode(self, text):
-    if isinstance(text, bytes):
-      text = text.decode("utf-8", errors="replace")
-    return np.asarray(self._encode(text), np.int32)
+    return self.encode_batch([text])[0]
 
-  def _encode(self, text: str) -> list[int]:
+  def encode_batch(self, texts):
+    texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
+    return [np.asarray(ids, np.int32) for ids in self._encode(texts)] if texts else []
+
+  def _encode(self, texts: list[str]) -> list[list[int]]:
+    """The ids of each text."""
     raise NotImplementedError
 
 
@@ -129,8 +136,8 @@ class _SentencePiece(_FileTokenizer):
     if not self.vocab_size:
       raise _Unusable("is a SentencePiece model without pieces")
 
-  def _encode(self, text):
-    return self._model.encode(text, add_bos=False, add_eos=False)
+  def _encode(self, texts):
+    return self._model.encode(texts, add_bos=False, add_eos=False)
 
   def _decode(self, ids):
     return self._model.decode(ids.tolist())
@@ -155,8 +162,8 @@ class _HuggingFace(_FileTokenizer):
     if not self.vocab_size:
       raise _Unusable("is a Hugging Face tokenizer without a vocabulary")
 
-  def _encode(self, text):
-    return self._tokenizer.encode(text, add_special_tokens=False).ids
+  def _encode(self, texts):
+    return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
   def _decode(self, ids):
     return self._tokenizer.decode(ids.tolist())

@@ -1,6 +1,7 @@
-"""One shared vocabulary for text bytes, image codes, audio codes and special tokens, plus codecs.
+"""One shared vocabulary for text ids, image codes, audio codes and special tokens, plus codecs.
 
-Layout (ids in order): 8 specials, 256 text bytes, `image_levels` image codes (discrete form only),
+Layout (ids in order): 8 specials, the text tokenizer's ids (`data.text_tokenizer`: 256 UTF-8 bytes by
+default; a corpus's manifest names its own), `image_levels` image codes (discrete form only),
 `audio_levels` audio codes (only when "audio" is a modality), then padding up to `config.vocab_size`.
 
 Specials count as text (modality 0): BOS/EOS, and the BOI/EOI/BOA/EOA markers, so predicting *that* an
@@ -11,8 +12,11 @@ counts as image. Per-modality losses group by the modality of the target token.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
+
+from moma.data import tokenizers
 
 SPECIALS = ("pad", "bos", "eos", "boi", "eoi", "boa", "eoa", "img")
 PAD, BOS, EOS, BOI, EOI, BOA, EOA, IMG = range(len(SPECIALS))
@@ -29,7 +33,7 @@ class Vocab:
   image_codes: int  # 0 in the patches form (images enter as continuous patches)
   audio_codes: int  # 0 when "audio" is not a modality
   size: int
-  text_ids: int = NUM_BYTES  # the text tokenizer's ids (UTF-8 bytes; a corpus's manifest may say more)
+  text_ids: int = NUM_BYTES  # the text tokenizer's ids (256 UTF-8 bytes for the default `bytes`)
   text_tokenizer: str = "bytes"  # its spec (moma.data.tokenizers) and the fingerprint the data was made with
   text_fingerprint: str = "bytes"
 
@@ -59,7 +63,6 @@ class Vocab:
 
   def tokenizer(self):
     """The text tokenizer (`moma.data.tokenizers`); refuses a file whose fingerprint is not the data's."""
-    from moma.data import tokenizers  # pylint: disable=g-import-not-at-top
     tokenizer = tokenizers.load(self.text_tokenizer)
     if tokenizer.fingerprint != self.text_fingerprint:
       raise ValueError(f"text tokenizer {self.text_tokenizer!r} has fingerprint {tokenizer.fingerprint}, "
@@ -68,10 +71,18 @@ class Vocab:
     return tokenizer
 
   def encode_text(self, text: str | bytes) -> np.ndarray:
-    if self.text_tokenizer != "bytes":
-      return self.tokenizer().encode(text) + TEXT_OFFSET
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    return np.frombuffer(data, np.uint8).astype(np.int32) + TEXT_OFFSET
+    return self.encode_texts([text])[0]
+
+  def encode_texts(self, texts) -> list[np.ndarray]:
+    """int32 tokens of each text (str or UTF-8 bytes), in one call to the tokenizer. Bytes go to a file
+    tokenizer as text, without an incomplete character at their end (one that a byte limit cut)."""
+    if self.text_tokenizer == "bytes":  # one buffer for all: today's ids, fast
+      data = [text.encode("utf-8") if isinstance(text, str) else bytes(text) for text in texts]
+      tokens = np.frombuffer(b"".join(data), np.uint8).astype(np.int32) + TEXT_OFFSET
+      bounds = list(itertools.accumulate((len(d) for d in data), initial=0))
+      return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    texts = [_complete_characters(t) if isinstance(t, bytes) else t for t in texts]
+    return [ids + TEXT_OFFSET for ids in self.tokenizer().encode_batch(texts)]
 
   def decode_text(self, tokens) -> str:
     """Text among `tokens` as a string; every other id (specials, codes, padding) is skipped."""
@@ -111,6 +122,17 @@ class Vocab:
     return mulaw_decode(codes, self.audio_codes)
 
 
+def _complete_characters(data: bytes) -> str:
+  """UTF-8 `data` as text; an incomplete character at the end is dropped, other invalid bytes replaced."""
+  for cut in range(min(3, len(data)) + 1):  # a UTF-8 character is at most 4 bytes
+    try:
+      return data[:len(data) - cut].decode("utf-8")
+    except UnicodeDecodeError as e:
+      if e.end < len(data) - cut:  # invalid inside, not only at the end
+        break
+  return data.decode("utf-8", errors="replace")
+
+
 def mulaw_encode(waveform: np.ndarray, levels: int) -> np.ndarray:
   mu = levels - 1
   x = np.minimum(np.maximum(np.asarray(waveform, np.float32), -1.0), 1.0)  # np.clip costs ~10 µs
@@ -145,10 +167,33 @@ def unpatch(patches: np.ndarray, shape) -> np.ndarray:
   return pixels.reshape(shape)
 
 
+def text_tokenizer(data_config) -> tokenizers.TextTokenizer:
+  """The tokenizer of `data.text_tokenizer` (default bytes). Refuses a file whose fingerprint is not the
+  recorded `data.text_tokenizer_fingerprint` (a run's config.json holds it: see
+  `text_tokenizer_fingerprint`)."""
+  spec = data_config.get("text_tokenizer", "bytes")
+  tokenizer = tokenizers.load(spec)
+  recorded = data_config.get("text_tokenizer_fingerprint", "")
+  if recorded and recorded != tokenizer.fingerprint:
+    raise ValueError(f"data.text_tokenizer={spec!r} has fingerprint {tokenizer.fingerprint}, but "
+                     f"data.text_tokenizer_fingerprint={recorded!r} was recorded when the run began: the "
+                     "tokenizer file changed, and its ids would mean other text; restore the file, or start "
+                     "a new --workdir")
+  return tokenizer
+
+
+def text_tokenizer_fingerprint(data_config) -> str:
+  """The value to record as `data.text_tokenizer_fingerprint` when a run begins: the file's fingerprint
+  ("" for bytes, which has no file, so that runs from before the field resume). Refuses a recorded value
+  that the file no longer has."""
+  tokenizer = text_tokenizer(data_config)
+  return "" if tokenizer is tokenizers.BYTES else tokenizer.fingerprint
+
+
 def vocabulary(data_config, with_corpus: bool = True) -> Vocab:
   """The vocabulary a data config implies: a records corpus's manifest when the config trains on one
-  (`moma.data.corpus`), else bytes and the configured code ranges; raises ValueError naming the field on
-  a range overflow."""
+  (`moma.data.corpus`), else the text tokenizer's ids (`text_tokenizer`) and the configured code ranges;
+  raises ValueError naming the field on a range overflow."""
   modalities = tuple(data_config.modalities)
   if with_corpus:
     from moma.data import corpus  # pylint: disable=g-import-not-at-top  (corpus builds on this module)
@@ -168,12 +213,15 @@ def vocabulary(data_config, with_corpus: bool = True) -> Vocab:
   image_codes = data_config.image_levels if ("image" in modalities and
                                              data_config.image_form == "discrete") else 0
   audio_codes = data_config.audio_levels if "audio" in modalities else 0
-  used = TEXT_OFFSET + NUM_BYTES + image_codes + audio_codes
+  tokenizer = text_tokenizer(data_config)
+  used = TEXT_OFFSET + tokenizer.vocab_size + image_codes + audio_codes
   size = data_config.vocab_size or used
   if size < used:
     raise ValueError(f"data.vocab_size={size} is smaller than the {used} ids the vocabulary needs "
-                     f"(specials + bytes + image + audio codes); set it to 0 (exact) or >= {used}.")
-  return Vocab(modalities, image_codes, audio_codes, size)
+                     f"(specials + {tokenizer.vocab_size} text ids of {tokenizer.spec} + image + audio "
+                     f"codes); set it to 0 (exact) or >= {used}.")
+  return Vocab(modalities, image_codes, audio_codes, size, tokenizer.vocab_size, tokenizer.spec,
+               tokenizer.fingerprint)
 
 
 def vocab_size(data_config) -> int:

@@ -141,10 +141,16 @@ class Preemption:
       raise Interrupted(self.signum)
 
   def __enter__(self) -> "Preemption":
+    self.install()
+    return self
+
+  def install(self) -> None:
+    """(Re)installs the handlers: `jax.distributed.initialize` installs its own SIGTERM handler (its
+    preemption notifier), which would otherwise take the signal from a Preemption entered earlier."""
     if threading.current_thread() is threading.main_thread():
       for s in self.SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
-    return self
+        previous = signal.signal(s, self._handle)
+        self._previous.setdefault(s, previous)
 
   def __exit__(self, *exc) -> None:
     for s, handler in self._previous.items():

@@ -156,6 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stop` holds a stop signal received since the program began (`moma.main` installs it first of all);
   without it, signals are caught from here on."""
   with contextlib.nullcontext(stop) if stop else faults.Preemption() as stop:
+    stop.install()  # Again: jax.distributed.initialize (multi-host) replaces the SIGTERM handler.
     stop.check()
     check_workdir(workdir)
     config = resolve_config(config)

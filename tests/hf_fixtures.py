@@ -4,7 +4,7 @@ ChameleonForConditionalGeneration and MambaForCausalLM), independent of moma's o
 
 `write(family, directory, config=..., drop=..., shards=...)`: `config` overrides config.json keys (the
 tensors follow the overridden shape), `drop` leaves tensors out, `shards` > 1 splits the tensors over
-files named by model.safetensors.index.json.
+files named by model.safetensors.index.json (`shapes`, `unsaid`: see `write`).
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def tensor_shapes(family: str, config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write(family: str, directory: str, config: dict | None = None, drop=(), shards: int = 1,
-          seed: int = 0, shapes: dict | None = None) -> str:
-  """Writes a tiny `family` checkpoint to `directory`; returns it. `shapes` overrides tensor shapes."""
+          seed: int = 0, shapes: dict | None = None, unsaid=()) -> str:
+  """Writes a tiny `family` checkpoint to `directory`; returns it. `shapes` overrides tensor shapes;
+  `unsaid` config keys are left out of config.json."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   config = {**hf_config(family), **(config or {})}
   rng = np.random.default_rng(seed)
@@ -113,7 +114,7 @@ def write(family: str, directory: str, config: dict | None = None, drop=(), shar
         tensors[name] = np.ascontiguousarray(np.broadcast_to(tensors[name][:1], tensors[name].shape))
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+    json.dump({k: v for k, v in config.items() if k not in unsaid}, f, indent=2)
   names = sorted(tensors)
   if shards == 1:
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -123,6 +123,7 @@ BAD = [
     ("shape", dict(shapes={"model.layers.0.self_attn.o_proj.weight": (32, 16)}),
      "tensor model.layers.0.self_attn.o_proj.weight has shape (32, 16), config.json implies (32, 32)"),
     ("family", dict(config=dict(model_type="gpt2")), "model_type='gpt2'"),
+    ("config key", dict(unsaid=("hidden_size",)), "config.json has no 'hidden_size'"),
     ("rope scaling", dict(config=dict(rope_scaling=dict(rope_type="llama3", factor=8.0))), "rope_scaling="),
     ("bias option", dict(config=dict(attention_bias=True)), "attention_bias=True"),
     ("bias tensor", dict(shapes={"model.layers.0.self_attn.q_proj.bias": (32,)}),

@@ -69,7 +69,7 @@ class Layout:
             if hf_id is not None]
 
   def to_moma(self, rows):
-    mean = rows.astype(np.float64).mean(0, keepdims=True).astype(rows.dtype)
+    mean = rows.mean(0, dtype=np.float64, keepdims=True).astype(rows.dtype)  # no float64 copy of the rows
     specials = np.repeat(mean, data.TEXT_OFFSET, 0)
     for moma_id, hf_id in self._pairs():
       specials[moma_id] = rows[hf_id]
@@ -233,7 +233,10 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = "float32") -> str:
     raise ValueError(f"--dtype={dtype!r}: expected one of {model_config.DTYPES}")
   _check_new_dir(workdir, "--workdir")
   hf = _read_json(os.path.join(hf_dir, "config.json"), "--hf")
-  family, fields = families.model_fields(hf)
+  try:
+    family, fields = families.model_fields(hf)
+  except KeyError as e:
+    raise ValueError(f"--hf={hf_dir}: config.json has no {e.args[0]!r}, which its family needs") from None
   files = _tensor_files(hf_dir)
   embedding = families.embedding_name(family)
   if embedding not in files:

@@ -73,6 +73,7 @@ def test_special_rows_follow_bos_eos(tmp_path):
   np.testing.assert_array_equal(embed[data.TEXT_OFFSET:], hf_embed)
   np.testing.assert_array_equal(embed[[data.BOS, data.EOS]], hf_embed[[1, 2]])
   np.testing.assert_allclose(embed[data.PAD], hf_embed.astype(np.float64).mean(0), atol=1e-7)
+  assert weights.Layout.of(dict(bos_token_id=1, eos_token_id=[2, 3])) == weights.Layout(1, 2)  # Llama 3
 
 
 def _import_bfloat16_mamba(tmp_path) -> str:

@@ -36,6 +36,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict(config.to_dict())
   validation.check_fields(config)
   with faults.damaged_data_cache(config.data.cache_dir):
+    # Recorded in config.json, so a resume with another tokenizer file is refused (check_compatible).
+    config.data.text_tokenizer_fingerprint = data.text_tokenizer_fingerprint(config.data)
     if config.model.vocab_size == 0:
       config.model.vocab_size = data.vocab_size(config.data)
     data.check_model_vocab(config.data, config.model.vocab_size)

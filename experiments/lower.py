@@ -28,11 +28,11 @@ import sys
 
 def _device_count(argv) -> int:
   """Devices --mesh asks for (1 without it); read before JAX is imported."""
-  for arg in argv:
-    if arg.startswith("--mesh="):
-      sizes = arg.split("=", 1)[1].split(":", 1)[0]
+  for arg, after in zip(argv, list(argv[1:]) + [""]):
+    value = arg[len("--mesh="):] if arg.startswith("--mesh=") else after if arg == "--mesh" else None
+    if value is not None:
       try:
-        return max(1, math.prod(int(s) for s in sizes.split(",")))
+        return max(1, math.prod(int(s) for s in value.split(":", 1)[0].split(",")))
       except ValueError:
         return 1  # parse_mesh reports it
   return 1
@@ -70,6 +70,9 @@ FIELDS = (("moma/kernels/", "gmm kernel", "config.model.gmm_impl"),
           ("moma/layers/attention", "attention kernel", "config.model.attention_impl"),
           ("moma/layers/selective_scan", "selective scan", "config.model.mamba.scan_impl"),
           ("moma/expert_parallel", "expert-parallel exchange", "config.mesh.axes"))
+# XLA CPU's all-reduce promotion aborts the process on some bf16 all-reduces of a tensor-parallel step
+# (jax 0.10.2, "Invalid binary instruction opcode copy" in CloneAllReduce); TPUs reduce bf16 as it is.
+CPU_COMPILE_OPTIONS = {"xla_disable_hlo_passes": "all-reduce-promotion"}
 # Kernel targets without JAX's serialization guarantee: nothing is serialized here, so export may hold them.
 UNSTABLE_KERNEL_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
 _CUSTOM_CALL = re.compile(r'stablehlo\.custom_call @"?([\w$.]+)')
@@ -156,7 +159,8 @@ class Steps:
   def compiled_collectives(self) -> dict[str, int]:
     """Collective kind → bytes per device of the train step compiled on this (CPU) backend."""
     with sharding.activate(self.mesh, self.rules):
-      return sharding.collective_bytes(self.train.lower(self.state, self.batch).compile().as_text())
+      compiled = self.train.lower(self.state, self.batch).compile(compiler_options=CPU_COMPILE_OPTIONS)
+    return sharding.collective_bytes(compiled.as_text())
 
 
 def parameters_bytes_per_device(params) -> int:
@@ -205,8 +209,9 @@ def lower(config: ml_collections.ConfigDict, platform: str, *, predict: bool = T
   if predict:
     twin, swapped = cpu_twin(config)
     report["collectives"]["predicted_per_device"] = Steps(twin).compiled_collectives()
+    kernels = swapped or "configured"
     report["collectives"]["prediction"] = (f"GSPMD collectives of the train step compiled on "
-                                           f"{built.mesh.size} CPU devices, kernels as {swapped or 'set'}")
+                                           f"{built.mesh.size} CPU devices, kernels as {kernels}")
   return report
 
 

@@ -106,10 +106,16 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       loss_spike_factor=2.0, loss_spike_steps=50,
       prefetch=2,  # host batches prepared ahead in a background thread (0: inline)
       peak_flops=0.0,  # FLOP/s per device for perf/mfu; 0: the data sheet's bf16 peak (moma.metrics), if known
+      # Parameters that never train and get no optimizer state (moma/freeze.py): a modality name ("text": its
+      # untied copies and expert group, LMFusion's recipe) or a path pattern ("layers/mixer/*", fnmatch).
+      freeze=(),
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps={"tiny": 100, "small": 500}.get(size, 1000), max_to_keep=3, async_save=True))
-  c.init = ml_collections.ConfigDict(dict(upcycle_from=""))
+  # Start from a trained run's params: the same architecture, or a dense / Mamba run grown into MoT, MoMa or
+  # Mixture-of-Mamba (moma.steps.initial_params; docs/training.md, "Growing a pretrained model").
+  # upcycle_from is the same thing under its older name.
+  c.init = ml_collections.ConfigDict(dict(upcycle_from="", params_from=""))
   # Device mesh (moma/sharding.py, docs/sharding.md): one device by default; e.g. shape=(-1,) for data
   # parallelism over all devices, rules=(("modality", None),) to override the logical → mesh axis rules,
   # distributed=True to call jax.distributed.initialize() (multi-host).

@@ -22,14 +22,16 @@ import numpy as np
 import optax
 
 from moma import checkpoint
+from moma import freeze
 from moma import sharding
 from moma import upcycle
+from moma.models import model_config
 
 TrainState = train_state.TrainState
 # Leaf names that never get weight decay: norm scales, biases, embeddings, Mamba's A_log and D.
 NO_DECAY_SUFFIXES = ("scale", "bias", "embedding", "A_log")
 NO_DECAY_NAMES = ("D",)
-# config.train.stage → which parameters train (by their path); the others get zero updates.
+# config.train.stage → which parameters train (by their path); the others get zero updates and no state.
 # "aux_routers" (MoMa stage 2): the main model is frozen, only the auxiliary routers learn.
 STAGES = {"main": lambda path: True, "aux_routers": lambda path: "aux_router" in path}
 # config.train.stage → which sown "losses" (by their path) the stage minimises; None: LM loss + all of them.
@@ -76,28 +78,41 @@ def weight_decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, frozen: freeze.Plan | None = None
+                   ) -> optax.GradientTransformation:
   """Clipping + AdamW (decay masked) for the parameters that train in `cfg.stage`; zero for the rest.
-  Masks and labels are functions of the parameter tree, so the same optimizer takes boxed or plain params."""
+
+  `frozen` (`freeze.plan` of `cfg.freeze`): the leaves, or slices of leaves, that never train. The optimizer
+  sees those leaves cut into pieces (`freeze.split`), so a frozen piece is one of the "freeze" label's:
+  zero updates and no optimizer state at all. Masks and labels are functions of the parameter tree, so the
+  same optimizer takes boxed or plain params."""
   adamw = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                   mask=weight_decay_mask))
   trains = STAGES[cfg.stage]
-  labels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "train" if trains(jax.tree_util.keystr(path)) else "freeze", params)
-  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+  frozen = frozen or {}
+
+  def label(path, _):
+    key, piece = freeze.piece_of(path)
+    return "train" if trains(key) and not freeze.is_frozen(frozen, key, piece) else "freeze"
+
+  labels = lambda pieces: jax.tree_util.tree_map_with_path(label, pieces, is_leaf=freeze.is_box)
+  tx = optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels)
+  return freeze.on_pieces(tx, frozen) if frozen else tx
 
 
 def create_state(config: ml_collections.ConfigDict, model: nn.Module, batch) -> TrainState:
   """Fresh train state (params from `config.train.seed`); `batch` only provides shapes.
 
   Params and optimizer moments are `nn.LogicallyPartitioned` boxes (optax maps over them), from which
-  `sharding.init_sharded` reads every leaf's sharding; `nn.unbox` gives the plain state.
+  `sharding.init_sharded` reads every leaf's sharding; `nn.unbox` gives the plain state. `config.train.freeze`
+  is resolved against the boxed params (their logical axes name the modality and expert axes).
   """
   rng = jax.random.key(config.train.seed)
   params = model.init(rng, batch, deterministic=True)["params"]
-  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train))
+  frozen = freeze.plan(config.train.get("freeze", ()), config.model, params)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config.train, frozen))
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -114,7 +129,9 @@ def make_mesh(config: ml_collections.ConfigDict):
 
 def abstract_state(config, model, batch, mesh, rules):
   """The abstract sharded TrainState, by `eval_shape` of the init: checks the model against the config and
-  a batch without computing anything. Every parameter and moment must carry logical axes."""
+  a batch, and the init source's shape (`check_init_source`), without computing anything. Every parameter
+  and moment must carry logical axes."""
+  check_init_source(config)
   make = functools.partial(create_state, config, model)
   return sharding.abstract_sharded(make, mesh, rules, batch, require_boxed=True)
 
@@ -124,9 +141,8 @@ def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None):
   resharded onto `mesh`, else a fresh state at step 0, created sharded (each device computes only its
   shards). `batch` gives shapes; `abstract` is `abstract_state`'s (computed when omitted).
 
-  A fresh state takes its parameters from `config.init.upcycle_from` (sparse upcycling into the expert
-  layout) or `config.init.params_from` (same architecture, e.g. the aux-router stage) when set; the
-  optimizer state and the schedule start from zero either way.
+  A fresh state takes its parameters from `config.init.params_from` or `config.init.upcycle_from` (the same
+  thing: `initial_params`) when set; the optimizer state and the schedule start from zero either way.
   """
   if abstract is None:
     abstract = abstract_state(config, model, batch, mesh, rules)
@@ -138,46 +154,61 @@ def init_or_restore(config, model, mngr, batch, mesh, rules, abstract=None):
   state, state_sh = sharding.init_sharded(make, mesh, rules, batch, abstract=abstract)
   source = config.init.upcycle_from or config.init.get("params_from", "")
   if source:  # The source's weights are read whole on each host, then placed on the mesh.
-    params = initial_params(config, state.params, source)
-    fresh = TrainState.create(apply_fn=model.apply, params=params, tx=state.tx)
+    with sharding.activate(mesh, rules):
+      boxes = jax.eval_shape(make, batch).params  # the logical axes `initial_params` reads
+    params = initial_params(config, jax.tree.map(lambda b, p: b.replace_boxed(p), boxes, state.params,
+                                                 is_leaf=freeze.is_box), source)
+    fresh = TrainState.create(apply_fn=model.apply, params=nn.meta.unbox(params), tx=state.tx)
     leaves = jax.device_put(jax.tree.leaves(fresh), jax.tree.leaves(state_sh))
     state = jax.tree.unflatten(jax.tree.structure(state), leaves)
   return state, state_sh, 0, None
 
 
-def initial_params(config, params, source: str):
-  """`params` (fresh) with the weights of `source`'s latest checkpoint: upcycled or copied by path."""
+# Model fields a grown model shares with its source (the vocabulary may grow; what is untied or routed,
+# and the modalities, may differ).
+GROW_SAME = ("block", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "norm",
+             "norm_placement", "qk_norm", "qk_norm_kind", "tie_embeddings", "patch_dim")
+GROW_SAME_MAMBA = ("mamba.d_state", "mamba.d_conv", "mamba.expand", "mamba.dt_rank")
+
+
+def _init_source(config) -> tuple[str, str]:
+  """(source run, the config field naming it) of `config.init`; ("", "") when none."""
   field = "upcycle_from" if config.init.upcycle_from else "params_from"
-  src_model = checkpoint.read_config(source, f"config.init.{field}")["model"]
-  for key in ("d_model", "num_layers", "vocab_size"):
-    if src_model.get(key) != config.model[key]:
-      raise ValueError(f"config.init.{field}={source!r} has model.{key}={src_model.get(key)}, this config "
-                       f"{config.model[key]}: the source must have the same {key}")
-  src = checkpoint.restore_params(source, f"config.init.{field}")
-  if field == "params_from":
-    return copy_params(src, params, source)
-  if src_model.get("ffn") == "moe" and src_model["moe"]["layout"] != "1t1i":
-    raise ValueError(f"config.init.upcycle_from={source!r} has moe.layout={src_model['moe']['layout']!r}; "
-                     "upcycle from a dense, MoT or 1t1i run")
-  logging.info("Upcycling %s into layout %s", source, config.model.moe.layout)
-  return upcycle.upcycle(src, params,
-                         layout=config.model.moe.layout, modalities=config.model.modalities)
+  return config.init.get(field, ""), f"config.init.{field}"
 
 
-def copy_params(src, dst, source: str):
-  """`dst` with every leaf that `src` has at the same path (shapes must agree); the rest stay fresh."""
-  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(src)}
+def check_init_source(config) -> None:
+  """Raises ValueError (one line naming the config.init field and the model field) unless the run named by
+  config.init.params_from / upcycle_from has this config's shape (`GROW_SAME`; a vocabulary may grow)."""
+  source, field = _init_source(config)
+  if not source:
+    return
+  src = model_config.ModelConfig.from_config(checkpoint.read_config(source, field)["model"])
+  dst = model_config.ModelConfig.from_config(config.model)
+  get = lambda cfg, key: functools.reduce(getattr, key.split("."), cfg)
+  for key in GROW_SAME + (GROW_SAME_MAMBA if dst.block == "mamba" else ()) + ("vocab_size",):
+    if get(src, key) != get(dst, key) and (key != "vocab_size" or src.vocab_size > dst.vocab_size):
+      grows = " or enlarges it" if key == "vocab_size" else ""
+      raise ValueError(f"{field}={source!r} has model.{key}={get(src, key)}, this config {get(dst, key)}: "
+                       f"a grown model keeps its source's {key}{grows}")
+  if src.ffn == "moe" and src.moe.layout not in ("1t1i", dst.moe.layout):
+    raise ValueError(f"{field}={source!r} has moe.layout={src.moe.layout!r}; grow from a dense, MoT, 1t1i "
+                     "run or one of this layout")
 
-  def take(path, fresh):
-    old = flat.get(jax.tree_util.keystr(path))
-    if old is None:
-      return fresh
-    if np.shape(old) != np.shape(fresh):
-      raise ValueError(f"config.init.params_from={source!r}: {jax.tree_util.keystr(path)} has shape "
-                       f"{np.shape(old)} there and {np.shape(fresh)} here; use a run of the same architecture")
-    return jnp.asarray(old, fresh.dtype)
 
-  return jax.tree_util.tree_map_with_path(take, dst)
+def initial_params(config, params, source: str):
+  """`params` (fresh, boxed) filled from `source`'s latest checkpoint by `upcycle.upcycle`: the same
+  architecture copied, a dense / Mamba / 1t1i source grown into this config's untied copies and experts,
+  the vocabulary grown (docs/training.md, "Growing a pretrained model")."""
+  check_init_source(config)
+  _, field = _init_source(config)
+  dst = model_config.ModelConfig.from_config(config.model)
+  logging.info("Initialising from %s", source)
+  try:
+    return upcycle.upcycle(checkpoint.restore_params(source, field), params,
+                           layout=dst.moe.layout if dst.ffn == "moe" else None, modalities=dst.modalities)
+  except ValueError as e:
+    raise ValueError(f"{field}={source!r}: {e}") from None
 
 
 def routing_metrics(sown) -> dict[str, jax.Array]:

@@ -75,5 +75,10 @@ def check_fields(config) -> None:
   _int(config, "train.prefetch", 0, 2)
   _number(config, "train.peak_flops", 0, math.inf, "2e11 (FLOP/s per device; 0: the device's data sheet)",
           open_high=True)
+  freeze = config.train.get("freeze", ())
+  if not (isinstance(freeze, str) or isinstance(freeze, (tuple, list)) and all(
+      isinstance(p, str) and p.strip() for p in freeze)):
+    _fail("train.freeze", freeze, "a tuple of modality names or parameter-path patterns",
+          "\"('text',)\" (moma/freeze.py)")
   _int(config, "checkpoint.every_steps", 1, 100)
   _int(config, "checkpoint.max_to_keep", 1, 3)

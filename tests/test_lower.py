@@ -1,16 +1,21 @@
 """Every family's train and eval steps lower for TPU and GPU on CPU (`experiments.lower`, issue 32).
 
 The accelerator kernels are selected and must appear as the platform's custom calls, so a path that falls
-back to XLA fails here. Known lowering bugs are strict xfails naming the fix; while one stands, the family
-tests run with the other kernels selected (`WORKING`) so the rest stays covered.
+back to XLA fails here, as does a Pallas TPU block shape Mosaic refuses. Known lowering bugs are strict
+xfails naming the fix; while one stands, the family tests run with the other kernels selected (`WORKING`)
+so the rest stays covered.
 """
 
 import functools
 
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
 import pytest
 
 from configs import common, dense, mamba, moma, mom, mot, transfusion
 from experiments import lower
+from moma import kernels
 from moma.models import model_config
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, vocab_size=0)
@@ -148,6 +153,30 @@ PALLAS_TPU_MESH_BUG = (
 @pytest.mark.xfail(strict=True, raises=ValueError, reason=PALLAS_TPU_MESH_BUG)
 def test_pallas_tpu_gmm_lowers_on_a_data_mesh():
   assert_kernels(lowered("mot", "tpu", batch_size=8, mesh="4,2:data,tensor"), "mot", "tpu")
+
+
+# Odd, tiny and S-sized FFN shapes (rows, d_model, d_ff, groups): Mosaic's block-shape rule (last two block
+# dims multiples of (8, 128) or whole) runs in the TPU export, so a tile the hardware refuses fails here.
+@pytest.mark.parametrize("m,k,n,g", [(64, 32, 48, 2), (100, 96, 200, 3), (24, 16, 8, 4), (256, 768, 3072, 2)])
+def test_pallas_tpu_gmm_block_shapes_lower_for_tpu(m, k, n, g):
+  loss = lambda x, w, sizes: jnp.sum(kernels.gmm(x, w, sizes, impl="pallas_tpu"))
+  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
+          jax.ShapeDtypeStruct((g,), jnp.int32))
+  with lower.target_backend("tpu"):
+    text = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=("tpu",))(*args).mlir_module()
+  assert lower.custom_calls(text) == {"tpu_custom_call": 2}  # d lhs (gmm) and d rhs (tgmm)
+
+
+def _double(x_ref, o_ref):
+  o_ref[...] = x_ref[...] * 2
+
+
+def test_the_tpu_export_refuses_a_block_the_hardware_refuses():
+  spec = pl.BlockSpec((8, 64), lambda i, j: (i, j))  # 64 columns: not a multiple of 128
+  call = pl.pallas_call(_double, grid=(2, 4), in_specs=[spec], out_specs=spec,
+                        out_shape=jax.ShapeDtypeStruct((16, 256), jnp.float32))
+  with pytest.raises(Exception, match="divisible by 8 and 128"):
+    jax.export.export(jax.jit(call), platforms=("tpu",))(jax.ShapeDtypeStruct((16, 256), jnp.float32))
 
 
 def test_a_failed_lowering_names_the_field():

@@ -56,6 +56,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from moma import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moma import faults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from moma import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moma import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moma import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moma import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -136,9 +137,8 @@ class Steps:
     self.mesh, self.rules = steps.make_mesh(config)
     with faults.damaged_data_cache(config.data.cache_dir):
       first_host = train.host_batches(config, "train")(0)
-    self.batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype,
-                                          sharding=sharding.batch_sharding(self.mesh, self.rules, v.ndim))
-                  for k, v in first_host.items()}
+    first = loop.shard_batch(first_host, self.mesh, self.rules)  # the trainer's checks (batch divides)
+    self.batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), first)
     self.state = steps.abstract_state(config, model, self.batch, self.mesh, self.rules)
     statics = dict(model=model, loss_fn=module.loss_fn, modalities=tuple(config.model.modalities))
     train_fn = functools.partial(steps.train_step, seed=tcfg.seed, stage=tcfg.stage,

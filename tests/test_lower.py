@@ -1,9 +1,9 @@
 """Every family's train and eval steps lower for TPU and GPU on CPU (`experiments.lower`, issue 32).
 
 The accelerator kernels are selected and must appear as the platform's custom calls, so a path that falls
-back to XLA fails here, as does a Pallas TPU block shape Mosaic refuses. Known lowering bugs are strict
-xfails naming the fix; while one stands, the family tests run with the other kernels selected (`WORKING`)
-so the rest stays covered.
+back to XLA fails here, as does a Pallas TPU block shape Mosaic refuses. `WORKING` selects every kernel
+(TPU: the pallas_tpu gmm and splash attention; cuda: the pallas_gpu gmm and flash attention). The one
+known lowering bug, the pallas_tpu gmm inside shard_map, is a strict xfail naming the fix.
 """
 
 import functools
@@ -24,8 +24,8 @@ KERNELS = {"tpu": dict(gmm_impl="pallas_tpu", attention_impl="splash"),
            "cuda": dict(gmm_impl="pallas_gpu", attention_impl="pallas_gpu")}
 # What lowers today (jax 0.10.2): splash leaks a tracer (its lru_cached kernel is built inside the first
 # trace) and pallas_gpu's gmm lowers through Mosaic GPU, not Triton (test_known_kernel_bugs).
-WORKING = {"tpu": dict(gmm_impl="pallas_tpu", attention_impl="blockwise"),
-           "cuda": dict(gmm_impl="xla", attention_impl="pallas_gpu")}
+WORKING = {"tpu": dict(gmm_impl="pallas_tpu", attention_impl="splash"),
+           "cuda": dict(gmm_impl="pallas_gpu", attention_impl="pallas_gpu")}
 
 
 def _mod():
@@ -104,29 +104,19 @@ def test_the_kernel_assertion_fails_when_gmm_falls_back_to_xla():
     assert_kernels(report, "mot", "tpu", gmm_impl="pallas_tpu", attention_impl="blockwise")
 
 
-SPLASH_BUG = ("splash: moma/layers/attention_kernels._splash_kernel is lru_cached, so the kernel (and "
-              "the mask arrays it holds) built inside the first trace (the abstract init) leaks a tracer "
-              "into the step's trace; drop the cache (checked: uncached, dense lowers with 3 "
-              "tpu_custom_call in the train step, 1 in eval) or cache only the numpy mask")
-PALLAS_GPU_BUG = ("pallas_gpu gmm: jax 0.10 lowers a pallas_call without compiler_params through Mosaic GPU "
-                  "(its smem overflows); pass compiler_params=jax.experimental.pallas.triton.CompilerParams("
-                  "num_warps=4, num_stages=3) to both pallas_calls in moma/kernels/pallas_gpu.py "
-                  "(checked with jax_pallas_use_mosaic_gpu=False: MoT lowers with 15 Triton calls)")
-
-
 @pytest.mark.parametrize("family,platform,impls", [
-    pytest.param("dense", "tpu", dict(gmm_impl="xla", attention_impl="splash"),
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=SPLASH_BUG)),
-    pytest.param("mot", "cuda", dict(gmm_impl="pallas_gpu", attention_impl="blockwise"),
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=PALLAS_GPU_BUG)),
+    # Splash once leaked a tracer from a cached kernel built in the abstract init's trace.
+    ("dense", "tpu", dict(gmm_impl="xla", attention_impl="splash")),
+    # pallas_gpu once lowered through Mosaic GPU (no compiler_params), whose shared memory overflowed.
+    ("mot", "cuda", dict(gmm_impl="pallas_gpu", attention_impl="blockwise")),
 ])
-def test_known_kernel_bugs(family, platform, impls):
+def test_splash_and_pallas_gpu_gmm_lower_in_the_train_step(family, platform, impls):
   assert_kernels(lowered(family, platform, **impls), family, platform, **impls)
 
 
 @functools.cache
 def predicted(mesh, batch_size):
-  # dense on cuda: the GPU flash attention kernel on the mesh (gmm kernels on meshes: the xfail below).
+  # dense on cuda: the GPU flash attention kernel on the mesh (the pallas_tpu gmm on meshes: the xfail below).
   report = lowered("dense", "cuda", predict=True, batch_size=batch_size, mesh=mesh)
   assert_kernels(report, "dense", "cuda")
   return report["collectives"]["predicted_per_device"]

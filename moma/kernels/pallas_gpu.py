@@ -19,8 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from moma.kernels import layout
+
+# Triton, named: without compiler params this jax lowers a pallas_call for GPU through Mosaic GPU, which
+# these kernels (whole arrays sliced inside the kernel) do not fit (shared memory).
+_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=3)
 
 TM, TK, TN = 64, 64, 128  # gmm tiles (rows, contraction, columns); tl.dot needs ≥ 16 on each
 
@@ -74,6 +79,7 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, inter
       grid=(mp // tm, np_ // tn),
       out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      compiler_params=_TRITON,
       interpret=interpret,
   )(starts_G, ends_G, first_tile, last_tile, lhs, rhs)
   return out[:m, :n]
@@ -109,6 +115,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, interpret=False):
       grid=(num_groups, lhs.shape[1] // tk, dout.shape[1] // tn),
       out_specs=pl.BlockSpec((None, tk, tn), lambda g, kb, nb: (g, kb, nb)),
       out_shape=jax.ShapeDtypeStruct((num_groups, lhs.shape[1], dout.shape[1]), out_dtype),
+      compiler_params=_TRITON,
       interpret=interpret,
   )(starts_G, ends_G, lhs, dout)
   return out[:, :k, :n]

@@ -42,8 +42,9 @@ def pallas_gpu_attention(q_BLHK, k_BLGK, v_BLGK, segment_BL, *, interpret: bool 
   return crop(out)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(length: int, heads: int, block: int, interpret: bool):
+  # Built afresh in each trace, not cached: a cached kernel holds the arrays of the trace that built it
+  # (the abstract init's), which leak into the train step's trace as tracers.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 

@@ -29,11 +29,11 @@ from moma.models import model_config
 
 # Fields that must match between the config that made a workdir and the one resuming it (prefixes):
 # model shape/architecture, data (mixture, tokenisation, vocabulary), batch shape and seed (data order),
-# training stage and initialisation, and an AGD run's tasks and schedule. Everything else (train.steps,
-# log_every, lr, checkpoint.*, mesh.*) changes how long or how visibly the run goes, not what is trained,
-# and may change on resume.
+# training stage, frozen parameters (they shape the optimizer state) and initialisation, and an AGD run's
+# tasks and schedule. Everything else (train.steps, log_every, lr, checkpoint.*, mesh.*) changes how long
+# or how visibly the run goes, not what is trained, and may change on resume.
 MUST_MATCH = ("model.", "data.", "train.batch_size", "train.seq_len", "train.seed", "train.stage",
-              "init.", "agd.")
+              "train.freeze", "init.", "agd.")
 # Exceptions inside MUST_MATCH: where the embedded data is cached does not change the data.
 MAY_DIFFER = ("data.cache_dir",)
 
@@ -60,9 +60,10 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
   # run lacks is one it did not train on.)
   saved = _load_json(path)
   modalities = tuple(saved.get("data", {}).get("modalities", config.data.modalities))
-  data_defaults = {k: v for k, v in flatten({"data": data.default_config(modalities)}).items()
+  data_defaults = {k: v for k, v in flatten({"data": data.default_config(modalities).to_dict()}).items()
                    if not k.startswith("data.mixture.")}
-  defaults = {**flatten({"model": model_config.defaults(model_config.ModelConfig)}), **data_defaults}
+  defaults = {**flatten({"model": model_config.defaults(model_config.ModelConfig)}), **data_defaults,
+              "train.freeze": []}
   old = {**defaults, **flatten(saved)}
   new = {**defaults, **flatten(config)}
   diffs = []

@@ -52,6 +52,7 @@ CASES = [
     ("max_skipped_steps_zero", ["train.max_skipped_steps=0"], "config.train.max_skipped_steps=0", "run"),
     ("loss_spike_factor_below_one", ["train.loss_spike_factor=0.5"], "config.train.loss_spike_factor=0.5", "run"),
     ("loss_spike_steps_zero", ["train.loss_spike_steps=0"], "config.train.loss_spike_steps=0", "run"),
+    ("freeze_matches_nothing", ["train.freeze=('nomatch*',)"], "config.train.freeze", "new"),
     ("batch_size_zero", ["train.batch_size=0"], "config.train.batch_size=0", "new"),
     ("seq_len_zero", ["train.seq_len=0"], "config.train.seq_len=0", "new"),
     ("seed_negative", ["train.seed=-1"], "config.train.seed=-1", "new"),

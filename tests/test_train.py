@@ -116,17 +116,22 @@ def test_incompatible_workdir_is_refused(tiny_config, tmp_path):
 
 
 def test_model_fields_an_older_config_lacks_stand_at_their_defaults(tiny_config, tmp_path):
-  """A config.json written before a model field existed resumes when the field keeps its default."""
+  """A config.json written before a model, data or freeze field existed resumes when the field keeps its
+  default."""
   config = train.resolve_config(tiny_config)
   checkpoint.write_config(config, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
-  del saved["model"]["aux_routing"], saved["model"]["norm_eps"]
+  del saved["model"]["aux_routing"], saved["model"]["norm_eps"], saved["train"]["freeze"]
+  for field in ("corpus", "text_tokenizer", "text_tokenizer_fingerprint"):
+    del saved["data"][field]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
   checkpoint.check_compatible(config, str(tmp_path))
   config.model.norm_eps = 1e-6
-  with pytest.raises(ValueError, match=r"model\.norm_eps: workdir has 1e-05, config has 1e-06"):
+  config.train.freeze = ("text",)
+  with pytest.raises(ValueError, match=r"model\.norm_eps: workdir has 1e-05, config has 1e-06.*"
+                                       r"train\.freeze: workdir has \[\], config has \['text'\]"):
     checkpoint.check_compatible(config, str(tmp_path))
 
 

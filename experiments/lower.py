@@ -80,12 +80,6 @@ _CUSTOM_CALL = re.compile(r'stablehlo\.custom_call @"?([\w$.]+)')
 _EXPLICIT = re.compile(
     r'"?stablehlo\.(all_to_all|all_reduce|all_gather|reduce_scatter|collective_permute)"?\(')
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file with its argument, e.g. "
-                                          "configs/mot.py:size=S", lock_config=True)
-_PLATFORM = flags.DEFINE_enum("platform", None, list(PLATFORMS), "platform to lower for")
-_MESH = flags.DEFINE_string("mesh", "", "SHAPE:AXES over as many (CPU) devices, e.g. 4,2:data,tensor; "
-                            "default: the config's mesh.shape / mesh.axes")
-flags.mark_flags_as_required(["config", "platform"])
 
 
 def parse_mesh(value: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -215,9 +209,17 @@ def lower(config: ml_collections.ConfigDict, platform: str, *, predict: bool = T
   return report
 
 
-def main(_):
-  print(json.dumps(lower(with_mesh(_CONFIG.value, _MESH.value), _PLATFORM.value)))
+def define_flags():
+  """The program's flags, defined when it runs (not on import: tests import this module beside other
+  programs whose absl flags, e.g. a required --config, share the one global flag registry)."""
+  config = config_flags.DEFINE_config_file("config", None, "config file with its argument, e.g. "
+                                           "configs/mot.py:size=S", lock_config=True)
+  platform = flags.DEFINE_enum("platform", None, list(PLATFORMS), "platform to lower for")
+  mesh = flags.DEFINE_string("mesh", "", "SHAPE:AXES over as many (CPU) devices, e.g. 4,2:data,tensor; "
+                             "default: the config's mesh.shape / mesh.axes")
+  flags.mark_flags_as_required(["config", "platform"])
+  return lambda _: print(json.dumps(lower(with_mesh(config.value, mesh.value), platform.value)))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(define_flags())

@@ -171,6 +171,31 @@ GROW_SAME = ("block", "d_model", "num_layers", "num_heads", "num_kv_heads", "hea
 GROW_SAME_MAMBA = ("mamba.d_state", "mamba.d_conv", "mamba.expand", "mamba.dt_rank")
 
 
+# What a grown model takes from its source's config.json besides `GROW_SAME`'s shape: what its outputs
+# depend on. The user names only the architecture (block, ffn, untie, experts) and the data.
+GROW_TAKES = ("norm_eps", "rope_theta", "max_seq_len")
+
+
+def take_source_shape(config) -> None:
+  """Sets `config.model`'s shape (`GROW_SAME` but the block, the Mamba sizes of a Mamba target,
+  `GROW_TAKES`) to the run named by config.init.params_from / upcycle_from, which a grown model must share;
+  the block (transformer or Mamba) stays the config's, checked by `check_init_source`."""
+  source, field = _init_source(config)
+  if not source:
+    return
+  src = checkpoint.read_config(source, field)["model"]
+  keys = [k for k in GROW_SAME if k not in ("block", "patch_dim")] + list(GROW_TAKES)
+  if config.model.get("block") == "mamba":
+    keys += GROW_SAME_MAMBA
+  for key in keys:
+    *sections, leaf = key.split(".")
+    src_node, dst_node = src, config.model
+    for section in sections:
+      src_node, dst_node = src_node.get(section, {}), dst_node[section]
+    if leaf in src_node:
+      dst_node[leaf] = src_node[leaf]
+
+
 def _init_source(config) -> tuple[str, str]:
   """(source run, the config field naming it) of `config.init`; ("", "") when none."""
   field = "upcycle_from" if config.init.upcycle_from else "params_from"

@@ -57,6 +57,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for field in ("upcycle_from", "params_from"):
     if config.init.get(field):
       checkpoint.check_source(config.init[field], f"config.init.{field}")
+  steps.take_source_shape(config)  # A grown model has its source's shape; the user names the architecture.
   if config.train.stage == "aux_routers":
     model = config.model
     has_aux = (model.get("ffn") == "moe" and (model.get("moe") or {}).get("aux_router")) or (

@@ -95,14 +95,23 @@ def _get(tree, path):
   return functools.reduce(lambda t, k: t[k], path.split("/"), tree)
 
 
-@pytest.mark.parametrize("field,value", [("d_model", 32), ("num_heads", 4), ("num_layers", 2)])
-def test_a_source_of_another_shape_is_refused_naming_the_field(field, value, sources, data_cache_dir,
-                                                               tmp_path):
-  config = _small(mot.get_config(f"modalities={MODALITIES}"), data_cache_dir)
-  config.model[field] = value
+def test_a_grown_model_takes_its_sources_shape(sources, data_cache_dir):
+  """The user names the architecture (here the MoT preset at its own size); the shape is the source's."""
+  config = mot.get_config(f"modalities={MODALITIES}")
+  config.data.cache_dir = data_cache_dir
   config.init.params_from = sources["dense"]
-  with pytest.raises(ValueError, match=rf"^config.init.params_from=.* has model.{field}=\d+, this config "
-                                       rf"{value}: a grown model keeps its source's {field}"):
+  resolved = train.resolve_config(config)
+  source = checkpoint.read_config(sources["dense"], "source")["model"]
+  for key in ("d_model", "num_layers", "num_heads", "d_ff", "norm_eps", "rope_theta", "max_seq_len"):
+    assert resolved.model[key] == source[key], key
+  assert resolved.model.untie == config.model.untie and resolved.model.d_model != config.model.d_model
+
+
+def test_a_source_of_another_block_is_refused_naming_the_field(sources, data_cache_dir, tmp_path):
+  config = _small(mom.get_config(f"modalities={MODALITIES}"), data_cache_dir)
+  config.init.params_from = sources["dense"]
+  with pytest.raises(ValueError, match=r"^config.init.params_from=.* has model.block=transformer, this config "
+                                       r"mamba: a grown model keeps its source's block"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

@@ -17,6 +17,9 @@ SIZES = {
     # (3.2k tokens/s measured for MoT with the cores shared at load ~12; see BENCHMARKS.md).
     "small": dict(d_model=96, num_layers=4, num_heads=4, d_ff=288, seq_len=256, batch_size=16,
                   steps=2500, lr=2e-3, warmup_steps=100),
+    # The scaling ladder's two CPU sizes above small (configs/sweeps/scaling.py); train fields by ladder_schedule.
+    "medium": dict(d_model=128, num_layers=5, num_heads=4, d_ff=384, seq_len=256),
+    "large": dict(d_model=160, num_layers=6, num_heads=5, d_ff=480, seq_len=256),
     "S": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072, seq_len=1024, batch_size=64,
               steps=20_000, lr=1e-3, warmup_steps=1000),
     "M": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096, seq_len=2048, batch_size=128,
@@ -27,7 +30,33 @@ SIZES = {
                steps=100_000, lr=1e-4, warmup_steps=4000),
 }
 
-CPU_SIZES = ("tiny", "small")  # float32 and no remat: what a CPU runs fastest
+CPU_SIZES = ("tiny", "small", "medium", "large")  # float32 and no remat: what a CPU runs fastest
+
+# The scaling ladder's rule (docs/studies.md, "Scaling"): every architecture of a size trains as many tokens as
+# LADDER_TOKENS_PER_PARAM × its dense model's non-embedding parameters (Chinchilla's tokens ∝ parameters,
+# at a fifth of its 20, the most a 2-core CPU study allows) in rows of 8 × 256 tokens, at lr 2e-3 × 96 / d_model
+# (tiny's and small's presets follow it: 3e-3 at 64, 2e-3 at 96) after min(100, steps / 10) warmup steps.
+LADDER = ("tiny", "small", "medium", "large")
+LADDER_TOKENS_PER_PARAM = 4
+LADDER_BATCH_SIZE = 8
+
+
+def non_embedding_params(size: str) -> int:
+  """Dense parameters outside the embeddings at `size`: per layer q, k, v, o (4 d²) and SwiGLU (3 d d_ff)."""
+  s = SIZES[size]
+  return s["num_layers"] * (4 * s["d_model"] ** 2 + 3 * s["d_model"] * s["d_ff"])
+
+
+def ladder_schedule(size: str) -> dict:
+  """The ladder rule's train fields at `size`: steps, batch_size, lr, warmup_steps."""
+  s = SIZES[size]
+  steps = round(LADDER_TOKENS_PER_PARAM * non_embedding_params(size) / (LADDER_BATCH_SIZE * s["seq_len"]))
+  return dict(steps=steps, batch_size=LADDER_BATCH_SIZE, lr=round(2e-3 * 96 / s["d_model"], 6),
+              warmup_steps=min(100, steps // 10))
+
+
+for _size in ("medium", "large"):
+  SIZES[_size].update(ladder_schedule(_size))
 MODALITIES = ("text", "image", "audio")
 
 
@@ -93,8 +122,9 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       steps=s["steps"], batch_size=s["batch_size"], seq_len=s["seq_len"], seed=0,
       lr=s["lr"], min_lr_ratio=0.1, warmup_steps=s["warmup_steps"], schedule="cosine",
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-      log_every={"tiny": 10, "small": 50}.get(size, 100),
-      eval_every={"tiny": 100, "small": 500}.get(size, 1000), eval_steps={"tiny": 4, "small": 8}.get(size, 50),
+      log_every={"tiny": 10}.get(size, 50 if size in CPU_SIZES else 100),
+      eval_every={"tiny": 100}.get(size, 500 if size in CPU_SIZES else 1000),
+      eval_steps={"tiny": 4}.get(size, 8 if size in CPU_SIZES else 50),
       stage="main",  # "main": train everything; "aux_routers": only MoMa's auxiliary routers (steps.STAGES)
       progress_bar=True,
       nan_policy="stop",  # non-finite loss or grad norm: "stop" (keep the good checkpoints) or "skip" the update
@@ -111,7 +141,7 @@ def base_config(size: str, modalities: tuple[str, ...] = MODALITIES) -> ml_colle
       freeze=(),
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps={"tiny": 100, "small": 500}.get(size, 1000), max_to_keep=3, async_save=True))
+      every_steps={"tiny": 100}.get(size, 500 if size in CPU_SIZES else 1000), max_to_keep=3, async_save=True))
   # Start from a trained run's params: the same architecture, or a dense / Mamba run grown into MoT, MoMa or
   # Mixture-of-Mamba (moma.steps.initial_params; docs/training.md, "Growing a pretrained model").
   # upcycle_from is the same thing under its older name.

@@ -1,4 +1,4 @@
-"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|small|S|M|1.4B,modalities=...`.
+"""Mamba decoder (the Mixture-of-Mamba paper's baseline): `configs/mamba.py:size=tiny|small|medium|large|S|M|1.4B,modalities=...`.
 
 Pre-norm RMSNorm → Mamba-1 block → residual, no FFN (d_ff=0), with `MambaConfig`'s defaults (the paper's
 d_state 16, expand 2, conv 4, dt_rank ceil(d_model / 16)). Each size keeps the dense preset's width, batch,
@@ -8,6 +8,8 @@ seq_len (`moma.flops.per_token`):
   size   d_model  layers (dense)  Mamba / dense FLOPs per token
   tiny        64     4    (2)     0.94
   small       96     8    (4)     0.94
+  medium     128    11    (5)     1.04
+  large      160    13    (6)     1.02
   S          768    34   (12)     0.99
   M         1024    74   (24)     1.00
   1.4B      2048    76   (24)     1.01
@@ -22,7 +24,7 @@ import ml_collections
 from configs import common
 from moma.models import model_config
 
-NUM_LAYERS = {"tiny": 4, "small": 8, "S": 34, "M": 74, "1.4B": 76}
+NUM_LAYERS = {"tiny": 4, "small": 8, "medium": 11, "large": 13, "S": 34, "M": 74, "1.4B": 76}
 
 
 def mamba_config(size: str, modalities: str = "text+image+audio") -> ml_collections.ConfigDict:

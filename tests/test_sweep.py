@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from configs import common
 from configs import sweeps
 from experiments import sweep
 from moma import studies
@@ -43,7 +44,10 @@ def test_run_names():
     sweeps.run_name({"train.seed": 0})
 
 
-@pytest.mark.parametrize("name", sweeps.known())
+SIZED_SWEEPS = [n for n in sweeps.known() if n != "scaling"]  # scaling declares its own sizes
+
+
+@pytest.mark.parametrize("name", SIZED_SWEEPS)
 def test_declared_sweeps_load(name):
   loaded, runs, baseline = sweeps.load(name + ":size=S")
   assert loaded == name and runs and baseline in [sweeps.run_name(r) for r in runs]
@@ -51,6 +55,19 @@ def test_declared_sweeps_load(name):
     path, _, arg = run["config"].partition(":")
     assert pathlib.Path(path).parent.name == "configs" and pathlib.Path(path).stem in CONFIGS
     assert "size=S" in arg
+
+
+def test_the_scaling_ladder_follows_its_rule():
+  runs = {sweeps.run_name(r): r for r in sweeps.load("scaling")[1]}
+  for size in ("tiny", "small", "medium", "large"):
+    for arch in ("dense", "mot"):
+      run = runs[f"{arch}_{size}/seed=0"]
+      tokens = run["train.steps"] * run["train.batch_size"] * 256
+      assert tokens == pytest.approx(4 * common.non_embedding_params(size), rel=0.01)
+      assert run["train.lr"] == pytest.approx(2e-3 * 96 / common.SIZES[size]["d_model"])
+  assert {f"{a}_{s}/seed=1" for a in ("dense", "mot") for s in ("tiny", "small")} <= set(runs)
+  assert {f"{a}_medium/seed=0" for a in ("moma_4t4i", "mamba", "mom")} <= set(runs)
+  assert runs["mamba_medium/seed=0"]["config"].startswith("configs/mamba.py:size=medium")
 
 
 def test_the_issue_studies_are_declared():

@@ -2,7 +2,8 @@ r"""Scaling laws per architecture and modality from run directories: L(C) = E + 
 
   python -m experiments.scaling experiments/out/scaling/* [--json OUT] [--figures DIR] [--baseline dense]
 
-Each argument is a run directory or a seeded run's directory (`seed=K/` run directories). Runs are grouped
+Each argument is a run directory or a seeded run's directory (`seed=K/` run directories); files (a sweep's
+results.csv) are skipped. Runs are grouped
 by the architecture their config.json describes (dense, mot, moma_4t4i, moe_8shared, mamba, mom, …; see
 `moma.scaling.architecture`); every architecture needs runs at 3 or more training budgets. Per
 architecture and modality it fits validation loss vs training FLOPs on each run's final loss and on every
@@ -57,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
   parser.add_argument("--budgets", type=int, default=5, help="η at this many budgets spanning the runs")
   args = parser.parse_args(argv)
+  files = [p for p in args.run_dirs if pathlib.Path(p).is_file()]  # a glob also matches a study's tables
   try:
-    runs = [run for path in dict.fromkeys(args.run_dirs) for run in studies.load_group(path)]
+    runs = [run for path in dict.fromkeys(args.run_dirs) if path not in files for run in studies.load_group(path)]
     study = scaling.fit_study(runs, args.baseline, args.replicates, args.seed)
   except ValueError as e:
     parser.error(str(e))
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   laws, etas, extrapolated = scaling.law_rows(study), scaling.eta_rows(study, grid), scaling.extrapolation_rows(study)
   unfinished = [str(r.run.path) for r in study.runs if not r.run.finished]
   print(f"{len(runs)} runs; {args.replicates} bootstrap replicates; intervals are 95% percentile intervals\n")
+  if files:
+    print(f"note: skipped files (not run directories): {', '.join(files)}\n")
   if unfinished:
     print(f"note: unfinished runs (their last validation loss counts as final): {', '.join(unfinished)}\n")
   print("## Fitted laws L(C) = E + A·C^(−α), C in training FLOPs\n")

@@ -171,8 +171,8 @@ def run_points(run: studies.Run) -> RunPoints:
     flops = studies.cumulative_flops(run, steps)
     curves[modality] = (flops[flops > 0], loss[flops > 0])  # an eval before the first step has no budget
   if "all" not in curves or not len(curves["all"][0]):
-    raise ValueError(f"{run.path}: metrics.jsonl has no validation rows (eval/loss); a scaling fit needs "
-                     "train.eval_every within train.steps")
+    raise ValueError(f"{run.path}: metrics.jsonl has no validation rows (eval/loss); leave the run out, or "
+                     "wait until it logs one (every train.eval_every steps)")
   return RunPoints(run, architecture(run.config), (studies.config_value(run.config, "model.d_model", None),
                                                    run.seed), curves)
 
@@ -252,10 +252,14 @@ def _fit_cell(points: Sequence[RunPoints], kind: str, arch: str, modality: str) 
   return fit_law(*_pooled(logged, modality, kind), what)
 
 
-def _paired_eta(base: Fit, variant: Fit, flops) -> np.ndarray:
-  """[replicate, budget] η of the paired bootstrap replicates (NaN where either was not fitted)."""
-  return np.array([eta(b, v, flops) if b and v else np.full(len(flops), np.nan)
-                   for b, v in zip(base.replicates, variant.replicates)])
+def _eta_cells(base: Fit, variant: Fit, flops) -> list[dict[str, Any]]:
+  """Per budget of `flops`: η of the two laws (None: not reached), its interval over the paired bootstrap
+  replicates, and `reached`: in how many of the replicates both fitted the variant reaches the loss."""
+  point = eta(base.law, variant.law, flops)
+  boot = np.array([eta(b, v, flops) for b, v in zip(base.replicates, variant.replicates) if b and v])
+  boot = boot.reshape(len(boot), len(point))
+  return [{"eta": float(p) if np.isfinite(p) else None, "eta_ci95": interval(boot[:, i]),
+           "reached": f"{int(np.isfinite(boot[:, i]).sum())}/{len(boot)}"} for i, p in enumerate(point)]
 
 
 def law_rows(study: Study) -> list[dict[str, Any]]:
@@ -280,10 +284,8 @@ def eta_rows(study: Study, flops) -> list[dict[str, Any]]:
       base, var = study.fits.get((kind, base_arch, modality)), study.fits[(kind, variant, modality)]
       if base is None:
         continue
-      point, boot = eta(base.law, var.law, flops), _paired_eta(base, var, flops)
       rows += [{"kind": kind, "variant": variant, "baseline": base_arch, "modality": modality, "flops": float(c),
-                "eta": _number(point[i]), "eta_ci95": interval(boot[:, i]),
-                "reached": f"{int(np.isfinite(boot[:, i]).sum())}/{len(boot)}"} for i, c in enumerate(flops)]
+                **cell} for c, cell in zip(flops, _eta_cells(base, var, flops))]
   return rows
 
 
@@ -297,15 +299,9 @@ def extrapolation_rows(study: Study, budgets: dict[str, float] = BUDGETS) -> lis
       row = {"kind": kind, "architecture": arch, "modality": modality, "budget": name, "flops": flops,
              "loss": float(fit.law(flops)), "loss_ci95": interval([l(flops) for l in fit.replicates if l])}
       if base is not None and base is not fit:
-        boot = _paired_eta(base, fit, [flops])[:, 0]
-        row.update(baseline=base.arch, eta=_number(eta(base.law, fit.law, [flops])[0]), eta_ci95=interval(boot),
-                   reached=f"{int(np.isfinite(boot).sum())}/{len(boot)}")
+        row.update(baseline=base.arch, **_eta_cells(base, fit, [flops])[0])
       rows.append(row)
   return rows
-
-
-def _number(x: float) -> float | None:
-  return float(x) if np.isfinite(x) else None
 
 
 def plot(study: Study, out_dir: str | pathlib.Path) -> list[pathlib.Path]:

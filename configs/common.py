@@ -34,10 +34,10 @@ CPU_SIZES = ("tiny", "small", "medium", "large")  # float32 and no remat: what a
 
 # The scaling ladder's rule (docs/studies.md, "Scaling"): every architecture of a size trains as many tokens as
 # LADDER_TOKENS_PER_PARAM × its dense model's non-embedding parameters (Chinchilla's tokens ∝ parameters,
-# at a fifth of its 20, the most a 2-core CPU study allows) in rows of 8 × 256 tokens, at lr 2e-3 × 96 / d_model
+# at a tenth of its 20: what lets the ladder's dense and MoT runs fit one 3-hour sitting on 2 cores) in rows of 8 × 256 tokens, at lr 2e-3 × 96 / d_model
 # (tiny's and small's presets follow it: 3e-3 at 64, 2e-3 at 96) after min(100, steps / 10) warmup steps.
 LADDER = ("tiny", "small", "medium", "large")
-LADDER_TOKENS_PER_PARAM = 4
+LADDER_TOKENS_PER_PARAM = 2
 LADDER_BATCH_SIZE = 8
 
 

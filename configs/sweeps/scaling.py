@@ -1,7 +1,7 @@
 """The scaling study (issue 33): the size ladder × architectures, for `experiments/scaling.py`'s fitted laws.
 
 Sizes `configs/common.LADDER` (tiny, small, medium, large: d_model 64 → 160), each trained by the ladder rule
-(`common.ladder_schedule`: 4 tokens per dense non-embedding parameter, rows of 8 × 256, lr 2e-3 × 96 / d_model),
+(`common.ladder_schedule`: 2 tokens per dense non-embedding parameter, rows of 8 × 256, lr 2e-3 × 96 / d_model),
 every architecture of a size on its dense model's token budget (FLOPs-matched per token as in
 `architectures`; Mamba and MoM at the depths of `configs/mamba.NUM_LAYERS`). Text + image data.
 Runs are ordered by what a study cut short needs first: dense and MoT at every size, their second seed at

@@ -2,8 +2,7 @@
 
 The accelerator kernels are selected and must appear as the platform's custom calls, so a path that falls
 back to XLA fails here, as does a Pallas TPU block shape Mosaic refuses. `WORKING` selects every kernel
-(TPU: the pallas_tpu gmm and splash attention; cuda: the pallas_gpu gmm and flash attention). The one
-known lowering bug, the pallas_tpu gmm inside shard_map, is a strict xfail naming the fix.
+(TPU: the pallas_tpu gmm and splash attention; cuda: the pallas_gpu gmm and flash attention).
 """
 
 import functools
@@ -20,10 +19,6 @@ from moma.models import model_config
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, vocab_size=0)
 TARGET = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-KERNELS = {"tpu": dict(gmm_impl="pallas_tpu", attention_impl="splash"),
-           "cuda": dict(gmm_impl="pallas_gpu", attention_impl="pallas_gpu")}
-# What lowers today (jax 0.10.2): splash leaks a tracer (its lru_cached kernel is built inside the first
-# trace) and pallas_gpu's gmm lowers through Mosaic GPU, not Triton (test_known_kernel_bugs).
 WORKING = {"tpu": dict(gmm_impl="pallas_tpu", attention_impl="splash"),
            "cuda": dict(gmm_impl="pallas_gpu", attention_impl="pallas_gpu")}
 
@@ -115,15 +110,27 @@ def test_splash_and_pallas_gpu_gmm_lower_in_the_train_step(family, platform, imp
 
 
 @functools.cache
-def predicted(mesh, batch_size):
-  # dense on cuda: the GPU flash attention kernel on the mesh (the pallas_tpu gmm on meshes: the xfail below).
-  report = lowered("dense", "cuda", predict=True, batch_size=batch_size, mesh=mesh)
-  assert_kernels(report, "dense", "cuda")
+def predicted(family, platform, mesh, batch_size):
+  report = lowered(family, platform, predict=True, batch_size=batch_size, mesh=mesh)
+  assert_kernels(report, family, platform)
   return report["collectives"]["predicted_per_device"]
 
 
+# Every kernel on a batch-split mesh: each runs per device inside a shard_map (Mosaic refuses partitioning;
+# GSPMD would gather a Triton call's whole operands). data/expert keeps the 2 modality groups whole.
+BATCH_MESHES = {"4,2:data,fsdp": (), "2,4:data,expert": (("modality", None),)}
+
+
+@pytest.mark.parametrize("platform", ["tpu", pytest.param("cuda", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mesh", BATCH_MESHES)
+def test_mot_with_every_kernel_lowers_on_batch_meshes(mesh, platform):
+  config = family_config("mot", platform, batch_size=8, mesh=mesh)
+  config.mesh.rules = BATCH_MESHES[mesh]
+  assert_kernels(lower.lower(config, platform, predict=False), "mot", platform)
+
+
 def test_data_expert_mesh_collectives_do_not_grow_with_the_global_batch():
-  small, large = predicted("2,4:data,expert", 8), predicted("2,4:data,expert", 16)
+  small, large = (predicted("dense", "cuda", "2,4:data,expert", b) for b in (8, 16))
   assert small == large, f"(2, 4) data/expert: {small} at 8 rows, {large} at 16"
 
 
@@ -131,20 +138,14 @@ def test_data_expert_mesh_collectives_do_not_grow_with_the_global_batch():
 def test_data_tensor_mesh_collectives_grow_only_with_the_tokens_a_device_holds():
   # Tensor parallelism moves activations, so its collectives follow each device's tokens (2x here); the
   # data axis adds only gradients, which do not grow.
-  small, large = predicted("4,2:data,tensor", 8), predicted("4,2:data,tensor", 16)
+  small, large = (predicted("dense", "tpu", "4,2:data,tensor", b) for b in (8, 16))
   assert small.keys() == large.keys() and all(large[k] <= 2 * small[k] for k in small), (small, large)
 
 
-PALLAS_TPU_MESH_BUG = (
-    "pallas_tpu gmm inside a partly manual shard_map (data manual, tensor auto): work_items' "
-    "jnp.searchsorted fails on varying values (jax 0.10; layout.row_groups counts instead: do the same in "
-    "moma/kernels/pallas_tpu.py), then the pallas_call's out_shape needs the rows' varying type "
-    "(jax.ShapeDtypeStruct(..., manual_axis_type=jax.typeof(lhs).manual_axis_type))")
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=PALLAS_TPU_MESH_BUG)
-def test_pallas_tpu_gmm_lowers_on_a_data_mesh():
-  assert_kernels(lowered("mot", "tpu", batch_size=8, mesh="4,2:data,tensor"), "mot", "tpu")
+def test_a_pallas_gmm_on_a_tensor_axis_is_refused_by_name():
+  # Tensor parallelism of grouped matmuls is the XLA impls' (docs/accelerators.md).
+  with pytest.raises(ValueError, match=r"mesh axes \['tensor'\].*config\.model\.gmm_impl='xla'"):
+    lowered("mot", "tpu", batch_size=8, mesh="4,2:data,tensor")
 
 
 # Odd, tiny and S-sized FFN shapes (rows, d_model, d_ff, groups): Mosaic's block-shape rule (last two block

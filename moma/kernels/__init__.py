@@ -121,6 +121,13 @@ def _check(lhs, rhs, group_sizes, impl, interpret):
   if not isinstance(group_sizes, jax.core.Tracer) and np.any(np.asarray(group_sizes) < 0):
     raise ValueError(f"gmm: group_sizes must be non-negative, got {np.asarray(group_sizes)}")
   backend = _PALLAS_BACKEND.get(impl)
+  mesh = jax.sharding.get_abstract_mesh()
+  partitioned = [a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1]
+  if backend and not interpret and partitioned:
+    raise ValueError(f"gmm: impl={impl!r} runs on each device's own rows, but mesh axes {partitioned} are "
+                     "left to the partitioner, which cannot split a Pallas kernel (tensor parallelism of "
+                     "grouped matmuls is the XLA impls'): use config.model.gmm_impl='xla' or 'ragged_dot', "
+                     "or a mesh without those axes (data, fsdp, expert)")
   if backend and not interpret and jax.default_backend() != backend:
     raise ValueError(f"gmm: impl={impl!r} needs a {backend.upper()} (default backend is "
                      f"{jax.default_backend()!r}); pass interpret=True to emulate it, or use impl='xla'")

@@ -1,4 +1,4 @@
-"""Helpers shared by the kernels: group bounds, tile choice, padding to whole tiles, varying zeros."""
+"""Helpers shared by the kernels: group bounds, tile choice, padding to whole tiles, varying types."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +48,11 @@ def varying_zeros(shape, dtype, *operands):
   if not jax.sharding.get_abstract_mesh().manual_axes:
     return zeros
   return sum((jnp.zeros_like(x, dtype, shape=()) for x in operands), zeros)
+
+
+def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+  """A pallas_call's out_shape, varying over the manual mesh axes `like` varies over (inside shard_map,
+  where a kernel's output must state them; a plain struct elsewhere)."""
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)

@@ -78,7 +78,7 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, inter
       kernel,
       grid=(mp // tm, np_ // tn),
       out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=layout.out_struct((mp, np_), out_dtype, lhs),
       compiler_params=_TRITON,
       interpret=interpret,
   )(starts_G, ends_G, first_tile, last_tile, lhs, rhs)
@@ -114,7 +114,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, interpret=False):
       functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
       grid=(num_groups, lhs.shape[1] // tk, dout.shape[1] // tn),
       out_specs=pl.BlockSpec((None, tk, tn), lambda g, kb, nb: (g, kb, nb)),
-      out_shape=jax.ShapeDtypeStruct((num_groups, lhs.shape[1], dout.shape[1]), out_dtype),
+      out_shape=layout.out_struct((num_groups, lhs.shape[1], dout.shape[1]), out_dtype, lhs),
       compiler_params=_TRITON,
       interpret=interpret,
   )(starts_G, ends_G, lhs, dout)

@@ -34,7 +34,8 @@ def work_items(group_sizes_G, num_rows: int, tm: int):
   num_items = cum_G[-1]
   max_items = pl.cdiv(num_rows, tm) + group_sizes_G.shape[0] - 1
   item_I = jnp.minimum(jnp.arange(max_items, dtype=jnp.int32), jnp.maximum(num_items - 1, 0))
-  group_I = jnp.minimum(jnp.searchsorted(cum_G, item_I, side="right"), group_sizes_G.shape[0] - 1)
+  # A count, not jnp.searchsorted (as layout.row_groups): it fails under a partly manual shard_map (jax 0.10).
+  group_I = jnp.minimum(jnp.sum(item_I[:, None] >= cum_G[None, :], axis=1), group_sizes_G.shape[0] - 1)
   tile_I = first_G[group_I] + item_I - (cum_G - counts_G)[group_I]
   return (starts_G, ends_G, group_I.astype(jnp.int32), tile_I.astype(jnp.int32),
           num_items.reshape(1).astype(jnp.int32))
@@ -94,7 +95,7 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, inter
   out = pl.pallas_call(
       functools.partial(_gmm_kernel, tm=tm, transpose_rhs=transpose_rhs),
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=layout.out_struct((mp, np_), out_dtype, lhs),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
   )(*meta, lhs, rhs)
@@ -142,7 +143,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, out_dtype, *, interpret=False):
   out = pl.pallas_call(
       functools.partial(_tgmm_kernel, tm=tm),
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((num_groups, lhs.shape[1], dout.shape[1]), out_dtype),
+      out_shape=layout.out_struct((num_groups, lhs.shape[1], dout.shape[1]), out_dtype, lhs),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
   )(*meta, lhs, dout)

@@ -87,7 +87,7 @@ def attend(q_BLHK, k_BLGK, v_BLGK, segment_BL, image_block_BL=None, *, impl: str
     raise ValueError(f"config.model.attention_impl={impl!r} cannot express image blocks (bidirectional "
                      "attention inside an image): use 'auto' or 'blockwise'")
   kernel = kernels.pallas_gpu_attention if impl == "pallas_gpu" else kernels.splash_attention
-  return kernel(q_BLHK, k_BLGK, v_BLGK, segment_BL, interpret=interpret)
+  return kernels.per_device(kernel, q_BLHK, k_BLGK, v_BLGK, segment_BL, interpret=interpret)
 
 
 class Attention(nn.Module):

@@ -8,17 +8,39 @@ Neither expresses image blocks (bidirectional, data-dependent), so `image_block`
 cuDNN through `jax.nn.dot_product_attention(implementation="cudnn")` is not offered: it takes sequence
 lengths, not segment ids, so packed documents would need a dense [L, L] mask. Both kernels want whole
 blocks: rows are padded with segment -1 (padding sees only padding), as in `blockwise_attention`.
-GQA: key/value heads are repeated to the query heads (the kernels take one head count).
+GQA: key/value heads are repeated to the query heads (the kernels take one head count). On a mesh each
+device runs the kernel on its own rows and heads (`per_device`): a Pallas kernel has no partitioning rule.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from moma import sharding
 from moma.kernels import layout
+
+
+def per_device(kernel, q_BLHK, k_BLGK, v_BLGK, segment_BL, **kwargs) -> jax.Array:
+  """kernel(q, k, v, segment) run by every device on its rows (batch mesh axes) and heads (the `heads`
+  rule's axes), inside a shard_map over the whole mesh. GSPMD cannot split a Pallas call: it refuses a
+  Mosaic one and would gather a Triton one's whole operands onto every device. An axis that does not divide
+  the rows or the key/value heads stays whole (the kernel then sees all of them)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  call = functools.partial(kernel, **kwargs)
+  if mesh.empty or mesh.manual_axes:
+    return call(q_BLHK, k_BLGK, v_BLGK, segment_BL)
+  divides = lambda axes, n: axes if n % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+  rows = divides(sharding.batch_axes(), q_BLHK.shape[0]) or None
+  heads = divides(sharding.mesh_axes("heads"), k_BLGK.shape[2]) or None
+  spec = P(rows, None, heads, None)
+  # check_vma off: the library kernels' own out_shapes do not state the varying mesh axes.
+  return jax.shard_map(call, in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec,
+                       check_vma=False)(q_BLHK, k_BLGK, v_BLGK, segment_BL)
 
 
 def _padded(q_BLHK, k_BLGK, v_BLGK, segment_BL, multiple):

@@ -155,7 +155,8 @@ def error_line(capsys, args):
   return lines[0]
 
 
-@pytest.mark.parametrize("kwargs, field", [({"data": "other"}, "'data'"), ({"vocab": 999}, "model.vocab_size")])
+@pytest.mark.parametrize("kwargs, field", [({"data": "other"}, "'data'"), ({"vocab": 999}, "model.vocab_size")],
+                         ids=["data", "tokenizer"])
 def test_runs_on_other_data_or_tokens_are_refused_naming_the_run(tmp_path, capsys, kwargs, field):
   dirs = [write(r) for r in ladder(tmp_path, sizes=D_MODELS[:3])]
   odd = write(make_run(tmp_path / "odd", "mot", **kwargs))

@@ -3,7 +3,7 @@
 Parameters are injected papermill-style: a cell after the one tagged `parameters` overrides its values.
 The kernel runs in the repository root with it on PYTHONPATH (so `import moma` and `import configs` work
 without installing) and shares one persistent XLA compilation cache across the notebooks (quickstart and
-scaling train MoT with the same settings, so scaling reuses its compiled step). Every notebook but
+flops_matched train MoT with the same settings, so flops_matched reuses its compiled step). Every notebook but
 quickstart is `slow`: `python -m pytest -q tests/test_notebooks.py -m slow`.
 """
 
@@ -76,7 +76,7 @@ def test_stored_without_outputs_with_setup_and_parameters(name):
 
 
 def test_expected_notebooks_exist():
-  assert {"quickstart.ipynb", "routing.ipynb", "scaling.ipynb"} <= set(NOTEBOOKS)
+  assert {"quickstart.ipynb", "routing.ipynb", "flops_matched.ipynb", "scaling.ipynb"} <= set(NOTEBOOKS)
 
 
 def test_quickstart(kernel_env, data_cache_dir, tmp_path):
@@ -101,11 +101,19 @@ def test_routing(kernel_env, data_cache_dir, tmp_path):
 
 
 @pytest.mark.slow  # trains two runs (~1 min on 2 busy cores); the training path is covered by quickstart
-def test_scaling(kernel_env, data_cache_dir, tmp_path):
-  nb = execute("scaling.ipynb", steps=4, log_every=2, workdir=str(tmp_path / "study"),
+def test_flops_matched(kernel_env, data_cache_dir, tmp_path):
+  nb = execute("flops_matched.ipynb", steps=4, log_every=2, workdir=str(tmp_path / "study"),
                data_cache_dir=data_cache_dir)
   assert {p.name for p in (tmp_path / "study").iterdir() if (p / "metrics.jsonl").exists()} == {"dense", "mot"}
   assert len(_outputs(nb, mime="image/png")) >= 2  # loss vs FLOPs, step matching
+
+
+@pytest.mark.slow  # fits the committed study (no training); the fitter itself is tests/test_scaling.py
+def test_scaling(kernel_env, tmp_path):
+  nb = execute("scaling.ipynb", replicates=10, workdir=str(tmp_path / "figures"))
+  assert {p.name for p in (tmp_path / "figures").iterdir()} >= {"scaling_all.png", "scaling_text.png"}
+  assert len(_outputs(nb, mime="image/png")) >= 3  # all, text, image
+  assert "mot" in "".join(o.get("data", {}).get("text/markdown", "") for o in _outputs(nb))
 
 
 @pytest.mark.slow  # trains, samples 20 digits, captions and evaluates (~2 min of CPU with the compiles)

@@ -1,7 +1,7 @@
 """The one script to run on the first GPU / TPU a task is lent (issue 32, item 3; docs/accelerators.md).
 
   python -m experiments.accelerator_check [--tiny] [--out=experiments/out/accelerator_check.json]
-      [--budget_s=360] [--sections=gmm,attention,mfu,largest_batch] [--data_cache_dir=DIR]
+      [--budget_s=330] [--sections=gmm,attention,mfu,largest_batch] [--data_cache_dir=DIR]
 
 Sections, in this order, each skipped item recorded with its reason:
   gmm            `kernels.gmm` forward+backward of every impl that applies to the backend (others listed with
@@ -17,9 +17,10 @@ Sections, in this order, each skipped item recorded with its reason:
   largest_batch  dense and MoMa 4t4i at 1.4B: the largest per-device batch whose train step fits
                  (`memory.step_bytes` ≤ `memory.device_bytes`, the rule `memory.check_fits` applies), from
                  steps compiled, never run (`experiments.lower.Steps`): a linear fit of two batch sizes,
-                 then a bisection that confirms it.
+                 then a bisection that confirms it. A state (parameters + Adam) larger than the device is
+                 0 rows without a compile: MoMa 4t4i at 1.4B holds ~7B parameters, 112 GiB of state.
 Timing: a warm-up call (compiles), then the median of 5 calls, each to `block_until_ready`. One time budget
-(--budget_s, 360 s: the whole script ≤ 8 min on one H100) is shared out over the sections run (--sections:
+(--budget_s, 330 s: the whole script ≤ 8 min on one H100) is shared out over the sections run (--sections:
 a second run can finish what the first skipped); time a section leaves goes to the next, an item past its
 section's share is skipped with the reason, and an impl or a section that fails is recorded with its error.
 
@@ -313,6 +314,7 @@ def largest_batch(need: Callable[[int], int], limit: int, budget: Budget) -> dic
     return (max([0] + [b for b, n in tried.items() if n <= limit]),
             min((b for b, n in tried.items() if n > limit), default=None))
 
+  guess = 0
   if tried[1] <= limit:
     tried[2] = need(2)
     guess = max(1, (limit - tried[1]) // max(tried[2] - tried[1], 1) + 1)
@@ -324,14 +326,19 @@ def largest_batch(need: Callable[[int], int], limit: int, budget: Budget) -> dic
     b = 2 * fits if fails is None else (fits + fails) // 2
     tried[b] = need(b)
     fits, fails = bounds()
-  return dict(largest=fits, tried=tried, confirmed=fails == fits + 1)
+  return dict(largest=fits, tried=tried, confirmed=fails == fits + 1, linear_estimate=guess)
 
 
 def batch_row(plan: Plan, family: str, limit: int, budget: Budget, data_cache_dir: str) -> dict[str, Any]:
+  row = dict(family=family, size=plan.batch_size, seq_len=common.SIZES[plan.batch_size]["seq_len"],
+             state_bytes=lower.parameters_bytes_per_device(
+                 lower.Steps(family_config(family, plan.batch_size, 1, data_cache_dir)).state))
+  if row["state_bytes"] > limit:  # e.g. MoMa 4t4i at 1.4B (~7B parameters): no compile can fit it
+    return dict(row, largest=0, tried={}, confirmed=True, linear_estimate=0)
   need = functools.partial(step_bytes_at, family, plan.batch_size, data_cache_dir=data_cache_dir)
   found = largest_batch(need, limit, budget)
   found["tried"] = {str(b): n for b, n in sorted(found["tried"].items())}  # batch → bytes, JSON keys
-  return dict(family=family, size=plan.batch_size, seq_len=common.SIZES[plan.batch_size]["seq_len"], **found)
+  return dict(row, **found)
 
 
 def largest_batch_section(plan: Plan, budget: Budget, data_cache_dir: str) -> dict[str, Any]:
@@ -401,8 +408,9 @@ def benchmarks_block(report: dict[str, Any]) -> str:
   if "largest_batch" in s:
     gib = s["largest_batch"].get("device_bytes", 0) / 2**30
     parts.append(f"largest per-device batch (compiled step ≤ {gib:.3g} GiB):\n" + markdown(
-        ["model", "size", "rows × seq_len", "confirmed"],
-        [[r["family"], r["size"], f"{r['largest']} × {r['seq_len']}", r["confirmed"]]
+        ["model", "size", "rows × seq_len", "confirmed", "linear estimate", "state GiB"],
+        [[r["family"], r["size"], f"{r['largest']} × {r['seq_len']}", r["confirmed"], r["linear_estimate"],
+          r["state_bytes"] / 2**30]
          for r in s["largest_batch"]["rows"]]))
   for name, section in s.items():
     for skip in section.get("skipped", []):
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (the test's mode)")
   parser.add_argument("--out", default=DEFAULT_OUT, help="the JSON report's path")
-  parser.add_argument("--budget_s", type=float, default=360.0, help="seconds for all sections together")
+  parser.add_argument("--budget_s", type=float, default=330.0, help="seconds for all sections together")
   parser.add_argument("--sections", type=section_list, default=list(SHARES),
                       help=f"which sections to run, e.g. mfu,largest_batch (default: {','.join(SHARES)})")
   parser.add_argument("--data_cache_dir", default="", help="config.data.cache_dir (default: the config's)")

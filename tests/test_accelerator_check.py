@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import pytest
 
 from experiments import accelerator_check as check
@@ -71,6 +72,24 @@ def test_no_budget_skips_every_item_with_a_reason(tmp_path):
   assert report["gmm_auto"]["impl"] is None
 
 
+def test_a_state_larger_than_the_device_fits_no_batch_without_compiling(data_cache_dir, monkeypatch):
+  monkeypatch.setattr(check, "step_bytes_at", lambda *a, **k: pytest.fail("compiled a step"))
+  row = check.batch_row(check.TINY, "dense", 1024, _Budget(), data_cache_dir)
+  assert row["state_bytes"] > 1024 and row["largest"] == 0 and row["confirmed"]
+
+
+@pytest.mark.gpu
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"), reason="needs a GPU or TPU")
+def test_every_kernel_runs_on_the_accelerator(tmp_path):
+  """`pytest -m gpu` (or tpu) on hardware: each impl the backend takes runs at the full shapes."""
+  report = check.main(["--sections=gmm,attention", "--budget_s=600", f"--out={tmp_path / 'r.json'}"])
+  for name in ("gmm", "attention"):
+    section = report["sections"][name]
+    assert section["rows"] and not section["skipped"], section["skipped"]
+    assert all(not row["errors"] for row in section["rows"]), [row["errors"] for row in section["rows"]]
+
+
 def _row(dense, **ms):
   return {"ms": {"dense": dense, **ms}, "ratio": {k: v / dense for k, v in ms.items()}}
 
@@ -108,7 +127,8 @@ class _Budget:
 def test_largest_batch_search(need, limit, largest):
   tried = []
   found = check.largest_batch(lambda b: tried.append(b) or need(b), limit, _Budget())
-  assert found == dict(largest=largest, tried=found["tried"], confirmed=True)
+  assert found == dict(largest=largest, tried=found["tried"], confirmed=True,
+                       linear_estimate=found["linear_estimate"])
   assert all(need(b) <= limit for b in range(1, largest + 1)) and need(largest + 1) > limit
   assert len(tried) == len(set(tried)) <= 10  # each batch compiled once
 
@@ -116,3 +136,4 @@ def test_largest_batch_search(need, limit, largest):
 def test_largest_batch_search_stops_unconfirmed_at_the_budget():
   found = check.largest_batch(lambda b: 10 + 3 * b + b * b // 4, 60, _Budget(calls_left=0))
   assert found["tried"].keys() == {1, 2} and not found["confirmed"] and found["largest"] == 2
+  assert found["linear_estimate"] == 12  # need(1) = 13, need(2) = 17: 4 bytes a row, 47 left

@@ -64,7 +64,7 @@ from moma import train  # pylint: disable=g-import-not-at-top,wrong-import-posit
 PLATFORMS = {"tpu": "tpu", "cuda": "gpu"}  # jax.export platform → the backend name the model checks
 # The CPU stand-ins of the accelerator kernels for the predicted collectives: each kernel runs per device
 # inside shard_map (gmm) or on the batch's rows (attention), so its twin partitions alike.
-CPU_TWINS = {"gmm_impl": ("pallas_tpu", "pallas_gpu"), "attention_impl": ("splash", "pallas_gpu")}
+CPU_TWINS = {"gmm_impl": ("pallas_tpu", "pallas_gpu", "tokamax"), "attention_impl": ("splash", "pallas_gpu")}
 CPU_TWIN_IMPL = {"gmm_impl": "xla", "attention_impl": "auto"}
 # Where a failing frame lives → the config field that picks that code.
 FIELDS = (("moma/kernels/", "gmm kernel", "config.model.gmm_impl"),

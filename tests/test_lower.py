@@ -7,6 +7,7 @@ back to XLA fails here, as does a Pallas TPU block shape Mosaic refuses. `WORKIN
 
 import functools
 
+from absl import flags
 import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
@@ -158,6 +159,18 @@ def test_pallas_tpu_gmm_block_shapes_lower_for_tpu(m, k, n, g):
   with lower.target_backend("tpu"):
     text = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=("tpu",))(*args).mlir_module()
   assert lower.custom_calls(text) == {"tpu_custom_call": 2}  # d lhs (gmm) and d rhs (tgmm)
+
+
+def test_tokamax_gmm_lowers_for_cuda():
+  """gmm_impl=tokamax (the optional extra) reaches Triton. Its Mosaic TPU kernel cannot be lowered on CPU
+  at all ("Unsupported TPU device kind: cpu"), nor its Mosaic GPU one, so only the cuda Triton path is here."""
+  tokamax = pytest.importorskip("tokamax")
+  if not flags.FLAGS.is_parsed():  # tokamax reads absl flags; under pytest they would parse pytest's argv
+    flags.FLAGS.mark_as_parsed()
+  config = family_config("mot", "cuda", gmm_impl="tokamax", attention_impl="blockwise")
+  with tokamax.config.cross_compile(True):  # its kernels check the live device unless cross-compiling
+    report = lower.lower(config, "cuda", predict=False)
+  assert report["custom_calls"]["train"].get(TARGET["cuda"], 0) > 0, report["custom_calls"]
 
 
 def _double(x_ref, o_ref):

@@ -7,6 +7,8 @@ Implementations (`impl`):
   "pallas_gpu"  Pallas Triton kernel (pallas_gpu.py);
   "pallas_tpu"  Pallas Mosaic TPU kernel in the megablox style (pallas_tpu.py);
   "ragged_dot"  `jax.lax.ragged_dot` with its own autodiff: the baseline;
+  "tokamax"     Google's maintained Pallas ragged dot (`pip install tokamax`, extra `.[tokamax]`), with
+                its own VJP: Mosaic / Triton on GPU, Mosaic on TPU, named so it never falls back to XLA;
   "reference"   masked dense per group with plain autodiff (reference.py): the test oracle;
   "auto"        the fastest correct one measured for the default backend (today "xla" everywhere).
 The fast impls share one `custom_vjp`: d lhs = gmm(dout, rhsᵀ), d rhs = tgmm(lhs, dout) (per-group lhsᵀ·dout).
@@ -14,6 +16,7 @@ The fast impls share one `custom_vjp`: d lhs = gmm(dout, rhsᵀ), d rhs = tgmm(l
 
 import functools
 import importlib
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +25,10 @@ import numpy as np
 from moma.kernels import layout
 from moma.kernels import reference
 
-IMPLS = ("auto", "xla", "ragged_dot", "pallas_gpu", "pallas_tpu", "reference")
-_PALLAS_BACKEND = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+IMPLS = ("auto", "xla", "ragged_dot", "tokamax", "pallas_gpu", "pallas_tpu", "reference")
+_PALLAS_BACKEND = {"pallas_gpu": ("gpu",), "pallas_tpu": ("tpu",), "tokamax": ("gpu", "tpu")}
+# tokamax's kernels per backend, named: its default order ends in a silent XLA fall-back.
+_TOKAMAX_KERNELS = {"gpu": ("mosaic", "triton"), "tpu": ("mosaic",)}
 
 
 def gmm(lhs, rhs, group_sizes, *, impl="auto", preferred_element_type=None, interpret=False):
@@ -47,6 +52,10 @@ def gmm(lhs, rhs, group_sizes, *, impl="auto", preferred_element_type=None, inte
     return reference.gmm(lhs, rhs, group_sizes, out_dtype)
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+  if impl == "tokamax":
+    import tokamax  # pylint: disable=g-import-not-at-top (optional dependency)
+    return tokamax.ragged_dot(lhs, _vary_like(rhs, lhs), group_sizes, preferred_element_type=out_dtype,
+                              implementation=_TOKAMAX_KERNELS[jax.default_backend()])
   return _gmm(lhs, _vary_like(rhs, lhs), group_sizes, impl, out_dtype, interpret)
 
 
@@ -128,6 +137,10 @@ def _check(lhs, rhs, group_sizes, impl, interpret):
                      "left to the partitioner, which cannot split a Pallas kernel (tensor parallelism of "
                      "grouped matmuls is the XLA impls'): use config.model.gmm_impl='xla' or 'ragged_dot', "
                      "or a mesh without those axes (data, fsdp, expert)")
-  if backend and not interpret and jax.default_backend() != backend:
-    raise ValueError(f"gmm: impl={impl!r} needs a {backend.upper()} (default backend is "
-                     f"{jax.default_backend()!r}); pass interpret=True to emulate it, or use impl='xla'")
+  if backend and not interpret and jax.default_backend() not in backend:
+    emulate = "" if impl == "tokamax" else "pass interpret=True to emulate it, or "
+    raise ValueError(f"gmm: impl={impl!r} needs a {' or '.join(b.upper() for b in backend)} (default backend "
+                     f"is {jax.default_backend()!r}); {emulate}use impl='xla'")
+  if impl == "tokamax" and importlib.util.find_spec("tokamax") is None:
+    raise ValueError("gmm: impl='tokamax' needs `pip install tokamax` (or the extra .[tokamax]); or use "
+                     "impl='xla'")

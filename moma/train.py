@@ -98,7 +98,8 @@ def lm_plan(config: ml_collections.ConfigDict) -> loop.RunPlan:
   module, model = steps.model_module(config), steps.build_model(config)
   mesh, rules = steps.make_mesh(config)
   with faults.damaged_data_cache(config.data.cache_dir):
-    train_at = host_batches(config, "train")
+    # One batch remembered: the first serves the shapes, the ahead-of-time compile and step 0, packed once.
+    train_at = functools.lru_cache(maxsize=1)(host_batches(config, "train"))
     first_host = train_at(0)
 
   def batch_at(step):  # Validated on the host (prefetch thread), before it reaches the device.

@@ -85,7 +85,8 @@ def size_label(config: dict) -> str:
 
 def family_baseline(arch: str, baseline: str, present: Sequence[str]) -> str:
   """The baseline an architecture is compared with: "mamba" for the Mixture-of-Mamba family when present."""
-  return "mamba" if arch.startswith("mom") and "mamba" in present else baseline
+  mixture_of_mamba = arch == "mom" or arch.startswith("mom_")  # not moma_*, a transformer
+  return "mamba" if mixture_of_mamba and "mamba" in present else baseline
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,3 +195,9 @@ def test_cli_writes_tables_json_and_a_figure_per_modality(tmp_path, capsys):
   assert {(r["variant"], r["baseline"]) for r in result["eta"]} == {("mot", "dense"), ("mamba", "dense"),
                                                                     ("mom", "mamba")}
   assert sorted(p.name for p in figures.iterdir()) == [f"scaling_{m}.png" for m in ("all", "image", "text")]
+
+
+def test_mixture_of_mamba_is_measured_against_mamba_and_moma_against_dense():
+  present = ["dense", "mamba", "mom", "mom_in_proj", "moma_4t4i"]
+  assert [scaling.family_baseline(a, "dense", present) for a in present[2:]] == ["mamba", "mamba", "dense"]
+  assert scaling.family_baseline("mom", "dense", ["dense", "mom"]) == "dense"

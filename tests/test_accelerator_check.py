@@ -49,7 +49,8 @@ def test_tiny_run_measures_every_section(tiny):
       for impl, ratio in row["ratio"].items():
         assert ratio == pytest.approx(row["ms"][impl] / row["ms"][baseline])
   for row in report["sections"]["mfu"]["rows"]:
-    assert positive(row["step_ms"]) and positive(row["tokens_per_s"]) and 0 < row["mfu"] < 10
+    # Any positive MFU: --tiny's "peak" is a tiny matmul timed on a loaded CPU (18x it has been seen).
+    assert positive(row["step_ms"]) and positive(row["tokens_per_s"]) and positive(row["mfu"])
   for row in report["sections"]["largest_batch"]["rows"]:
     assert row["largest"] >= 1 and row["confirmed"]
 

@@ -10,6 +10,7 @@ import pytest
 
 from configs import common
 from configs import sweeps
+from configs.sweeps import scaling
 from experiments import sweep
 from moma import studies
 
@@ -66,7 +67,8 @@ def test_the_scaling_ladder_follows_its_rule():
       assert tokens == pytest.approx(2 * common.non_embedding_params(size), rel=0.01)
       assert run["train.lr"] == pytest.approx(2e-3 * 96 / common.SIZES[size]["d_model"])
   assert {f"{a}_{s}/seed=1" for a in ("dense", "mot") for s in ("tiny", "small")} <= set(runs)
-  assert {f"{a}_medium/seed=0" for a in ("moma_4t4i", "mamba", "mom")} <= set(runs)
+  assert {f"{a}_{s}/seed=0" for a in ("moma_4t4i", "mamba", "mom") for s in common.LADDER} <= set(runs)
+  assert {f"{a}_medium/seed=1" for a in scaling.CONFIGS} <= set(runs)
   assert runs["mamba_medium/seed=0"]["config"].startswith("configs/mamba.py:size=medium")
 
 

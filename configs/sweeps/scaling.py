@@ -5,7 +5,8 @@ Sizes `configs/common.LADDER` (tiny, small, medium, large: d_model 64 → 160), 
 every architecture of a size on its dense model's token budget (FLOPs-matched per token as in
 `architectures`; Mamba and MoM at the depths of `configs/mamba.NUM_LAYERS`). Text + image data.
 Runs are ordered by what a study cut short needs first: dense and MoT at every size, their second seed at
-the two smallest sizes, then MoMa 4t4i, Mamba and MoM at the three smallest sizes (and their second seeds).
+the two smallest sizes, then MoMa 4t4i, Mamba and MoM at the three smallest sizes (and their second seeds),
+then second seeds at medium, MoMa 4t4i at large, and Mamba and MoM at large (each ~80 min on one core).
 """
 
 from configs import common
@@ -36,4 +37,6 @@ def get_sweep():
   runs += [run(a, s, 1) for a in ("dense", "mot") for s in small_two]
   runs += [run(a, s, 0) for a in ("moma_4t4i", "mamba", "mom") for s in common.LADDER[:3]]
   runs += [run(a, s, 1) for a in ("moma_4t4i", "mamba", "mom") for s in small_two]
+  runs += [run(a, "medium", 1) for a in CONFIGS]
+  runs += [run(a, "large", 0) for a in ("moma_4t4i", "mamba", "mom")]
   return runs

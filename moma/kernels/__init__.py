@@ -26,7 +26,8 @@ from moma.kernels import layout
 from moma.kernels import reference
 
 IMPLS = ("auto", "xla", "ragged_dot", "tokamax", "pallas_gpu", "pallas_tpu", "reference")
-_PALLAS_BACKEND = {"pallas_gpu": ("gpu",), "pallas_tpu": ("tpu",), "tokamax": ("gpu", "tpu")}
+# The backends each kernel impl compiles for (the XLA impls run anywhere).
+_KERNEL_BACKENDS = {"pallas_gpu": ("gpu",), "pallas_tpu": ("tpu",), "tokamax": ("gpu", "tpu")}
 # tokamax's kernels per backend, named: its default order ends in a silent XLA fall-back.
 _TOKAMAX_KERNELS = {"gpu": ("mosaic", "triton"), "tpu": ("mosaic",)}
 
@@ -129,7 +130,7 @@ def _check(lhs, rhs, group_sizes, impl, interpret):
     raise ValueError(f"gmm: group_sizes must be an integer array (int32), got {group_sizes.dtype}")
   if not isinstance(group_sizes, jax.core.Tracer) and np.any(np.asarray(group_sizes) < 0):
     raise ValueError(f"gmm: group_sizes must be non-negative, got {np.asarray(group_sizes)}")
-  backend = _PALLAS_BACKEND.get(impl)
+  backend = _KERNEL_BACKENDS.get(impl)
   mesh = jax.sharding.get_abstract_mesh()
   partitioned = [a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1]
   if backend and not interpret and partitioned:

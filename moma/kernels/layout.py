@@ -11,11 +11,17 @@ def group_bounds(group_sizes_G: jax.Array, num_rows: int):
   return starts_G, ends_G
 
 
+def bucket(values_N: jax.Array, ends_G: jax.Array) -> jax.Array:
+  """int32 [N]: how many of the sorted `ends_G` are ≤ each value (searchsorted, side='right').
+
+  A count, not jnp.searchsorted, which fails on varying values under a partly manual shard_map (jax 0.10).
+  """
+  return jnp.sum(values_N[:, None] >= ends_G[None, :], axis=1, dtype=jnp.int32)
+
+
 def row_groups(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
   """int32 [num_rows]: the group of each row; rows past sum(group_sizes) get G (no group)."""
-  ends_G = jnp.cumsum(group_sizes_G)
-  # A count, not jnp.searchsorted, which fails on varying values under a partly manual shard_map (jax 0.10).
-  return jnp.sum(jnp.arange(num_rows, dtype=jnp.int32)[:, None] >= ends_G[None, :], axis=1, dtype=jnp.int32)
+  return bucket(jnp.arange(num_rows, dtype=jnp.int32), jnp.cumsum(group_sizes_G))
 
 
 def tile(dim: int, preferred: int, minimum: int = 8) -> int:

@@ -70,8 +70,8 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False, inter
   starts_G, ends_G = layout.group_bounds(group_sizes_G, m)
   # Groups intersecting row tile i: those with end > first row and start ≤ last row.
   tile_rows = jnp.arange(0, mp, tm, dtype=jnp.int32)
-  first_tile = jnp.searchsorted(ends_G, tile_rows, side="right").astype(jnp.int32)
-  last_tile = jnp.searchsorted(starts_G, tile_rows + tm - 1, side="right").astype(jnp.int32)
+  first_tile = layout.bucket(tile_rows, ends_G)
+  last_tile = layout.bucket(tile_rows + tm - 1, starts_G)
   kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k=kp // tk,
                              transpose_rhs=transpose_rhs)
   out = pl.pallas_call(  # inputs without BlockSpecs: whole arrays, sliced inside the kernel

@@ -34,10 +34,9 @@ def work_items(group_sizes_G, num_rows: int, tm: int):
   num_items = cum_G[-1]
   max_items = pl.cdiv(num_rows, tm) + group_sizes_G.shape[0] - 1
   item_I = jnp.minimum(jnp.arange(max_items, dtype=jnp.int32), jnp.maximum(num_items - 1, 0))
-  # A count, not jnp.searchsorted (as layout.row_groups): it fails under a partly manual shard_map (jax 0.10).
-  group_I = jnp.minimum(jnp.sum(item_I[:, None] >= cum_G[None, :], axis=1), group_sizes_G.shape[0] - 1)
+  group_I = jnp.minimum(layout.bucket(item_I, cum_G), group_sizes_G.shape[0] - 1)
   tile_I = first_G[group_I] + item_I - (cum_G - counts_G)[group_I]
-  return (starts_G, ends_G, group_I.astype(jnp.int32), tile_I.astype(jnp.int32),
+  return (starts_G, ends_G, group_I, tile_I.astype(jnp.int32),
           num_items.reshape(1).astype(jnp.int32))
 
 

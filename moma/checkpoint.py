@@ -194,11 +194,10 @@ def _first_line(e: Exception) -> str:
 
 def set_aside(mngr: ocp.CheckpointManager, steps: list[int], folder: str) -> str:
   """Moves checkpoint `steps` to DIR/`folder`/STEP (replacing an older copy of the same step), out of the
-  manager's sight; returns that folder."""
+  manager's sight; returns that folder. No save may be in flight (`wait` first)."""
   aside = os.path.join(os.path.dirname(str(mngr.directory)), folder)
   if not steps:
     return aside
-  mngr.wait_until_finished()
   if jax.process_index() == 0:
     os.makedirs(aside, exist_ok=True)
     for step in steps:

@@ -68,8 +68,7 @@ class RunPlan:
 
 
 class StepCache:
-  """One compiled step per task, compiled ahead of time (`compile`, or on the task's first call) and
-  reused after.
+  """One compiled step per task: `compile` it ahead of time, then call the cache to run it.
 
   `make_step(task)` gives the task's uncompiled (state, batch) -> (state, out). `traces[name]` counts
   how often a task's step was traced: once, however many steps the task takes (a batch of another shape
@@ -87,7 +86,7 @@ class StepCache:
     return task.name in self._compiled
 
   def __call__(self, task, state, batch):
-    return self.compile(task, state, batch)(state, batch)
+    return self._compiled[task.name](state, batch)
 
   def compile(self, task, state, batch):
     """The task's compiled step, compiled for `state` and `batch` (their shapes and shardings) if new."""

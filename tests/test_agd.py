@@ -193,7 +193,8 @@ def test_one_trace_per_task_one_shared_state_and_experts_train_under_both(data_c
   cache = loop.StepCache(lambda task: agd.task_step(config, task))
   losses = {name: [] for name in tasks}
   for step, name in enumerate(["image_gen", "digits8", "image_gen", "image_gen", "digits8", "image_gen"]):
-    state, out = cache(tasks[name], state, sources[name].batch(0, step))
+    batch = sources[name].batch(0, step)
+    state, out = cache.compile(tasks[name], state, batch)(state, batch)
     assert np.isfinite(out["loss"]) and out["aux_loss"] > 0 and "routing/router_entropy" in out, (name, out)
     assert jax.tree.structure(state) == structure  # one params + optimizer state tree for all tasks
     losses[name].append(float(out["loss"]))

@@ -26,7 +26,8 @@ section's share is skipped with the reason, and an impl or a section that fails 
 
 Output: one JSON file (--out; do not commit it) with the machine and every measurement; on stdout the
 BENCHMARKS.md block (command, machine line, table rows) and the `gmm_impl=auto` recommendation with its
-rule (also in the JSON; it would go into `moma.kernels.resolve_impl`, which this script does not edit).
+rule (also in the JSON; it would go into `moma.kernels.resolve_impl`, which this script does not edit),
+both written by experiments/accelerator_report.py.
 --tiny runs the same code on CPU at tiny shapes, pretending to be a GPU (the TPU kernels refused, the GPU
 ones in Pallas interpret mode), one call timed, a 12 MiB pretend device for largest_batch (about 45 s on
 a loaded 2-core CPU): tests/test_accelerator_check.py runs it.
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common, dense, moma as moma_config, mot
+from experiments import accelerator_report
 from experiments import lower
 from moma import cli
 from moma import kernels
@@ -348,76 +350,6 @@ def largest_batch_section(plan: Plan, budget: Budget, data_cache_dir: str) -> di
   return dict(device_bytes=limit, pretend_device=plan.device_bytes is not None, **measure_items(items, budget))
 
 
-def choose_gmm_auto(rows: list[dict[str, Any]], backend: str,
-                    order: tuple[str, ...] = kernels.IMPLS) -> dict[str, Any]:
-  """`gmm_impl=auto` from the gmm rows: the impl fastest on most (shape, groups) rows; a tie goes to the
-  lowest geometric mean of the time ratio to dense over the rows, then to `order` (kernels.IMPLS: xla
-  first, today's auto)."""
-  candidates = [impl for impl in order if any(impl in r["ms"] for r in rows)]
-  wins = {impl: 0 for impl in candidates}
-  for row in rows:
-    timed = {impl: ms for impl, ms in row["ms"].items() if impl in wins}
-    if timed:
-      wins[min(timed, key=timed.get)] += 1
-  geomean = {impl: float(np.exp(np.mean([np.log(r["ratio"][impl]) for r in rows if impl in r.get("ratio", {})]
-                                        or [np.inf]))) for impl in candidates}
-  best = min(candidates, key=lambda impl: (-wins[impl], geomean[impl], order.index(impl))) if candidates else None
-  return {"impl": best, "wins": wins, "geomean_ratio_to_dense": geomean,
-          "rule": "fastest impl per (shape, groups) row by fwd+bwd median time; auto = the impl fastest on "
-                  "most rows; ties: lowest geometric-mean time ratio to dense, then kernels.IMPLS order",
-          "where": f"moma/kernels/__init__.py resolve_impl: return {best!r} when jax.default_backend() == "
-                   f"{backend!r} (this script does not edit it)"}
-
-
-def markdown(header: list[str], rows: list[list[Any]]) -> str:
-  cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
-  lines = [header, ["---"] * len(header), *rows]
-  return "\n".join("| " + " | ".join(cell(v) for v in line) + " |" for line in lines)
-
-
-def timed_cell(row: dict[str, Any], impl: str) -> str:
-  if impl in row["ms"]:
-    ratio = row.get("ratio", {}).get(impl)
-    return f"{row['ms'][impl]:.3g} ms" + (f" ({ratio:.2f}×)" if ratio is not None else "")
-  return "error" if impl in row["errors"] else "—"
-
-
-def benchmarks_block(report: dict[str, Any]) -> str:
-  """The BENCHMARKS.md text: command, machine line, one table per section."""
-  m, s = report["machine"], report["sections"]
-  parts = ["## First contact with hardware (`experiments/accelerator_check.py`, issue 32)",
-           f"Command: `{report['command']}`", f"Machine: {m['device_kind']} × {m['device_count']} "
-           f"({m['platform']}), jax {m['jax']}, {m['date']}; {report['seconds']:.0f} s in all."]
-  if "gmm" in s:
-    impls = s["gmm"].get("impls", [])
-    parts.append("gmm fwd+bwd, bf16, median ms (ratio to the dense matmul of equal FLOPs):\n" + markdown(
-        ["shape (rows×d_model×d_ff)", "G", "dense", "dense TFLOP/s", *impls],
-        [[f"{r['size']} {r['rows']}×{r['d_model']}×{r['d_ff']}", r["groups"], timed_cell(r, "dense"),
-          r.get("dense_flops_per_s", 0) / 1e12, *[timed_cell(r, i) for i in impls]] for r in s["gmm"]["rows"]]))
-  if "attention" in s:
-    impls = s["attention"].get("impls", [])
-    parts.append("attention fwd+bwd, bf16, median ms (ratio to xla):\n" + markdown(
-        ["L", *impls], [[r["length"], *[timed_cell(r, i) for i in impls]] for r in s["attention"]["rows"]]))
-  if "mfu" in s:
-    peak = s["mfu"].get("peak_flops_per_device")
-    parts.append(f"train step (peak {peak or 0:.3g} FLOP/s per device: {s['mfu'].get('peak_source')}):\n"
-                 + markdown(["model", "size", "tokens/step", "step ms", "tokens/s", "MFU", "compile s"],
-                            [[r["family"], r["size"], r["tokens"], r["step_ms"], r["tokens_per_s"],
-                              "—" if r["mfu"] is None else f"{r['mfu']:.1%}", r["compile_s"]]
-                             for r in s["mfu"]["rows"]]))
-  if "largest_batch" in s:
-    gib = s["largest_batch"].get("device_bytes", 0) / 2**30
-    parts.append(f"largest per-device batch (compiled step ≤ {gib:.3g} GiB):\n" + markdown(
-        ["model", "size", "rows × seq_len", "confirmed", "linear estimate", "state GiB"],
-        [[r["family"], r["size"], f"{r['largest']} × {r['seq_len']}", r["confirmed"], r["linear_estimate"],
-          r["state_bytes"] / 2**30]
-         for r in s["largest_batch"]["rows"]]))
-  for name, section in s.items():
-    for skip in section.get("skipped", []):
-      parts.append(f"skipped ({name}) {skip['item']}: {skip['reason']}")
-  return "\n\n".join(parts)
-
-
 def machine() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
@@ -453,7 +385,7 @@ def run(args) -> dict[str, Any]:
     sections[name] = dict(result, seconds=time.perf_counter() - start)
   return {"command": " ".join(["python -m experiments.accelerator_check", *args.argv]), "tiny": args.tiny,
           "machine": machine(), "budget_s": args.budget_s, "plan": dataclasses.asdict(plan),
-          "sections": sections, "gmm_auto": choose_gmm_auto(sections.get("gmm", {}).get("rows", []), backend),
+          "sections": sections, "gmm_auto": accelerator_report.choose_gmm_auto(sections.get("gmm", {}).get("rows", []), backend),
           "seconds": time.perf_counter() - budget.start}
 
 
@@ -479,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=1)
-  print(benchmarks_block(report))
+  print(accelerator_report.benchmarks_block(report))
   auto = report["gmm_auto"]
   print(f"\ngmm_impl=auto → {auto['impl']} ({auto['rule']}; wins {auto['wins']})\nwould go: {auto['where']}"
         + ("\n(--tiny: interpret-mode times at tiny shapes, not a recommendation)" if args.tiny else ""))

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from experiments import accelerator_check as check
+from experiments import accelerator_report
 from moma import kernels
 
 SECTIONS = ("gmm", "attention", "mfu", "largest_batch")
@@ -98,16 +99,16 @@ def _row(dense, **ms):
 def test_auto_is_the_impl_fastest_on_most_rows():
   rows = [_row(1.0, xla=2.0, ragged_dot=1.5), _row(1.0, xla=1.2, ragged_dot=1.1),
           _row(1.0, xla=1.0, ragged_dot=9.0)]
-  auto = check.choose_gmm_auto(rows, "gpu")
+  auto = accelerator_report.choose_gmm_auto(rows, "gpu")
   assert auto["impl"] == "ragged_dot" and auto["wins"] == {"xla": 1, "ragged_dot": 2}
   assert "resolve_impl: return 'ragged_dot' when jax.default_backend() == 'gpu'" in auto["where"]
 
 
 def test_auto_ties_go_to_the_lower_geomean_then_to_impls_order():
   rows = [_row(1.0, xla=2.0, pallas_gpu=1.9), _row(1.0, xla=1.0, pallas_gpu=3.0)]
-  assert check.choose_gmm_auto(rows, "gpu")["impl"] == "xla"  # 1 win each; geomean 1.41 vs 2.39
+  assert accelerator_report.choose_gmm_auto(rows, "gpu")["impl"] == "xla"  # 1 win each; geomean 1.41 vs 2.39
   rows = [_row(1.0, xla=2.0, pallas_gpu=1.0), _row(1.0, xla=1.0, pallas_gpu=2.0)]
-  assert check.choose_gmm_auto(rows, "gpu")["impl"] == kernels.IMPLS[1] == "xla"  # same geomean: IMPLS order
+  assert accelerator_report.choose_gmm_auto(rows, "gpu")["impl"] == kernels.IMPLS[1] == "xla"  # same geomean: IMPLS order
 
 
 class _Budget:

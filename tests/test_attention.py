@@ -1,5 +1,6 @@
 """Every attention impl against the xla twin (outputs and gradients), block skipping, memory, bad config."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from moma import sharding
 from moma.layers import attention
+from moma.layers import attention_kernels
 from moma.layers import blockwise_attention as bw
 from moma.models import decoder
 
@@ -145,13 +147,16 @@ def test_blockwise_partitions_over_batch_and_heads_without_gathering():
 KERNEL_CASE = dict(batch=2, length=40, heads=4, kv_heads=2, max_doc=16)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "splash"])
-def test_kernels_equal_xla_in_interpret_mode(impl):
-  """The accelerator kernels, run by the Pallas interpreter on CPU (not timed: no GPU/TPU here)."""
+@pytest.mark.parametrize("impl,asked", [("pallas_gpu", "flag"), ("splash", "flag"), ("splash", "context")])
+def test_kernels_equal_xla_in_interpret_mode(impl, asked):
+  """The accelerator kernels, run by the Pallas interpreter on CPU (not timed: no GPU/TPU here), asked for
+  by `interpret=True` or by `attention_kernels.interpreted()` (how experiments.lower compiles them)."""
   qkv, segment, _, cotangent = _inputs(11, **KERNEL_CASE)
   want = _value_and_grads(_xla(segment, None), qkv, cotangent)
-  got = _value_and_grads(lambda q, k, v: attention.attend(q, k, v, segment, impl=impl, interpret=True),
-                         qkv, cotangent)
+  flag = asked == "flag"
+  with contextlib.nullcontext() if flag else attention_kernels.interpreted():
+    got = _value_and_grads(lambda q, k, v: attention.attend(q, k, v, segment, impl=impl, interpret=flag),
+                           qkv, cotangent)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
@@ -208,3 +213,10 @@ def test_decoding_after_a_blockwise_prefill_equals_the_full_forward():
 def test_bad_attention_config_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     decoder.as_model(dict(vocab_size=16, **{field: value}))
+
+
+def test_interpreted_kernels_pass_the_backend_check():
+  with attention_kernels.interpreted():
+    decoder.as_model(dict(vocab_size=16, attention_impl="splash"))
+  with pytest.raises(ValueError, match="needs a tpu backend"):
+    decoder.as_model(dict(vocab_size=16, attention_impl="splash"))

@@ -35,11 +35,12 @@ _KERNEL_BACKEND = {"pallas_gpu": "gpu", "splash": "tpu"}
 
 
 def check_attention_config(impl: str, block: int, backend: str | None = None) -> None:
-  """ValueError naming the config field for an unknown impl, a kernel the backend lacks, a bad block."""
+  """ValueError naming the config field for an unknown impl, a kernel the backend lacks (unless it is
+  interpreted: `attention_kernels.interpreted`), a bad block."""
   if impl not in IMPLS:
     raise ValueError(f"config.model.attention_impl={impl!r}: expected one of {IMPLS}")
   backend = backend or jax.default_backend()
-  if _KERNEL_BACKEND.get(impl, backend) != backend:
+  if _KERNEL_BACKEND.get(impl, backend) != backend and not kernels.interpreting():
     raise ValueError(f"config.model.attention_impl={impl!r} needs a {_KERNEL_BACKEND[impl]} backend, this "
                      f"one is {backend}: use 'auto', 'blockwise' or 'xla'")
   if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 8:
@@ -50,7 +51,7 @@ def resolve_impl(impl: str, length: int, block: int) -> str:
   """`auto`, on every backend: xla while the row fits in one block (nothing to skip, the mask is at most
   block²; measured 1.1× faster on CPU at L=128), else blockwise (measured 1.6× faster on CPU at L=256, 5-20×
   at 4096: BENCHMARKS.md). Blockwise is the one impl that takes image blocks and MoD's span, and the kernels
-  are neither timed on hardware yet nor wrapped in `shard_map` for meshes (gmm's `auto` stays on xla too)."""
+  are not timed on hardware yet (gmm's `auto` stays on xla too)."""
   if impl != "auto":
     return impl
   return "xla" if length <= block else "blockwise"
@@ -73,8 +74,10 @@ def attend(q_BLHK, k_BLGK, v_BLGK, segment_BL, image_block_BL=None, *, impl: str
   """Self-attention under the one mask rule with `impl` (module docstring); kv heads G divide H.
 
   span: no query sees a key `span` or more positions away (MoD's packed rows), so blockwise skips
-  farther blocks. interpret: run a kernel impl in Pallas interpret mode (tests on CPU).
+  farther blocks. interpret: run a kernel impl in Pallas interpret mode (tests on CPU; also on inside
+  `attention_kernels.interpreted()`).
   """
+  interpret = interpret or kernels.interpreting()
   if not interpret:
     check_attention_config(impl, block)
   impl = resolve_impl(impl, q_BLHK.shape[1], block)

@@ -10,10 +10,14 @@ lengths, not segment ids, so packed documents would need a dense [L, L] mask. Bo
 blocks: rows are padded with segment -1 (padding sees only padding), as in `blockwise_attention`.
 GQA: key/value heads are repeated to the query heads (the kernels take one head count). On a mesh each
 device runs the kernel on its own rows and heads (`per_device`): a Pallas kernel has no partitioning rule.
+Inside `interpreted()` the kernels run in Pallas interpret mode on any backend (experiments/lower.py's
+predicted collectives compile them so, on CPU devices, in place inside `per_device`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -23,6 +27,23 @@ from jax.sharding import PartitionSpec as P
 
 from moma import sharding
 from moma.kernels import layout
+
+
+_INTERPRETED = contextvars.ContextVar("moma_attention_kernels_interpreted", default=False)
+
+
+@contextlib.contextmanager
+def interpreted():
+  """Within it, the attention kernels are traced in interpret mode, whatever the backend."""
+  token = _INTERPRETED.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRETED.reset(token)
+
+
+def interpreting() -> bool:
+  return _INTERPRETED.get()
 
 
 def per_device(kernel, q_BLHK, k_BLGK, v_BLGK, segment_BL, **kwargs) -> jax.Array:

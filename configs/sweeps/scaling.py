@@ -6,7 +6,8 @@ every architecture of a size on its dense model's token budget (FLOPs-matched pe
 `architectures`; Mamba and MoM at the depths of `configs/mamba.NUM_LAYERS`). Text + image data.
 Runs are ordered by what a study cut short needs first: dense and MoT at every size, their second seed at
 the two smallest sizes, then MoMa 4t4i, Mamba and MoM at the three smallest sizes (and their second seeds),
-then second seeds at medium, MoMa 4t4i at large, and Mamba and MoM at large (each ~80 min on one core).
+then second seeds at medium, MoMa 4t4i at large, dense and MoMa 4t4i's second seeds at large, and Mamba and
+MoM at large (each ~80 min on one core).
 """
 
 from configs import common
@@ -38,5 +39,6 @@ def get_sweep():
   runs += [run(a, s, 0) for a in ("moma_4t4i", "mamba", "mom") for s in common.LADDER[:3]]
   runs += [run(a, s, 1) for a in ("moma_4t4i", "mamba", "mom") for s in small_two]
   runs += [run(a, "medium", 1) for a in CONFIGS]
-  runs += [run(a, "large", 0) for a in ("moma_4t4i", "mamba", "mom")]
+  runs += [run("moma_4t4i", "large", 0), run("dense", "large", 1), run("moma_4t4i", "large", 1)]
+  runs += [run(a, "large", 0) for a in ("mamba", "mom")]
   return runs

@@ -385,7 +385,8 @@ def run(args) -> dict[str, Any]:
     sections[name] = dict(result, seconds=time.perf_counter() - start)
   return {"command": " ".join(["python -m experiments.accelerator_check", *args.argv]), "tiny": args.tiny,
           "machine": machine(), "budget_s": args.budget_s, "plan": dataclasses.asdict(plan),
-          "sections": sections, "gmm_auto": accelerator_report.choose_gmm_auto(sections.get("gmm", {}).get("rows", []), backend),
+          "sections": sections,
+          "gmm_auto": accelerator_report.choose_gmm_auto(sections.get("gmm", {}).get("rows", []), backend),
           "seconds": time.perf_counter() - budget.start}
 
 

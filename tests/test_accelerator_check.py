@@ -108,7 +108,8 @@ def test_auto_ties_go_to_the_lower_geomean_then_to_impls_order():
   rows = [_row(1.0, xla=2.0, pallas_gpu=1.9), _row(1.0, xla=1.0, pallas_gpu=3.0)]
   assert accelerator_report.choose_gmm_auto(rows, "gpu")["impl"] == "xla"  # 1 win each; geomean 1.41 vs 2.39
   rows = [_row(1.0, xla=2.0, pallas_gpu=1.0), _row(1.0, xla=1.0, pallas_gpu=2.0)]
-  assert accelerator_report.choose_gmm_auto(rows, "gpu")["impl"] == kernels.IMPLS[1] == "xla"  # same geomean: IMPLS order
+  # Same geomean: kernels.IMPLS order.
+  assert accelerator_report.choose_gmm_auto(rows, "gpu")["impl"] == kernels.IMPLS[1] == "xla"
 
 
 class _Budget:

@@ -281,7 +281,8 @@ def test_nan_policy_skip_drops_the_bad_updates_and_goes_on(small_config, tmp_pat
   assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
   assert all("loss" not in r for r in rows if r["skipped_steps"])  # means over finite steps only
   # The skipped steps left the state as step 2 made it.
-  for a, b in zip(jax.tree.leaves(run_files.params_at(str(tmp_path), 2)), jax.tree.leaves(run_files.params_at(str(tmp_path), 4))):
+  for a, b in zip(jax.tree.leaves(run_files.params_at(str(tmp_path), 2)),
+                  jax.tree.leaves(run_files.params_at(str(tmp_path), 4))):
     np.testing.assert_array_equal(a, b)
 
 
